@@ -1,0 +1,7 @@
+"""The one error type for user mistakes: the CLI prints its message on one line and exits with 2."""
+
+
+class TinychatError(Exception):
+    """Bad input from the user (a path, a file, a flag). The message says what was wrong and what to do."""
+
+    exit_code = 2
