@@ -27,6 +27,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    rope_parameters: dict | None = None  # transformers >= 5 spelling of rope_theta + rope_scaling
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
@@ -43,6 +44,10 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_parameters:
+            self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
+            if self.rope_parameters.get("rope_type", self.rope_parameters.get("type", "default")) != "default":
+                self.rope_scaling = self.rope_parameters
         if self.model_type == "qwen2":
             self.attention_bias = True
         if self.model_type == "mistral" and self.extra.get("use_sliding_window") is False:

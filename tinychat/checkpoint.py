@@ -1,0 +1,74 @@
+"""Lazy reading of safetensors checkpoints (single file or sharded with an index json).
+
+Tensors are read one at a time from memory-mapped files, so loading never holds two full copies.
+Only safetensors are read: pickle checkpoints (*.bin, *.pt) can run code and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import TinychatError
+
+
+class CheckpointReader:
+    """Maps tensor name -> shard file; `get(name)` reads that one tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._handles: dict[Path, object] = {}
+        self.shard_of = self._index()
+
+    def _index(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                return {name: self.path / shard for name, shard in weight_map.items()}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise TinychatError(f"{index}: not a valid safetensors index ({e}); re-download the model") from None
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            hint = (f" (found {', '.join(pickles)}: pickle files can run code and are never loaded; "
+                    "convert them to safetensors first)") if pickles else ""
+            raise TinychatError(f"{self.path}: no *.safetensors weights{hint}")
+        shard_of = {}
+        for f in files:
+            for name in self._open(f).keys():
+                shard_of[name] = f
+        return shard_of
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            if not file.is_file():
+                raise TinychatError(f"{file}: shard named in the index is missing; re-download the model")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise TinychatError(f"{file}: not a valid safetensors file ({e}); re-download it") from None
+        return self._handles[file]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shard_of
+
+    def keys(self):
+        return self.shard_of.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.shard_of:
+            raise TinychatError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        file = self.shard_of[name]
+        try:
+            return self._open(file).get_tensor(name)
+        except TinychatError:
+            raise
+        except Exception as e:
+            raise TinychatError(f"{file}: cannot read tensor {name!r} ({e}); the file may be truncated") from None
+
+    def close(self) -> None:
+        self._handles.clear()
