@@ -1,0 +1,197 @@
+"""Sampling: pure functions on logits [..., vocab], assembled into a per-step sampler by a factory.
+
+Every function does its math in fp32 (whatever float dtype comes in) and returns a new fp32
+tensor; removed tokens get -inf. Nothing here reads a value back to the host, so a decode loop
+on the GPU never stalls on sampling.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import TinychatError
+
+Sampler = Callable[[Tensor], Tensor]
+LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
+
+# A head whose fp32 cumulative probability falls short of top_p by less than this counts as
+# reaching it: softmax and cumsum rounding must not pull in one more token when the head sums
+# to exactly p in exact arithmetic.
+_TOP_P_TOLERANCE = 1e-6
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0  # 0 disables
+    repetition_penalty: float = 1.0  # 1 disables
+    seed: int | None = None  # None: a fresh random seed per sampler
+    max_tokens: int = 256
+
+    def validate(self) -> SamplingParams:
+        # `not (x >= lo)` rather than `x < lo` so that NaN is rejected too.
+        if not _is_number(self.temperature) or not self.temperature >= 0:
+            _bad("--temperature must be >= 0 (0 means greedy)", self.temperature)
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            _bad("--top-p must be in (0, 1]", self.top_p)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            _bad("--top-k must be an integer >= 0 (0 disables it)", self.top_k)
+        if not _is_number(self.min_p) or not 0 <= self.min_p < 1:
+            _bad("--min-p must be in [0, 1)", self.min_p)
+        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0 \
+                or math.isinf(self.repetition_penalty):
+            _bad("--repetition-penalty must be a finite number > 0 (1 disables it)", self.repetition_penalty)
+        if self.seed is not None and not _is_int(self.seed):
+            _bad("--seed must be an integer", self.seed)
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            _bad("--max-tokens must be an integer >= 1", self.max_tokens)
+        return self
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _bad(what: str, value) -> None:
+    raise TinychatError(f"{what}, got {value!r}")
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    return logits.float() / temperature
+
+
+def apply_top_k(logits: Tensor, k: int) -> Tensor:
+    """Keep exactly the k highest logits; among equal logits the lower token id wins.
+
+    k <= 0 or k >= vocab keeps everything.
+    """
+    logits = logits.float()
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits.clone()
+    # A stable sort breaks ties by token id on every device, which torch.topk does not promise.
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+    drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order[..., k:], True)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def apply_top_p(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of top tokens whose probability sums to >= p (never fewer than one).
+
+    Tokens are ranked by logit, ties by lower token id. p >= 1 keeps everything.
+    """
+    logits = logits.float()
+    if p >= 1.0:
+        return logits.clone()
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # A token is dropped when the tokens ranked above it already reach p; the top token has
+    # nothing above it (mass 0), so it always survives.
+    mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    drop_sorted = mass_above >= p - _TOP_P_TOLERANCE
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def apply_min_p(logits: Tensor, min_p: float) -> Tensor:
+    """Keep tokens whose probability is >= min_p times the top token's probability."""
+    logits = logits.float()
+    if min_p <= 0.0:
+        return logits.clone()
+    # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p); no softmax needed.
+    threshold = logits.amax(dim=-1, keepdim=True) + math.log(min_p)
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+def apply_repetition_penalty(logits: Tensor, token_ids: Tensor, penalty: float) -> Tensor:
+    """HF convention: each previously seen id has a positive logit divided by `penalty`, a negative
+    one multiplied by it, once however often it occurred.
+
+    token_ids is [seq] (same history for every row) or [batch, seq].
+    """
+    logits = logits.float()
+    if penalty == 1.0 or token_ids.numel() == 0:
+        return logits.clone()
+    ids = token_ids.to(device=logits.device, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids.expand(*logits.shape[:-1], ids.shape[-1])
+    seen = logits.gather(-1, ids)
+    penalized = torch.where(seen > 0, seen / penalty, seen * penalty)
+    # Repeated ids scatter the same value, which is how each id is penalized only once.
+    return logits.scatter(-1, ids, penalized)
+
+
+def greedy(logits: Tensor) -> Tensor:
+    """The most likely token per row (lowest id on ties)."""
+    return torch.argmax(logits, dim=-1)
+
+
+def categorical(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Draw one token per row from softmax(logits) without a host sync.
+
+    Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, and
+    unlike torch.multinomial it needs no device-to-host copy.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # An exact 0 from the noise would give 0/0 = NaN for a removed token, and argmax picks NaN.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def make_sampler(params: SamplingParams) -> Sampler:
+    """logits [batch, vocab] -> token ids [batch] (int64, same device as the logits)."""
+    params.validate()
+    if params.temperature == 0:
+        return greedy
+
+    temperature, top_k, top_p, min_p, seed = (
+        params.temperature, params.top_k, params.top_p, params.min_p, params.seed)
+    if seed is None:
+        seed = secrets.randbits(63)  # not torch's global RNG: building a sampler must not move it
+    # One generator per device, made on first use there, so a sampler built before the model is
+    # placed still draws on the device the logits live on.
+    generators: dict[torch.device, torch.Generator] = {}
+
+    def sample(logits: Tensor) -> Tensor:
+        generator = generators.get(logits.device)
+        if generator is None:
+            generator = torch.Generator(device=logits.device)
+            generator.manual_seed(seed)
+            generators[logits.device] = generator
+        logits = apply_temperature(logits, temperature)
+        if top_k > 0:
+            logits = apply_top_k(logits, top_k)
+        if top_p < 1.0:
+            logits = apply_top_p(logits, top_p)
+        if min_p > 0.0:
+            logits = apply_min_p(logits, min_p)
+        return categorical(logits, generator)
+
+    return sample
+
+
+def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    """Processors run before the sampler, each (history_ids, logits) -> logits."""
+    params.validate()
+    processors: list[LogitsProcessor] = []
+    if params.repetition_penalty != 1.0:
+        penalty = params.repetition_penalty
+
+        def repetition_penalty(history_ids: Tensor, logits: Tensor) -> Tensor:
+            return apply_repetition_penalty(logits, history_ids, penalty)
+
+        processors.append(repetition_penalty)
+    return processors
