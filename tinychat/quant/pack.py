@@ -1,0 +1,209 @@
+"""The one definition of every int4 layout tinychat reads, writes or computes with.
+
+On disk: the AutoAWQ "GEMM" layout (what transformers, vLLM, SGLang and AutoAWQ read)
+------------------------------------------------------------------------------------
+Per linear with ``in`` input features, ``out`` output features and group size ``g``:
+
+    qweight  int32 [in,     out/8]   4-bit codes q, 8 per int32, packed along the output dim
+    qzeros   int32 [in/g,   out/8]   4-bit zero points z, packed exactly like qweight
+    scales   fp16  [in/g,   out]     per-group scales s, not packed
+
+Inside one int32 word ``c`` of a row, nibble i (bits 4i..4i+3) holds logical column
+``8c + AWQ_ORDER[i]`` with ``AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]``::
+
+    bit:    31..28 27..24 23..20 19..16 15..12 11..8  7..4   3..0
+    nibble:    7      6      5      4      3      2     1      0
+    column: 8c+7   8c+5   8c+3   8c+1   8c+6   8c+4  8c+2   8c+0
+
+Bit 31 belongs to nibble 7, so any code >= 8 in column 8c+7 makes the stored int32 negative; packing
+goes through int64 and wraps explicitly, and unpacking masks after the (arithmetic) shift.
+
+The dequantized weight, transposed relative to nn.Linear, is
+``W^T[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n]``.
+
+The quantizer's natural representation is nn.Linear-oriented: q [out, in], zeros and scales
+[out, in/g] (see tinychat.quant.rtn); ``quantized_to_awq`` turns it into the on-disk tensors.
+
+In memory on CPU: torch's int4 kernel (``aten._weight_int4pack_mm_for_cpu``)
+---------------------------------------------------------------------------
+See ``awq_to_int4pack_cpu`` for the convention, measured on torch 2.13.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinychat.errors import TinychatError
+
+# Nibble i of each int32 holds logical column 8c + AWQ_ORDER[i] (AutoAWQ's interleave, chosen there
+# so its CUDA kernel can dequantize pairs of values with one shift).
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# AWQ_INVERSE[j] is the nibble that holds logical column 8c + j.
+AWQ_INVERSE = tuple(AWQ_ORDER.index(j) for j in range(8))
+
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)
+
+# Group sizes the CPU int4 kernel accepts (it refuses anything else with a C++ error).
+INT4PACK_CPU_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def pack_awq(intweight: torch.Tensor) -> torch.Tensor:
+    """Pack codes [rows, cols] (values 0..15, cols % 8 == 0) into int32 [rows, cols/8], AWQ order.
+
+    Used for both qweight ([in, out] codes) and qzeros ([in/g, out] zero points).
+    """
+    if intweight.dim() != 2 or intweight.shape[1] % 8 != 0:
+        raise TinychatError(
+            f"cannot pack int4 tensor of shape {tuple(intweight.shape)}: need 2 dims with the last a "
+            "multiple of 8; quantize a layer whose output features are a multiple of 8"
+        )
+    if intweight.is_floating_point():
+        raise TinychatError("cannot pack a floating-point tensor as int4; pass integer codes 0..15")
+    codes = intweight.to(torch.int64)
+    if codes.numel() and (codes.min() < 0 or codes.max() > 15):
+        raise TinychatError(
+            f"int4 codes must lie in 0..15, got {codes.min().item()}..{codes.max().item()}; "
+            "quantize with bits <= 4"
+        )
+    rows, cols = codes.shape
+    # [rows, words, 8] with the last axis in nibble order, then shift each nibble into place.
+    nibbles = codes.view(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)]
+    words = (nibbles << _SHIFTS.to(codes.device)).sum(dim=-1)
+    # int64 -> int32 must wrap (bit 31 is data, not sign); do it explicitly rather than trust a cast.
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_awq: int32 [rows, words] -> int32 codes [rows, 8 * words] in logical order."""
+    if packed.dim() != 2 or packed.dtype != torch.int32:
+        raise TinychatError(
+            f"expected a 2-D int32 AWQ tensor, got {packed.dtype} of shape {tuple(packed.shape)}; "
+            "the checkpoint is not in the AutoAWQ GEMM format"
+        )
+    rows, words = packed.shape
+    # Shift in int64 so the sign bit of the int32 cannot leak into nibble 7.
+    wide = packed.to(torch.int64).unsqueeze(-1)
+    nibbles = (wide >> _SHIFTS.to(packed.device)) & 0xF
+    return nibbles[:, :, list(AWQ_INVERSE)].reshape(rows, words * 8).to(torch.int32)
+
+
+def _check_awq_shapes(qweight, qzeros, scales, group_size: int) -> tuple[int, int]:
+    """Validate a (qweight, qzeros, scales) triple; return (in_features, out_features)."""
+    if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2:
+        raise TinychatError("AWQ qweight, qzeros and scales must all be 2-D; the checkpoint is malformed")
+    in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
+    if group_size <= 0 or in_features % group_size != 0:
+        raise TinychatError(
+            f"group size {group_size} does not divide in_features {in_features}; "
+            "check quantization_config.group_size in config.json"
+        )
+    groups = in_features // group_size
+    if tuple(qzeros.shape) != (groups, out_features // 8) or tuple(scales.shape) != (groups, out_features):
+        raise TinychatError(
+            f"AWQ shapes disagree: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
+            f"scales {tuple(scales.shape)} for group size {group_size}; expected qzeros "
+            f"{(groups, out_features // 8)} and scales {(groups, out_features)}; check group_size"
+        )
+    return in_features, out_features
+
+
+def awq_to_dequant(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dequantize AWQ GEMM tensors to W [out, in] (nn.Linear orientation), computed in fp32."""
+    _check_awq_shapes(qweight, qzeros, scales, group_size)
+    q = unpack_awq(qweight).float()  # [in, out]
+    z = unpack_awq(qzeros).float().repeat_interleave(group_size, dim=0)  # [in, out]
+    s = scales.float().repeat_interleave(group_size, dim=0)
+    return ((q - z) * s).t().contiguous().to(dtype)
+
+
+def quantized_to_awq(
+    q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Convert the quantizer's [out, in] codes and [out, in/g] zeros/scales to AWQ (qweight, qzeros, scales).
+
+    Scales are stored as fp16, the format's dtype; callers that compare against the quantizer must
+    round their scales to fp16 too.
+    """
+    if q.dim() != 2 or zeros.dim() != 2 or scales.dim() != 2:
+        raise TinychatError("quantized q, zeros and scales must be 2-D [out, in] / [out, in/g]")
+    out_features, in_features = q.shape
+    groups = zeros.shape[1]
+    if (
+        zeros.shape[0] != out_features
+        or tuple(scales.shape) != tuple(zeros.shape)
+        or groups == 0
+        or in_features % groups != 0
+    ):
+        raise TinychatError(
+            f"quantized shapes disagree: q {tuple(q.shape)}, zeros {tuple(zeros.shape)}, "
+            f"scales {tuple(scales.shape)}; zeros and scales must be [out, in/group_size]"
+        )
+    # Zeros come from the quantizer as integers stored in any dtype; round guards float storage.
+    zero_codes = zeros.round().to(torch.int64) if zeros.is_floating_point() else zeros
+    qweight = pack_awq(q.t())
+    qzeros = pack_awq(zero_codes.t())
+    return qweight, qzeros, scales.t().contiguous().to(torch.float16)
+
+
+def awq_to_int4pack_cpu(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repack AWQ tensors for ``torch.ops.aten._weight_int4pack_mm_for_cpu``.
+
+    Returns (packed, scales_and_zeros) so that
+    ``_weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros) == x @ W.T``
+    with W = awq_to_dequant(...), for x of dtype ``dtype``.
+
+    torch's convention (measured on torch 2.13 CPU, no documentation exists):
+      * weight: ``_convert_weight_to_int4pack_for_cpu(w, inner_k_tiles)`` takes int32 codes
+        [N=out, K=in] in 0..15 and returns an opaque uint8 [N, K/2] (inner_k_tiles is ignored on CPU).
+        N must be a multiple of 16.
+      * dequant: ``W[n, k] = (q[n, k] - 8) * sz[k // g, n, 0] + sz[k // g, n, 1]`` -- the zero is an
+        additive float offset applied after centring the code at 8, not an integer zero point.
+        AWQ's (q - z) * s = (q - 8) * s + (8 - z) * s, so sz[..., 1] = (8 - z) * s.
+      * scales_and_zeros: shape [K/g, N, 2], dtype must equal the activation dtype.
+      * activations: 2-D only; fp32, bf16 and fp16 are all accepted, output has the input dtype.
+        Only bf16 has a fast kernel (at 576x1536 on 2 threads bf16 is ~25x faster than fp32 for one
+        token and ~80x for 512), so bf16 is the default here.
+      * group sizes: 32, 64, 128, 256 (anything else raises); K must be a multiple of g.
+    """
+    in_features, out_features = _check_awq_shapes(qweight, qzeros, scales, group_size)
+    if group_size not in INT4PACK_CPU_GROUP_SIZES:
+        raise TinychatError(
+            f"the CPU int4 kernel does not support group size {group_size}; "
+            f"use one of {INT4PACK_CPU_GROUP_SIZES} or the dequantized fallback"
+        )
+    if out_features % 16 != 0:
+        raise TinychatError(
+            f"the CPU int4 kernel needs out_features divisible by 16, got {out_features}; "
+            "use the dequantized fallback for this layer"
+        )
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TinychatError(f"the CPU int4 kernel computes in fp32, bf16 or fp16, not {dtype}")
+    codes = unpack_awq(qweight).t().contiguous()  # [out, in] int32
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    s = scales.float()  # [in/g, out], already the kernel's orientation
+    offset = (8.0 - unpack_awq(qzeros).float()) * s
+    scales_and_zeros = torch.stack([s, offset], dim=-1).to(dtype).contiguous()
+    return packed, scales_and_zeros
+
+
+def int4pack_mm_cpu(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor
+) -> torch.Tensor:
+    """x [..., in] @ W.T with the CPU int4 kernel, hiding its 2-D-only and same-dtype rules."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(scales_and_zeros.dtype).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
+    return y.reshape(*lead, y.shape[-1]).to(x.dtype)
