@@ -9,7 +9,42 @@ from .errors import TinychatError
 
 # Each module exposes register(subparsers) that adds its subcommand and sets `func` on the parser.
 # Imports stay inside main() so `import tinychat.cli` is cheap and never needs a GPU.
-COMMAND_MODULES = ("generate", "chat", "quantize", "evaluate", "bench", "plan")
+COMMAND_MODULES = ("chat", "quantize", "evaluate", "bench", "plan")
+
+
+def register_generate(subparsers) -> None:
+    from .args import add_model_args, add_sampling_args
+
+    p = subparsers.add_parser("generate", help="generate a reply to one prompt, streamed to stdout")
+    p.add_argument("--prompt", required=True, help="the user message (or raw text with --no-chat-template)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: model context)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    from .args import sampling_from_args
+    from .engine import load_engine
+    from .generate import stream_generate
+
+    params = sampling_from_args(args)
+    engine = load_engine(args.model, args.dtype, args.device)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    ids = engine.encode_chat(messages, use_template=not args.no_chat_template)
+    cache = engine.model.make_cache(args.max_context)
+    cache.check_room(len(ids))
+    response = None
+    for response in stream_generate(engine.model, engine.tokenizer, ids, params, cache, args.stop):
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{response.finish_reason}] {response.stats.summary()}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinychat", description="Local chat with 4-bit AWQ language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    register_generate(subparsers)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(f"tinychat.{name}")

@@ -79,6 +79,8 @@ class ModelConfig:
             raise TinychatError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
         if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
             raise TinychatError("config.json: rms_norm_eps and rope_theta must be positive")
+        if self.mlp_bias:
+            raise TinychatError("config.json: mlp_bias=true is not supported")
         if self.hidden_act not in ("silu", "swish"):
             raise TinychatError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only silu)")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):

@@ -65,8 +65,12 @@ FUSED = {
 }
 
 
-def fused_state_dict(read, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Read every tensor the model needs through `read(name)`, checking shapes, fusing, casting, placing."""
+def fused_state_dict(read, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                     skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Read every tensor the model needs through `read(name)`, checking shapes, fusing, casting, placing.
+
+    Parameters named in `skip` (fused names) are provided by quantized modules and not read here.
+    """
     shapes = expected_shapes(config)
 
     def load(name: str) -> torch.Tensor:
@@ -81,24 +85,31 @@ def fused_state_dict(read, config: ModelConfig, dtype: torch.dtype, device: torc
     fused_parts = {f"model.layers.{i}.{part}" for i in range(config.num_hidden_layers)
                    for parts in FUSED.values() for part in parts}
     for name in shapes:
-        if name not in fused_parts:
+        if name not in fused_parts and name not in skip:
             state[name] = load(name)
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         for fused, parts in FUSED.items():
-            if p + parts[0] in shapes:
+            if p + parts[0] in shapes and p + fused not in skip:
                 state[p + fused] = torch.cat([load(p + part) for part in parts], dim=0)
     return state
 
 
-def build_model(config: ModelConfig, state: dict[str, torch.Tensor]) -> LlamaForCausalLM:
-    """Construct on the meta device (no init cost, no memory) and adopt the loaded tensors."""
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor],
+                modules: dict[str, torch.nn.Module] | None = None) -> LlamaForCausalLM:
+    """Construct on the meta device (no init cost, no memory), put in the given ready-made modules
+    (quantized linears, by module name) and adopt the loaded tensors for everything else."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    for name, module in (modules or {}).items():
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, module)
     state = dict(state)
     state.pop("lm_head.weight", None) if config.tie_word_embeddings else None
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    ready = tuple(name + "." for name in (modules or {}))
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")
+               and not m.startswith(ready)]
     assert not missing and not unexpected, (missing, unexpected)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -108,12 +119,21 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor]) -> LlamaFor
 
 
 def load_model(path: str | Path, dtype="fp32", device="cpu") -> LlamaForCausalLM:
-    """Load a full-precision HF directory. (Quantized checkpoints: tinychat.quant.load.)"""
+    """Load an HF directory: full precision, or AWQ (GEMM format) with the linears staying 4-bit."""
+    from .quant.load import awq_settings, dequantized_reader, fused_names, quantized_modules
+
     path = Path(path)
     config = ModelConfig.from_dir(path)
+    dtype, device = parse_dtype(dtype), parse_device(str(device))
+    settings = awq_settings(config)
     reader = CheckpointReader(path)
     try:
-        state = fused_state_dict(reader.get, config, parse_dtype(dtype), parse_device(str(device)))
+        read, modules = reader.get, {}
+        if settings is not None:
+            modules = quantized_modules(reader.get, reader.__contains__, config, settings, dtype, device)
+            read = dequantized_reader(reader.get, reader.__contains__, settings)
+        skip = frozenset(n for m in modules for n in fused_names(m))
+        state = fused_state_dict(read, config, dtype, device, skip)
     finally:
         reader.close()
-    return build_model(config, state)
+    return build_model(config, state, modules)

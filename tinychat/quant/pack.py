@@ -31,6 +31,8 @@ See ``awq_to_int4pack_cpu`` for the convention, measured on torch 2.13.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tinychat.errors import TinychatError
@@ -207,3 +209,38 @@ def int4pack_mm_cpu(
     x2 = x.reshape(-1, x.shape[-1]).to(scales_and_zeros.dtype).contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
     return y.reshape(*lead, y.shape[-1]).to(x.dtype)
+
+
+# torch's CPU int4pack layout, read off its output (torch 2.13): the uint8 tensor viewed as
+# [out/64, in, 32] holds, at [b, k, d], code(64b + d, k) in the low nibble and code(64b + 32 + d, k)
+# in the high nibble. It is undocumented, so `int4pack_layout_is_known` checks it on a probe first.
+_INT4PACK_BLOCK_N = 64
+
+
+def int4pack_cpu_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Codes [out, in] (uint8, 0..15) back from the CPU kernel's packed weight."""
+    blocks = packed.view(out_features // _INT4PACK_BLOCK_N, in_features, _INT4PACK_BLOCK_N // 2)
+    codes = torch.cat([blocks & 0xF, blocks >> 4], dim=2)  # [out/64, in, 64]
+    return codes.transpose(1, 2).reshape(out_features, in_features)
+
+
+def int4pack_cpu_dequant(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                         out_features: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
+    """W [out, in] from the CPU kernel's tensors: (q - 8) * s + offset, per group."""
+    codes = int4pack_cpu_codes(packed, out_features, in_features).view(out_features, -1, group_size)
+    sz = scales_and_zeros.to(dtype).transpose(0, 1)  # [out, in/g, 2]
+    w = (codes.to(dtype) - 8) * sz[..., :1] + sz[..., 1:]
+    return w.view(out_features, in_features)
+
+
+@functools.cache
+def int4pack_layout_is_known(out_features: int) -> bool:
+    """Whether int4pack_cpu_codes decodes this torch build's layout for this output width."""
+    if out_features % _INT4PACK_BLOCK_N:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (out_features, 64), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    if packed.dtype != torch.uint8 or packed.numel() * 2 != codes.numel():
+        return False
+    return torch.equal(int4pack_cpu_codes(packed, out_features, 64).to(torch.int32), codes)

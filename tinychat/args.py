@@ -1,0 +1,34 @@
+"""Command-line flags shared by several subcommands, and turning them into objects."""
+
+from __future__ import annotations
+
+import argparse
+
+from .hub import DEFAULT_MODEL
+from .sampling import SamplingParams
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_dtype: str = "fp32") -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model directory, Hugging Face Hub id, or {DEFAULT_MODEL} (default)")
+    parser.add_argument("--dtype", default=default_dtype, choices=["fp32", "fp16", "bf16"],
+                        help="compute dtype (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default %(default)s)")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, max_tokens=args.max_tokens)
+    params.validate()
+    return params

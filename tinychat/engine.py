@@ -1,0 +1,38 @@
+"""Load what inference needs (model + tokenizer) from a model name, with progress on stderr."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .hub import resolve_model
+from .loader import load_model
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Engine:
+    model: object
+    tokenizer: Tokenizer
+    path: Path
+
+    def encode_chat(self, messages: list[dict], use_template: bool = True) -> list[int]:
+        """Token ids of a conversation, ready for generation of the assistant's reply."""
+        if use_template and self.tokenizer.has_chat_template:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode("\n".join(m["content"] for m in messages), add_special_tokens=True)
+
+
+def load_engine(name: str, dtype: str = "fp32", device: str = "cpu", quiet: bool = False) -> Engine:
+    t0 = time.perf_counter()
+    path = resolve_model(name)
+    if not quiet:
+        print(f"loading {path} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
+    tokenizer = Tokenizer.from_dir(path)
+    model = load_model(path, dtype=dtype, device=device)
+    if not quiet:
+        print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return Engine(model, tokenizer, path)

@@ -1,0 +1,154 @@
+"""Generation as a stack of generators: generate_step (token ids) -> stream_generate (text deltas + stats)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .cache import KVCache
+from .errors import TinychatError
+from .sampling import SamplingParams, make_logits_processors, make_sampler
+from .tokenizer import StreamingDetokenizer, Tokenizer
+
+PREFILL_CHUNK = 512  # long prompts are prefilled in chunks so activations stay bounded
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens actually computed (the rest came from the cache)
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.prefill_seconds
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefilled_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first token comes out of the prefill; the decode rate counts the tokens after it
+        n = self.generated_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.prompt_tokens} prompt tokens ({self.prefilled_tokens} prefilled) at "
+                f"{self.prefill_tps:.1f} tok/s, time to first token {self.time_to_first_token:.2f} s; "
+                f"{self.generated_tokens} generated at {self.decode_tps:.1f} tok/s")
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # new text since the previous response (may be empty while bytes are held back)
+    token: int | None
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "interrupted"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def prefill(model, cache: KVCache, prompt_ids: list[int], chunk: int = PREFILL_CHUNK) -> tuple[torch.Tensor, int]:
+    """Run the prompt through the model, reusing the cached shared prefix.
+
+    Returns the last position's logits [batch, vocab] and how many tokens were actually computed.
+    """
+    start = cache.reuse_prefix(prompt_ids)
+    new = torch.tensor([prompt_ids[start:]], dtype=torch.long, device=model.device)
+    cache.check_room(new.shape[1])
+    logits = None
+    for i in range(0, new.shape[1], chunk):
+        logits = model(new[:, i:i + chunk], cache, last_only=True)
+    return logits[:, -1], new.shape[1]
+
+
+def generate_step(model, prompt_ids: list[int], cache: KVCache, sampler: Callable,
+                  processors: list[Callable] = (), max_tokens: int = 256,
+                  stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield sampled token ids one at a time; stops after max_tokens or when the cache is full.
+
+    The cache ends holding the prompt and every yielded token except the last (which was never fed back).
+    """
+    if not prompt_ids:
+        raise TinychatError("the prompt is empty; give some text")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_ids)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        logits, stats.prefilled_tokens = prefill(model, cache, prompt_ids)
+        history = torch.tensor([prompt_ids], device=model.device) if processors else None
+        for n in range(max_tokens):
+            for process in processors:
+                logits = process(history, logits)
+            token = sampler(logits)
+            token_id = int(token[0])
+            if n == 0:
+                stats.prefill_seconds = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            stats.generated_tokens = n + 1
+            stats.decode_seconds = time.perf_counter() - t0
+            yield token_id
+            if n + 1 == max_tokens or cache.room == 0:
+                return
+            if processors:
+                history = torch.cat([history, token.view(1, 1)], dim=1)
+            logits = model(token.view(1, 1), cache)[:, -1]
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text, holding back any tail that could still become one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        for stop in self.stops:
+            i = self.pending.find(stop)
+            if i >= 0:
+                out, self.pending = self.pending[:i], ""
+                return out, True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_generate(model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+                    cache: KVCache | None = None, stop_strings: list[str] = ()) -> Iterator[GenerationResponse]:
+    """Yield text deltas as tokens arrive; the last response carries the finish reason and final stats."""
+    params.validate()
+    cache = cache if cache is not None else model.make_cache()
+    stats = GenerationStats()
+    detok = StreamingDetokenizer(tokenizer)
+    matcher = StopStringMatcher(list(stop_strings))
+    eos = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
+    steps = generate_step(model, prompt_ids, cache, make_sampler(params), make_logits_processors(params),
+                          params.max_tokens, stats)
+    for token in steps:
+        if token in eos:
+            yield GenerationResponse(matcher.feed(detok.finalize())[0] + matcher.flush(), token, "stop", stats)
+            return
+        text, stopped = matcher.feed(detok.add_token(token))
+        if stopped:
+            steps.close()
+            yield GenerationResponse(text, token, "stop", stats)
+            return
+        yield GenerationResponse(text, token, None, stats)
+    text, stopped = matcher.feed(detok.finalize())
+    yield GenerationResponse(text + ("" if stopped else matcher.flush()), None, "length" if not stopped else "stop", stats)

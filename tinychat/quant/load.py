@@ -1,0 +1,126 @@
+"""AWQ checkpoints (AutoAWQ GEMM format) -> AWQLinear modules, with q/k/v and gate/up fused at load time.
+
+Fusing concatenates the packed tensors along the output dimension: AWQ packs eight output columns per
+int32 and groups along the input, so concatenated parts stay valid AWQ tensors without unpacking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import TinychatError
+from ..loader import FUSED
+from . import pack
+from .qlinear import AWQLinear
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class AWQSettings:
+    bits: int
+    group_size: int
+    not_converted: tuple[str, ...]
+
+    def converts(self, name: str) -> bool:
+        # AutoAWQ's rule: a module is left in full precision when any listed string occurs in its name.
+        return not any(key in name for key in self.not_converted)
+
+
+def awq_settings(config: ModelConfig) -> AWQSettings | None:
+    """The checkpoint's AWQ settings, None for a full-precision checkpoint; unsupported settings raise."""
+    q = config.quantization_config
+    if not q:
+        return None
+    method = str(q.get("quant_method", "")).lower()
+    if method != "awq":
+        raise TinychatError(f"config.json: quantization method {method!r} is not supported (only awq)")
+    version = str(q.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise TinychatError(f"config.json: AWQ version {version!r} is not supported (only gemm); "
+                            "re-export the checkpoint in the GEMM layout")
+    bits, group = q.get("bits", q.get("w_bit")), q.get("group_size", q.get("q_group_size"))
+    if bits != 4:
+        raise TinychatError(f"config.json: AWQ bits={bits!r} is not supported (only 4)")
+    if not q.get("zero_point", True):
+        raise TinychatError("config.json: AWQ without zero points is not supported (zero_point must be true)")
+    if group not in (32, 64, 128):
+        raise TinychatError(f"config.json: AWQ group_size={group!r} is not supported (32, 64 or 128)")
+    return AWQSettings(bits, group, tuple(q.get("modules_to_not_convert") or ()))
+
+
+def read_awq_linear(read, name: str, in_features: int, out_features: int, group: int):
+    """Read and check one linear's (qweight, qzeros, scales)."""
+    qweight, qzeros, scales = read(name + ".qweight"), read(name + ".qzeros"), read(name + ".scales")
+    expected = {"qweight": ((in_features, out_features // 8), qweight),
+                "qzeros": ((in_features // group, out_features // 8), qzeros),
+                "scales": ((in_features // group, out_features), scales)}
+    for field, (shape, t) in expected.items():
+        if tuple(t.shape) != shape:
+            raise TinychatError(f"tensor {name}.{field} has shape {tuple(t.shape)}, expected {shape} "
+                                f"for a {in_features}x{out_features} linear with group size {group}")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or not scales.is_floating_point():
+        raise TinychatError(f"{name}: qweight/qzeros must be int32 and scales floating point")
+    if not torch.isfinite(scales).all():
+        raise TinychatError(f"{name}.scales contains NaN or inf; the checkpoint is corrupt")
+    return qweight, qzeros, scales
+
+
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each per-layer linear, by HF suffix."""
+    h, hd, ffn = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    return {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+            "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, ffn), "mlp.up_proj": (h, ffn),
+            "mlp.down_proj": (ffn, h)}
+
+
+def quantized_modules(read, has, config: ModelConfig, settings: AWQSettings, dtype, device) -> dict[str, AWQLinear]:
+    """Build an AWQLinear for every quantized (possibly fused) linear: module name -> module.
+
+    A fused group is quantized only if all its parts are; otherwise the loader dequantizes the parts
+    and fuses them as an ordinary linear (see dequantized_parts).
+    """
+    shapes = linear_shapes(config)
+    modules = {}
+    groups = [("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+              ("self_attn.o_proj", ("self_attn.o_proj",)),
+              ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+              ("mlp.down_proj", ("mlp.down_proj",))]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for fused, parts in groups:
+            if not all(settings.converts(p + part) and has(p + part + ".qweight") for part in parts):
+                continue
+            tensors = [read_awq_linear(read, p + part, *shapes[part], settings.group_size) for part in parts]
+            qweight, qzeros, scales = (torch.cat(ts, dim=1) for ts in zip(*tensors))
+            bias = None
+            if has(p + parts[0] + ".bias"):
+                bias = torch.cat([read(p + part + ".bias") for part in parts])
+            modules[p + fused] = AWQLinear(qweight, qzeros, scales, settings.group_size, bias, dtype, device)
+    return modules
+
+
+def dequantized_reader(read, has, settings: AWQSettings):
+    """Wrap `read` so that `<linear>.weight` of a quantized linear comes back dequantized.
+
+    Used for the parts of a fused group that cannot stay quantized (mixed modules_to_not_convert).
+    """
+    def read_weight(name: str) -> torch.Tensor:
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if base and not has(name) and has(base + ".qweight"):
+            return pack.awq_to_dequant(read(base + ".qweight"), read(base + ".qzeros"), read(base + ".scales"),
+                                       settings.group_size)
+        return read(name)
+
+    return read_weight
+
+
+def fused_names(module_name: str) -> list[str]:
+    """Parameter names (in our fused model) that a quantized module replaces."""
+    suffix = module_name.split(".", 3)[-1]  # "self_attn.qkv_proj"
+    return [module_name + ".weight"] + ([module_name + ".bias"] if suffix + ".bias" in FUSED else [])

@@ -1,0 +1,60 @@
+"""AWQLinear: a drop-in for nn.Linear whose weights stay 4-bit in memory; it picks its compute path.
+
+Paths, chosen once at construction from the device, dtype and shape:
+- "int4pack": torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu), weights repacked by pack.py.
+- "dequant": the torch reference, anywhere: dequantize the packed AWQ tensors per call and matmul.
+  Nothing dequantized stays resident; it is the fallback for shapes the kernels refuse.
+The CUDA kernels plug in as one more path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import pack
+
+
+class AWQLinear(nn.Module):
+    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[0], qweight.shape[1] * 8
+        self.group_size = group_size
+        self.dtype = dtype
+        device = torch.device(device)
+        self.path = self._choose_path(device)
+        if self.path == "int4pack":
+            packed, scales_and_zeros = pack.awq_to_int4pack_cpu(qweight, qzeros, scales, group_size, dtype=dtype)
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales_and_zeros", scales_and_zeros)
+        else:
+            self.register_buffer("qweight", qweight.to(device))
+            self.register_buffer("qzeros", qzeros.to(device))
+            self.register_buffer("scales", scales.to(device=device, dtype=torch.float16))
+        self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+
+    def _choose_path(self, device: torch.device) -> str:
+        if (device.type == "cpu" and self.group_size in pack.INT4PACK_CPU_GROUP_SIZES
+                and pack.int4pack_layout_is_known(self.out_features)):
+            return "int4pack"
+        return "dequant"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight [out, in] as the reference unpacker defines it (for tests and the dequant path)."""
+        if self.path == "int4pack":
+            return pack.int4pack_cpu_dequant(self.packed, self.scales_and_zeros, self.group_size,
+                                             self.out_features, self.in_features, self.dtype)
+        return pack.awq_to_dequant(self.qweight, self.qzeros, self.scales, self.group_size, dtype=self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "int4pack":
+            y = pack.int4pack_mm_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            y = F.linear(x, self.dequantized_weight().to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, path={self.path}"
