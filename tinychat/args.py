@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from .hub import DEFAULT_MODEL
+from .hub import DEFAULT_MODEL, PRECISIONS
 from .sampling import SamplingParams
 
 
-def add_model_args(parser: argparse.ArgumentParser, default_dtype: str = "fp32") -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"model directory, Hugging Face Hub id, or {DEFAULT_MODEL} (default)")
-    parser.add_argument("--dtype", default=default_dtype, choices=["fp32", "fp16", "bf16"],
-                        help="compute dtype (default %(default)s)")
+    parser.add_argument("--precision", default="w4a16", choices=PRECISIONS,
+                        help="weights of the default model: w4a16 (AWQ 4-bit, default) or unquantized "
+                             "fp16/bf16/fp32; other models keep their checkpoint's weights")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="compute dtype (default auto: fp16 on CUDA; on CPU bf16 for 4-bit weights, "
+                             "else the --precision dtype or fp32)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
 
 

@@ -32,7 +32,7 @@ def run_generate(args) -> int:
     from .generate import stream_generate
 
     params = sampling_from_args(args)
-    engine = load_engine(args.model, args.dtype, args.device)
+    engine = load_engine(args.model, args.precision, args.dtype, args.device)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     ids = engine.encode_chat(messages, use_template=not args.no_chat_template)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import ModelConfig
 from .hub import resolve_model
 from .loader import load_model
 from .tokenizer import Tokenizer
@@ -26,9 +27,23 @@ class Engine:
         return self.tokenizer.encode("\n".join(m["content"] for m in messages), add_special_tokens=True)
 
 
-def load_engine(name: str, dtype: str = "fp32", device: str = "cpu", quiet: bool = False) -> Engine:
+def compute_dtype(path: Path, precision: str, dtype: str, device: str) -> str:
+    """Resolve --dtype auto: fp16 on CUDA; on CPU bf16 for 4-bit weights (the fast int4 kernel's dtype),
+    else the precision's own dtype (fp32 when it is w4a16 but the checkpoint is not quantized)."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "fp16"
+    if ModelConfig.from_dir(path).quantization_config:
+        return "bf16"
+    return precision if precision in ("fp16", "bf16", "fp32") else "fp32"
+
+
+def load_engine(name: str, precision: str = "w4a16", dtype: str = "auto", device: str = "cpu",
+                quiet: bool = False) -> Engine:
     t0 = time.perf_counter()
-    path = resolve_model(name)
+    path = resolve_model(name, precision)
+    dtype = compute_dtype(path, precision, dtype, device)
     if not quiet:
         print(f"loading {path} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
     tokenizer = Tokenizer.from_dir(path)

@@ -8,6 +8,12 @@ from pathlib import Path
 from .errors import TinychatError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+PRECISIONS = ("w4a16", "fp16", "bf16", "fp32")
+# The committed AWQ search results that quantize the default model on first use, with no data.
+DEFAULT_W_BIT, DEFAULT_GROUP = 4, 64
+# The model zoo lives in the source checkout's models/zoo (the README's set-up installs from the checkout).
+ZOO_DIR = Path(__file__).resolve().parent.parent / "models" / "zoo"
+DEFAULT_SEARCH = ZOO_DIR / f"{DEFAULT_MODEL}-w{DEFAULT_W_BIT}-g{DEFAULT_GROUP}.safetensors"
 # Files worth downloading from a Hub repo: never pickles, never remote code.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
@@ -24,12 +30,16 @@ def models_dir() -> Path:
     return cache / "tinychat" / "models"
 
 
-def resolve_model(name: str) -> Path:
-    """A directory holding config.json for `name` (importing or downloading it on first use)."""
+def resolve_model(name: str, precision: str = "fp16") -> Path:
+    """A directory holding config.json for `name` (importing, quantizing or downloading it on first use).
+
+    `precision` picks the variant of the default model: "w4a16" is its AWQ 4-bit checkpoint.
+    """
     if name == DEFAULT_MODEL:
         from .gguf_import import ensure_default_model
 
-        return ensure_default_model(models_dir())
+        source = ensure_default_model(models_dir())
+        return ensure_default_awq(source) if precision == "w4a16" else source
     path = Path(name).expanduser()
     if path.exists():
         return path
@@ -53,3 +63,17 @@ def download(repo_id: str) -> Path:
                             "run `huggingface-cli login`)") from None
     except (HfHubHTTPError, OSError) as e:
         raise TinychatError(f"{repo_id}: download failed ({e}); check the network or pass a local directory") from None
+
+
+def ensure_default_awq(source: Path) -> Path:
+    """The default model's AWQ checkpoint, quantized on first use from the committed search results."""
+    out = models_dir() / f"{DEFAULT_MODEL}-awq-w{DEFAULT_W_BIT}-g{DEFAULT_GROUP}"
+    if (out / "config.json").is_file():
+        return out
+    from .quant.quantize import quantize_from_search
+
+    if not DEFAULT_SEARCH.is_file():
+        raise TinychatError(f"{DEFAULT_SEARCH}: the default model's AWQ search results are missing from this "
+                            "installation; reinstall tinychat or use --precision fp16")
+    quantize_from_search(source, DEFAULT_SEARCH, out, DEFAULT_W_BIT, DEFAULT_GROUP)
+    return out
