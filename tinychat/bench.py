@@ -1,0 +1,126 @@
+"""`tinychat bench`: prefill and decode tokens per second, time to first token, memory, weight bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import TinychatError
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, counting tied tensors once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def run_once(model, prompt_len: int, gen: int, seed: int) -> dict:
+    from .generate import GenerationStats, generate_step
+    from .sampling import greedy
+
+    gen_ids = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=gen_ids).tolist()
+    cache = model.make_cache(prompt_len + gen + 1)
+    stats = GenerationStats()
+    for _ in generate_step(model, prompt, cache, greedy, max_tokens=gen, stats=stats):
+        pass  # EOS is ignored: every run decodes exactly `gen` tokens
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps,
+            "ttft_s": stats.time_to_first_token}
+
+
+def benchmark(name: str, precision: str, dtype: str, device: str, prompt_len: int, gen: int, runs: int) -> dict:
+    from .engine import load_engine
+
+    rss_before = rss_bytes()
+    t0 = time.perf_counter()
+    engine = load_engine(name, precision, dtype, device, quiet=True)
+    load_s = time.perf_counter() - t0
+    model = engine.model
+    rss_loaded = rss_bytes() - rss_before
+    if prompt_len < 1 or gen < 2 or runs < 1:
+        raise TinychatError("--prompt-len must be >= 1, --gen >= 2 and --runs >= 1")
+    run_once(model, min(prompt_len, 16), 4, seed=0)  # warm-up: first calls allocate and pick kernels
+    results = [run_once(model, prompt_len, gen, seed=i + 1) for i in range(runs)]
+    row = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    row.update({
+        "model": name, "path": str(engine.path), "precision": precision, "dtype": str(model.dtype).split(".")[-1],
+        "device": device, "threads": torch.get_num_threads(), "prompt_len": prompt_len, "gen": gen,
+        "runs": runs, "load_s": load_s, "weight_bytes": weight_bytes(model),
+        "rss_model_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
+    })
+    if model.device.type == "cuda":
+        row["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("model", "precision", "dtype", "prefill tok/s", "decode tok/s", "TTFT s", "weights MB",
+            "RSS of model MB", "peak RSS MB")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = (Path(r["model"]).name, r["precision"], r["dtype"], f"{r['prefill_tps']:.1f}",
+                 f"{r['decode_tps']:.1f}", f"{r['ttft_s']:.3f}", f"{r['weight_bytes'] / 1e6:.1f}",
+                 f"{r['rss_model_bytes'] / 1e6:.1f}", f"{r['peak_rss_bytes'] / 1e6:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def register(subparsers) -> None:
+    from .args import add_model_args
+
+    p = subparsers.add_parser("bench", help="measure prefill/decode tokens per second and memory")
+    add_model_args(p)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen", type=int, default=128, help="tokens to decode per run")
+    p.add_argument("--runs", type=int, default=3, help="runs; the median is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise TinychatError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    row = benchmark(args.model, args.precision, args.dtype, args.device, args.prompt_len, args.gen, args.runs)
+    print(format_table([row]))
+    if args.json:
+        out = Path(args.json)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"machine": machine_info(), "results": [row]}, indent=2))
+        tmp.replace(out)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
