@@ -1,0 +1,618 @@
+"""`tinychat chat`: an interactive terminal chat (prompt_toolkit) and a piped, non-interactive mode.
+
+Four pieces, each usable on its own (tests inject fakes at every seam):
+- Conversation: the messages, rendering them to token ids, dropping the oldest turns to fit the
+  context (the system prompt stays), JSON save/load. Knows nothing about models.
+- ChatSession: one engine + one KV cache + a Conversation. `send(text)` streams one reply; the cache
+  keeps the rendered conversation, so each turn prefills only what changed since the last one.
+- Commands: /help, /reset, /system, /set, /stats, /save, /load, /exit, one small function each.
+- Front ends: ChatRepl (a prompt_toolkit PromptSession) and run_piped (stdin is not a TTY).
+
+Importing this module is cheap (the CLI imports it to build its parser): torch and prompt_toolkit are
+imported where they are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, TextIO
+
+from .errors import TinychatError
+
+Encode = Callable[[list[dict]], list[int]]  # messages -> token ids ready for the assistant's reply
+
+SAVE_FORMAT = "tinychat-conversation"
+SAVE_VERSION = 1
+ROLES = ("system", "user", "assistant")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conversation
+
+
+class MessageTooLong(TinychatError):
+    """The newest message does not fit the context even with every older turn dropped."""
+
+    def __init__(self, tokens: int, limit: int):
+        self.tokens, self.limit = tokens, limit
+        super().__init__(f"message too long: {tokens} tokens with the chat template and system prompt, but "
+                         f"only {limit} fit before the reply; shorten it or raise --max-context (not sent)")
+
+
+class Conversation:
+    """The system prompt (kept apart, so dropping turns never touches it) and the user/assistant messages.
+
+    A turn is a user message and what follows it up to the next user message (normally one reply).
+    """
+
+    def __init__(self, system: str | None = None):
+        self.system = system or None
+        self.messages: list[dict] = []  # {"role", "content"} plus "interrupted": True on cut-off replies
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def add_user(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+
+    def add_assistant(self, text: str, interrupted: bool = False) -> None:
+        message = {"role": "assistant", "content": text}
+        if interrupted:
+            message["interrupted"] = True
+        self.messages.append(message)
+
+    def reset(self) -> None:
+        """Forget every turn; the system prompt stays."""
+        self.messages.clear()
+
+    def template_messages(self, messages: list[dict] | None = None) -> list[dict]:
+        """What the chat template sees: role and content only, the system prompt first."""
+        messages = self.messages if messages is None else messages
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def render(self, encode: Encode) -> list[int]:
+        return encode(self.template_messages())
+
+    def _turn_starts(self) -> list[int]:
+        starts = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        if self.messages and (not starts or starts[0] != 0):
+            starts.insert(0, 0)  # leading replies without a user message (a loaded file) form a turn
+        return starts
+
+    @property
+    def turns(self) -> int:
+        return len(self._turn_starts())
+
+    def drop_oldest_turn(self) -> bool:
+        starts = self._turn_starts()
+        if len(starts) < 2:
+            return False  # never drop the newest turn
+        del self.messages[:starts[1]]
+        return True
+
+    def drop_last_turn(self) -> None:
+        """Take back the newest turn (a message that was never answered)."""
+        starts = self._turn_starts()
+        if starts:
+            del self.messages[starts[-1]:]
+
+    def fit(self, encode: Encode, limit: int) -> tuple[list[int], int]:
+        """Token ids of the conversation in at most `limit` tokens, and how many old turns were dropped.
+
+        Raises MessageTooLong, leaving the conversation untouched, when the newest turn cannot fit even alone.
+        """
+        ids = self.render(encode)
+        if len(ids) <= limit:
+            return ids, 0
+        starts = self._turn_starts()
+        alone = encode(self.template_messages(self.messages[starts[-1]:] if starts else []))
+        if len(alone) > limit:
+            raise MessageTooLong(len(alone), limit)
+        dropped = 0
+        while len(ids) > limit and self.drop_oldest_turn():
+            dropped += 1
+            ids = self.render(encode)
+        return ids, dropped
+
+    # -- JSON ------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "messages": [dict(m) for m in messages]}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        try:
+            path.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise TinychatError(f"cannot write {path} ({e.strerror or e}); pick a writable path") from None
+        return path
+
+    @classmethod
+    def from_json(cls, data, where: str = "conversation") -> Conversation:
+        """Our own save format, or a bare list of {"role", "content"} messages (the OpenAI shape)."""
+        messages = data.get("messages") if isinstance(data, dict) else data
+        if not isinstance(messages, list):
+            raise TinychatError(f"{where}: expected a list of messages or an object with \"messages\"; "
+                                "load a file written by /save")
+        conversation = cls()
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+                raise TinychatError(f"{where}: message {i} needs a role ({', '.join(ROLES)}) and a string "
+                                    "content; fix the file or load one written by /save")
+            if m["role"] == "system":
+                if i != 0:
+                    raise TinychatError(f"{where}: message {i} is a system message; only the first may be")
+                conversation.system = m["content"] or None
+            elif m["role"] == "user":
+                conversation.add_user(m["content"])
+            else:
+                conversation.add_assistant(m["content"], interrupted=bool(m.get("interrupted")))
+        return conversation
+
+    @classmethod
+    def load(cls, path: str | Path) -> Conversation:
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TinychatError(f"{path}: no such file; give a file written by /save") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise TinychatError(f"cannot read {path} ({e}); give a file written by /save") from None
+        except json.JSONDecodeError as e:
+            raise TinychatError(f"{path}: not valid JSON ({e}); give a file written by /save") from None
+        return cls.from_json(data, str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ChatSession: the model side of a conversation
+
+
+@dataclass
+class TurnResult:
+    text: str
+    finish_reason: str  # "stop", "length" (max tokens), "context" (the cache filled up), "interrupted"
+    stats: object | None  # GenerationStats of the reply; None when interrupted before generation began
+    dropped_turns: int = 0
+
+
+@dataclass
+class Totals:
+    turns: int = 0
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class ChatSession:
+    """One conversation with one model. The KV cache outlives turns, so only new tokens are prefilled.
+
+    `stream_fn` has stream_generate's signature; tests wrap it (e.g. to raise KeyboardInterrupt mid-reply).
+    """
+
+    def __init__(self, engine, params, system: str | None = None, max_context: int | None = None,
+                 stream_fn: Callable | None = None):
+        if stream_fn is None:
+            from .generate import stream_generate as stream_fn
+        self.engine = engine
+        self.params = params
+        self.conversation = Conversation(system)
+        self.cache = engine.model.make_cache(max_context)
+        self.stream_fn = stream_fn
+        self.last: TurnResult | None = None
+        self.totals = Totals()
+
+    @property
+    def reply_reserve(self) -> int:
+        """Cache positions kept free for the reply when old turns are dropped to make room."""
+        return max(1, min(self.params.max_tokens, self.cache.max_seq // 4))
+
+    def send(self, text: str, on_text: Callable[[str], None] = lambda s: None,
+             on_notice: Callable[[str], None] = lambda s: None) -> TurnResult:
+        """Add a user message and stream the reply through on_text. Ctrl-C (KeyboardInterrupt) ends the
+        reply early: what arrived is kept as an interrupted reply, or the turn is taken back if nothing did.
+
+        Raises MessageTooLong (the message is not added) when it cannot fit the context.
+        """
+        conversation = self.conversation
+        conversation.add_user(text)
+        try:
+            ids, dropped = conversation.fit(self.engine.encode_chat, self.cache.max_seq - self.reply_reserve)
+        except BaseException:
+            conversation.drop_last_turn()
+            raise
+        if dropped:
+            on_notice(f"context full: dropped the oldest {_plural(dropped, 'turn')}"
+                      + (" (the system prompt stays)" if conversation.system else ""))
+
+        pieces: list[str] = []
+        response = None
+        stream = self.stream_fn(self.engine.model, self.engine.tokenizer, ids, self.params, self.cache)
+        try:
+            for response in stream:
+                if response.text:
+                    pieces.append(response.text)
+                    on_text(response.text)
+            reason = response.finish_reason if response is not None else "stop"
+        except KeyboardInterrupt:
+            reason = "interrupted"
+            stream.close()
+            self._repair_cache()
+        except BaseException:
+            conversation.drop_last_turn()
+            self._repair_cache()
+            raise
+        if reason == "length" and self.cache.room == 0:
+            reason = "context"
+
+        reply = "".join(pieces)
+        stats = response.stats if response is not None else None
+        if reason == "interrupted" and not reply:
+            conversation.drop_last_turn()  # nothing to keep; the message stays in the input history
+        else:
+            conversation.add_assistant(reply, interrupted=reason == "interrupted")
+            self.totals.turns += 1
+        if stats is not None:
+            self.totals.prompt_tokens += stats.prompt_tokens
+            self.totals.prefilled_tokens += stats.prefilled_tokens
+            self.totals.generated_tokens += stats.generated_tokens
+        self.last = TurnResult(reply, reason, stats, dropped)
+        return self.last
+
+    def _repair_cache(self) -> None:
+        # An interrupt can land between the cache's offset update and its token bookkeeping; a cache whose
+        # tokens no longer describe its positions could be reused wrongly, so start it afresh instead.
+        if self.cache.offset != len(self.cache.token_ids):
+            self.cache.reset()
+
+    def reset(self) -> None:
+        """Forget the turns. The cache keeps its tokens: the system prompt's prefix is reused next turn."""
+        self.conversation.reset()
+
+    def set_param(self, name: str, value) -> None:
+        """Change one sampling parameter, validated (TinychatError on a bad value, nothing changed)."""
+        params = dataclasses.replace(self.params, **{name: value})
+        params.validate()
+        self.params = params
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def status_line(result: TurnResult) -> str:
+    """One line after each reply: tokens, time to first token, decode speed, and why it ended early."""
+    notes = {"length": "max tokens reached (/set max_tokens N)", "context": "context full",
+             "interrupted": "interrupted"}
+    parts = []
+    if result.stats is not None:
+        s = result.stats
+        parts += [_plural(s.generated_tokens, "token"), f"{s.time_to_first_token:.2f} s to first token",
+                  f"{s.decode_tps:.1f} tok/s"]
+    if result.finish_reason in notes:
+        parts.append(notes[result.finish_reason])
+    return "[" + " · ".join(parts) + "]"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+
+
+class ExitChat(Exception):
+    """Raised by /exit."""
+
+
+# /set NAME VALUE: the parameter's type, and the flag whose validation message mentions it.
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+            "repetition_penalty": float, "max_tokens": int, "seed": int}
+
+
+def cmd_help(chat: ChatSession, arg: str, say) -> None:
+    say("commands:")
+    for name, (_, usage, text) in COMMANDS.items():
+        say(f"  /{usage:<24} {text}")
+    say("keys: Enter sends · Esc+Enter or Alt+Enter inserts a newline · Ctrl-C stops a reply · "
+        "Ctrl-D or /exit quits · start a message with // to send one beginning with /")
+
+
+def cmd_reset(chat: ChatSession, arg: str, say) -> None:
+    chat.reset()
+    say("conversation cleared" + (" (the system prompt stays)" if chat.conversation.system else ""))
+
+
+def cmd_system(chat: ChatSession, arg: str, say) -> None:
+    if not arg:
+        current = chat.conversation.system
+        say(f"system prompt: {current!r}" if current else "no system prompt (the model's template default applies)")
+        say("set it with /system TEXT")
+        return
+    chat.conversation.system = arg
+    say("system prompt set")
+
+
+def cmd_set(chat: ChatSession, arg: str, say) -> None:
+    names = ", ".join(SETTABLE)
+    if not arg:
+        say("  ".join(f"{n}={getattr(chat.params, n)}" for n in SETTABLE))
+        return
+    parts = arg.split()
+    name = parts[0].replace("-", "_").lower()
+    if name not in SETTABLE:
+        raise TinychatError(f"/set: unknown setting {parts[0]!r}; use one of {names}")
+    if len(parts) != 2:
+        raise TinychatError(f"/set {name}: give one value, e.g. /set {name} {getattr(chat.params, name)}")
+    kind, raw = SETTABLE[name], parts[1]
+    if name == "seed" and raw.lower() == "none":
+        value = None
+    else:
+        try:
+            value = kind(raw)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise TinychatError(f"/set {name}: {raw!r} is not {what}") from None
+    try:
+        chat.set_param(name, value)
+    except TinychatError as e:
+        # The validation messages name the command-line flag; say it the way the user typed it here.
+        raise TinychatError(f"/set {name}: {str(e).replace('--' + name.replace('_', '-'), name)}") from None
+    say(f"{name} = {value}")
+
+
+def cmd_stats(chat: ChatSession, arg: str, say) -> None:
+    cache, totals = chat.cache, chat.totals
+    say(f"context: {cache.offset}/{cache.max_seq} tokens cached · {_plural(chat.conversation.turns, 'turn')}"
+        f" · reply room kept when full: {chat.reply_reserve}")
+    if chat.last is not None and chat.last.stats is not None:
+        say(f"last reply: {chat.last.stats.summary()}")
+    say(f"session: {_plural(totals.turns, 'reply', 'replies')}, {totals.prompt_tokens} prompt tokens "
+        f"({totals.prefilled_tokens} prefilled, the rest from the cache), {totals.generated_tokens} generated")
+
+
+def cmd_save(chat: ChatSession, arg: str, say) -> None:
+    if not arg:
+        raise TinychatError("/save needs a file name, e.g. /save chat.json")
+    path = chat.conversation.save(arg)
+    say(f"saved {_plural(len(chat.conversation), 'message')} to {path}")
+
+
+def cmd_load(chat: ChatSession, arg: str, say) -> None:
+    if not arg:
+        raise TinychatError("/load needs a file name, e.g. /load chat.json")
+    chat.conversation = Conversation.load(arg)
+    say(f"loaded {_plural(len(chat.conversation), 'message')} from {Path(arg).expanduser()}"
+        + (" (with its system prompt)" if chat.conversation.system else ""))
+
+
+def cmd_exit(chat: ChatSession, arg: str, say) -> None:
+    raise ExitChat
+
+
+COMMANDS = {
+    "help": (cmd_help, "help", "show this help"),
+    "reset": (cmd_reset, "reset", "start a new conversation (keeps the system prompt)"),
+    "system": (cmd_system, "system TEXT", "set the system prompt (without TEXT: show it)"),
+    "set": (cmd_set, "set NAME VALUE", "change temperature, top_p, top_k, max_tokens, ... (alone: show)"),
+    "stats": (cmd_stats, "stats", "context use, last reply speed, session totals"),
+    "save": (cmd_save, "save FILE", "write the conversation as JSON"),
+    "load": (cmd_load, "load FILE", "replace the conversation with one from /save"),
+    "exit": (cmd_exit, "exit", "quit (also /quit, Ctrl-D)"),
+}
+ALIASES = {"quit": "exit", "q": "exit", "?": "help", "clear": "reset"}
+
+
+def handle_command(chat: ChatSession, line: str, say: Callable[[str], None]) -> None:
+    """Run one /command line. Raises ExitChat for /exit and TinychatError (one line) for mistakes."""
+    name, _, arg = line[1:].strip().partition(" ")
+    name = ALIASES.get(name.lower(), name.lower())
+    if name not in COMMANDS:
+        raise TinychatError(f"unknown command /{name}; type /help for the list")
+    COMMANDS[name][0](chat, arg.strip(), say)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Front ends
+
+
+def history_path() -> Path:
+    """The input history file in the XDG state directory (relative XDG paths are ignored, as the spec says)."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "tinychat" / "history"
+
+
+def make_prompt_session(input=None, output=None, history_file: str | Path | None = None):
+    """A PromptSession where Enter sends, Esc+Enter (Alt+Enter) inserts a newline, pasted text is kept as
+    is (bracketed paste), Ctrl-C clears a non-empty line and exits at an empty one, and Ctrl-D exits."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import WordCompleter
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("enter")
+    def _send(event):
+        event.current_buffer.validate_and_handle()
+
+    @bindings.add("escape", "enter")
+    def _newline(event):
+        event.current_buffer.insert_text("\n")
+
+    @bindings.add("c-c")
+    def _interrupt(event):
+        if event.current_buffer.text:
+            event.current_buffer.reset()
+        else:
+            event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
+
+    path = Path(history_file) if history_file is not None else history_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+        history = FileHistory(str(path))
+    except OSError:
+        history = InMemoryHistory()  # a read-only home must not stop the chat
+
+    words = ["/" + name for name in [*COMMANDS, *ALIASES]] + [f"/set {n}" for n in SETTABLE]
+    return PromptSession(
+        message=">>> ", multiline=True, prompt_continuation="... ", key_bindings=bindings, history=history,
+        completer=WordCompleter(words, sentence=True), complete_while_typing=False,
+        input=input, output=output)
+
+
+class ChatRepl:
+    """The read-eval-print loop over a ChatSession. `prompt` is anything with a .prompt() -> str method
+    (a PromptSession from make_prompt_session in real use); replies go to `out`, everything else to `info`."""
+
+    def __init__(self, chat: ChatSession, prompt, out: TextIO | None = None, info: TextIO | None = None,
+                 interrupt_ends: bool = False):
+        self.chat = chat
+        self.prompt = prompt
+        self.out = out or sys.stdout
+        self.info = info or self.out
+        self.interrupt_ends = interrupt_ends  # piped input: Ctrl-C ends the run instead of one reply
+        self._dim = _isatty(self.info)
+
+    def say(self, text: str) -> None:
+        if self._dim:
+            text = f"\x1b[2m{text}\x1b[0m"
+        print(text, file=self.info, flush=True)
+
+    def run(self) -> int:
+        while True:
+            try:
+                line = self.prompt.prompt()
+            except (KeyboardInterrupt, EOFError):  # Ctrl-C / Ctrl-D at an empty prompt
+                return 0
+            try:
+                self.handle(line)
+            except ExitChat:
+                return 0
+
+    def handle(self, line: str) -> None:
+        """One input: a /command, a message (// escapes a leading slash), or nothing."""
+        if not line.strip():
+            return
+        try:
+            if line.startswith("//"):
+                self.send(line[1:])
+            elif line.startswith("/"):
+                handle_command(self.chat, line, self.say)
+            else:
+                self.send(line)
+        except TinychatError as e:
+            self.say(str(e))
+        except KeyboardInterrupt:  # Ctrl-C outside the reply itself (e.g. while rendering the prompt)
+            if self.interrupt_ends:
+                raise
+            self.say("[interrupted]")
+
+    def send(self, text: str) -> TurnResult:
+        def write(delta: str) -> None:
+            self.out.write(delta)
+            self.out.flush()
+
+        result = self.chat.send(text, on_text=write, on_notice=lambda s: self.say(f"[{s}]"))
+        if result.text and not result.text.endswith("\n"):
+            write("\n")
+        if result.finish_reason == "interrupted" and not result.text:
+            self.say("[interrupted before the reply began; the message was not kept]")
+        else:
+            self.say(status_line(result))
+        if result.finish_reason == "interrupted" and self.interrupt_ends:
+            raise KeyboardInterrupt
+        return result
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _LinePrompt:
+    """A .prompt() over lines of a text stream, so piped input runs through the same loop as the REPL."""
+
+    def __init__(self, lines: Iterable[str]):
+        self._lines = iter(lines)
+
+    def prompt(self) -> str:
+        try:
+            return next(self._lines).rstrip("\r\n")
+        except StopIteration:
+            raise EOFError from None
+
+
+def run_piped(chat: ChatSession, stdin: TextIO, out: TextIO, info: TextIO, whole_input: bool = False) -> int:
+    """Non-interactive: each line of stdin is a message or /command (or all of stdin is one message);
+    replies go to `out`, status lines and notices to `info`."""
+    repl = ChatRepl(chat, _LinePrompt(stdin), out=out, info=info, interrupt_ends=True)
+    if not whole_input:
+        return repl.run()
+    text = stdin.read().strip()
+    if not text:
+        raise TinychatError("--whole-input: stdin was empty; pipe the message in, e.g. `tinychat chat "
+                            "--whole-input < question.txt`")
+    try:
+        repl.send(text)
+    except TinychatError as e:
+        repl.say(str(e))
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(subparsers) -> None:
+    from .args import add_model_args, add_sampling_args
+
+    p = subparsers.add_parser(
+        "chat", help="chat in the terminal (multi-turn, streaming); reads messages from stdin when piped",
+        description="Interactive chat: Enter sends, Esc+Enter inserts a newline, Ctrl-C stops a reply, "
+                    "Ctrl-D quits, /help lists commands. With stdin not a terminal, each line is a message "
+                    "(or all of stdin with --whole-input) and the replies go to stdout.")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="KV cache length in tokens (default: the model's context, at most 8192); "
+                        "the oldest turns are dropped when it fills")
+    p.add_argument("--whole-input", action="store_true",
+                   help="with piped stdin: send all of it as one message instead of one message per line")
+    add_model_args(p)
+    add_sampling_args(p, max_tokens=512)
+    p.set_defaults(func=run)
+
+
+def run(args, stdin: TextIO | None = None, out: TextIO | None = None, info: TextIO | None = None,
+        engine=None, prompt_factory: Callable = make_prompt_session) -> int:
+    from .args import sampling_from_args
+
+    stdin, out, info = stdin or sys.stdin, out or sys.stdout, info or sys.stderr
+    params = sampling_from_args(args)
+    if args.max_context is not None and args.max_context < 1:
+        raise TinychatError(f"--max-context must be a positive number of tokens, got {args.max_context}")
+    interactive = _isatty(stdin)
+    if interactive and args.whole_input:
+        raise TinychatError("--whole-input reads a piped message; use `tinychat chat --whole-input < FILE` "
+                            "or drop the flag to chat interactively")
+    t0 = time.perf_counter()
+    if engine is None:
+        from .engine import load_engine
+
+        engine = load_engine(args.model, args.precision, args.dtype, args.device)
+    chat = ChatSession(engine, params, system=args.system, max_context=args.max_context)
+    if not interactive:
+        return run_piped(chat, stdin, out, info, args.whole_input)
+    repl = ChatRepl(chat, prompt_factory(), out=out, info=out)
+    repl.say(f"ready in {time.perf_counter() - t0:.1f} s · {engine.path.name} · context {chat.cache.max_seq} "
+             "· Enter sends, Esc+Enter newline, Ctrl-C stops a reply, Ctrl-D quits, /help for commands")
+    return repl.run()
