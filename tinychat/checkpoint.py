@@ -1,6 +1,7 @@
 """Lazy reading of safetensors checkpoints (single file or sharded with an index json).
 
-Tensors are read one at a time from memory-mapped files, so loading never holds two full copies.
+Tensors are read one at a time (pread, or memory-mapped on safetensors < 0.8), so loading never holds
+two full copies.
 Only safetensors are read: pickle checkpoints (*.bin, *.pt) can run code and are refused.
 """
 
@@ -13,6 +14,17 @@ import torch
 from safetensors import safe_open
 
 from .errors import TinychatError
+
+
+def _safe_open(file: Path):
+    """Open with pread(2) reads where safetensors offers them (>= 0.8): each tensor is then its own host
+    buffer, freed as soon as the loader has moved it to the device. With the mmap backend every page
+    of a shard that was read stays mapped, and counted in RSS, until the shard and all tensors taken
+    from it are gone, so a load would hold the whole checkpoint on the host beyond the model."""
+    try:
+        return safe_open(str(file), framework="pt", backend="pread")
+    except TypeError:  # older safetensors: mmap only
+        return safe_open(str(file), framework="pt")
 
 
 class CheckpointReader:
@@ -48,7 +60,7 @@ class CheckpointReader:
             if not file.is_file():
                 raise TinychatError(f"{file}: shard named in the index is missing; re-download the model")
             try:
-                self._handles[file] = safe_open(str(file), framework="pt")
+                self._handles[file] = _safe_open(file)
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise TinychatError(f"{file}: not a valid safetensors file ({e}); re-download it") from None
         return self._handles[file]
