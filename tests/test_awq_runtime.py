@@ -139,3 +139,29 @@ def test_unsupported_quantization_configs(tmp_path):
         (awq_dir / "config.json").write_text(json.dumps(bad))
         with pytest.raises(TinychatError, match=message):
             load_model(awq_dir)
+
+
+def test_int8_head_close_to_full_head(tmp_path):
+    from tinychat.quant.int8 import Int8Embedding, Int8Linear
+
+    awq_dir, _ = write_awq_twins(tmp_path, 64)
+    full = load_model(awq_dir, dtype="bf16")
+    small = load_model(awq_dir, dtype="bf16", int8_head=True)
+    assert isinstance(small.lm_head, Int8Linear)
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        a, b = full(ids).float(), small(ids).float()
+    assert ((a - b).norm() / a.norm()).item() <= 2e-2
+
+
+def test_int8_tied_embedding_shares_the_head_table():
+    from tinychat.quant.int8 import Int8Embedding, Int8Linear
+
+    torch.manual_seed(0)
+    table = torch.randn(50, 16)
+    head = Int8Linear(table, torch.float32)
+    emb = Int8Embedding(head)
+    ids = torch.tensor([[3, 7, 49]])
+    assert torch.allclose(emb(ids), table[ids], atol=table.abs().max().item() / 127)
+    x = torch.randn(2, 16)
+    assert torch.allclose(head(x), x @ table.t(), rtol=0, atol=0.05)

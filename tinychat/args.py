@@ -18,6 +18,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default auto: fp16 on CUDA; on CPU bf16 for 4-bit weights, "
                              "else the --precision dtype or fp32)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
+    parser.add_argument("--full-head", action="store_true",
+                        help="keep the lm_head in full precision (4-bit models on CPU use an int8 head)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:

@@ -55,12 +55,12 @@ def run_once(model, prompt_len: int, gen: int, seed: int) -> dict:
             "ttft_s": stats.time_to_first_token}
 
 
-def benchmark(name: str, precision: str, dtype: str, device: str, prompt_len: int, gen: int, runs: int) -> dict:
-    from .engine import load_engine
+def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
+    from .engine import load_engine_from_args
 
     rss_before = rss_bytes()
     t0 = time.perf_counter()
-    engine = load_engine(name, precision, dtype, device, quiet=True)
+    engine = load_engine_from_args(args, quiet=True)
     load_s = time.perf_counter() - t0
     model = engine.model
     rss_loaded = rss_bytes() - rss_before
@@ -70,8 +70,8 @@ def benchmark(name: str, precision: str, dtype: str, device: str, prompt_len: in
     results = [run_once(model, prompt_len, gen, seed=i + 1) for i in range(runs)]
     row = {key: statistics.median(r[key] for r in results) for key in results[0]}
     row.update({
-        "model": name, "path": str(engine.path), "precision": precision, "dtype": str(model.dtype).split(".")[-1],
-        "device": device, "threads": torch.get_num_threads(), "prompt_len": prompt_len, "gen": gen,
+        "model": args.model, "path": str(engine.path), "precision": args.precision,
+        "dtype": str(model.dtype).split(".")[-1], "device": args.device, "int8_head": not args.full_head, "threads": torch.get_num_threads(), "prompt_len": prompt_len, "gen": gen,
         "runs": runs, "load_s": load_s, "weight_bytes": weight_bytes(model),
         "rss_model_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
     })
@@ -115,7 +115,7 @@ def run(args) -> int:
         if args.threads < 1:
             raise TinychatError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    row = benchmark(args.model, args.precision, args.dtype, args.device, args.prompt_len, args.gen, args.runs)
+    row = benchmark(args, args.prompt_len, args.gen, args.runs)
     print(format_table([row]))
     if args.json:
         out = Path(args.json)

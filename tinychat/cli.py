@@ -28,11 +28,11 @@ def register_generate(subparsers) -> None:
 
 def run_generate(args) -> int:
     from .args import sampling_from_args
-    from .engine import load_engine
+    from .engine import load_engine_from_args
     from .generate import stream_generate
 
     params = sampling_from_args(args)
-    engine = load_engine(args.model, args.precision, args.dtype, args.device)
+    engine = load_engine_from_args(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     ids = engine.encode_chat(messages, use_template=not args.no_chat_template)

@@ -118,8 +118,11 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor],
     return model.eval()
 
 
-def load_model(path: str | Path, dtype="fp32", device="cpu") -> LlamaForCausalLM:
-    """Load an HF directory: full precision, or AWQ (GEMM format) with the linears staying 4-bit."""
+def load_model(path: str | Path, dtype="fp32", device="cpu", int8_head: bool = False) -> LlamaForCausalLM:
+    """Load an HF directory: full precision, or AWQ (GEMM format) with the linears staying 4-bit.
+
+    int8_head: keep the lm_head (and a tied embedding) as per-row int8 (see tinychat.quant.int8).
+    """
     from .quant.load import awq_settings, dequantized_reader, fused_names, quantized_modules
 
     path = Path(path)
@@ -136,4 +139,10 @@ def load_model(path: str | Path, dtype="fp32", device="cpu") -> LlamaForCausalLM
         state = fused_state_dict(read, config, dtype, device, skip)
     finally:
         reader.close()
-    return build_model(config, state, modules)
+    model = build_model(config, state, modules)
+    del state
+    if int8_head:
+        from .quant.int8 import use_int8_head
+
+        use_int8_head(model)
+    return model
