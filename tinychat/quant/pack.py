@@ -244,3 +244,85 @@ def int4pack_layout_is_known(out_features: int) -> bool:
     if packed.dtype != torch.uint8 or packed.numel() * 2 != codes.numel():
         return False
     return torch.equal(int4pack_cpu_codes(packed, out_features, 64).to(torch.int32), codes)
+
+
+# In memory on CUDA: the decode GEMV layout (cuda/gemv_w4a16.cu)
+# ----------------------------------------------------------------
+# The GEMV walks each output row along k, 128 bits (32 codes) per load, so codes are packed along the
+# input dim, rows = output features:
+#
+#     qweight_t      int32 [out, in/8]      word j of row n holds k = 8j .. 8j+7; nibble i holds
+#                                           k = 8j + AWQ_ORDER[i] (the same interleave AWQ uses along n)
+#     scales_zeros   fp16  [out, in/g, 2]   (scale, 1024 + zero): zero is stored pre-offset by 1024.0,
+#                                           the fp16 value whose mantissa the kernel ORs codes into
+#
+# That nibble order lets the kernel make fp16 pairs in k order with one AND/OR each: nibbles (0, 4) are
+# (k, k+1), (1, 5) are (k+2, k+3), (2, 6) and (3, 7) after a shift by 8. `in` must be a multiple of 32
+# (one 128-bit load never straddles a group) and g one of GEMV_GROUP_SIZES.
+
+GEMV_GROUP_SIZES = (32, 64, 128)
+GEMV_ZERO_OFFSET = 1024.0
+_GEMV_REPACK_ELEMENTS = 1 << 24  # codes unpacked per slice: bounds the int64 temporaries to ~128 MB
+
+
+def gemv_layout_supported(in_features: int, out_features: int, group_size: int) -> str | None:
+    """None when the CUDA GEMV layout can hold this linear, else the reason it cannot."""
+    if group_size not in GEMV_GROUP_SIZES:
+        return f"group size {group_size} (the CUDA GEMV takes {GEMV_GROUP_SIZES})"
+    if in_features % 32 or in_features % group_size:
+        return f"in_features {in_features} (must be a multiple of 32 and of the group size)"
+    if out_features % 8:
+        return f"out_features {out_features} (must be a multiple of 8)"
+    return None
+
+
+def awq_to_gemv_layout(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ GEMM tensors -> (qweight_t int32 [out, in/8], scales_zeros fp16 [out, in/g, 2]) on their device.
+
+    Vectorised torch on whatever device the inputs are on; sliced along the output features so the
+    int64 temporaries stay bounded for 70B-sized layers.
+    """
+    in_features, out_features = _check_awq_shapes(qweight, qzeros, scales, group_size)
+    reason = gemv_layout_supported(in_features, out_features, group_size)
+    if reason is not None:
+        raise TinychatError(f"cannot repack a {in_features}x{out_features} AWQ linear for the CUDA GEMV: {reason}")
+    step = max(8, (_GEMV_REPACK_ELEMENTS // in_features) // 8 * 8)
+    parts = []
+    for n0 in range(0, out_features, step):
+        codes = unpack_awq(qweight[:, n0 // 8:(n0 + step) // 8])  # [in, slice] logical order
+        parts.append(pack_awq(codes.t().contiguous()))             # [slice, in/8], nibbles along k
+    qweight_t = torch.cat(parts, dim=0)
+    zeros = unpack_awq(qzeros).t().to(torch.float32) + GEMV_ZERO_OFFSET  # [out, in/g], exact in fp16
+    scales_zeros = torch.stack([scales.t().to(torch.float16), zeros.to(torch.float16)], dim=-1).contiguous()
+    return qweight_t, scales_zeros
+
+
+def gemv_layout_to_awq(
+    qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of awq_to_gemv_layout: back to AWQ (qweight, qzeros, scales)."""
+    out_features, in_features = qweight_t.shape[0], qweight_t.shape[1] * 8
+    if tuple(scales_zeros.shape) != (out_features, in_features // group_size, 2):
+        raise TinychatError(
+            f"GEMV layout shapes disagree: qweight_t {tuple(qweight_t.shape)}, scales_zeros "
+            f"{tuple(scales_zeros.shape)} for group size {group_size}"
+        )
+    codes = unpack_awq(qweight_t)  # [out, in]
+    qweight = pack_awq(codes.t().contiguous())
+    zeros = (scales_zeros[..., 1].float() - GEMV_ZERO_OFFSET).round().to(torch.int32)  # [out, in/g]
+    qzeros = pack_awq(zeros.t().contiguous())
+    scales = scales_zeros[..., 0].t().contiguous()
+    return qweight, qzeros, scales
+
+
+def gemv_layout_dequant(
+    qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """W [out, in] from the GEMV layout, computed in fp32 exactly like awq_to_dequant."""
+    out_features = qweight_t.shape[0]
+    q = unpack_awq(qweight_t).float().view(out_features, -1, group_size)  # [out, in/g, g]
+    s = scales_zeros[..., 0].float().unsqueeze(-1)
+    z = (scales_zeros[..., 1].float() - GEMV_ZERO_OFFSET).unsqueeze(-1)
+    return ((q - z) * s).view(out_features, -1).to(dtype)

@@ -2,9 +2,10 @@
 
 Paths, chosen once at construction from the device, dtype and shape:
 - "int4pack": torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu), weights repacked by pack.py.
+- "cuda": fp16 on a GPU with tinychat's CUDA kernels (tinychat.ops): weights repacked once into the GEMV
+  layout (pack.awq_to_gemv_layout); 1..8 tokens run the W4A16 GEMV kernel, more tokens dequantize and matmul.
 - "dequant": the torch reference, anywhere: dequantize the packed AWQ tensors per call and matmul.
   Nothing dequantized stays resident; it is the fallback for shapes the kernels refuse.
-The CUDA kernels plug in as one more path.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class AWQLinear(nn.Module):
             packed, scales_and_zeros = pack.awq_to_int4pack_cpu(qweight, qzeros, scales, group_size, dtype=dtype)
             self.register_buffer("packed", packed)
             self.register_buffer("scales_and_zeros", scales_and_zeros)
+        elif self.path == "cuda":
+            qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight.to(device), qzeros.to(device),
+                                                              scales.to(device), group_size)
+            self.register_buffer("qweight_t", qweight_t)
+            self.register_buffer("scales_zeros", scales_zeros)
         else:
             self.register_buffer("qweight", qweight.to(device))
             self.register_buffer("qzeros", qzeros.to(device))
@@ -40,6 +46,12 @@ class AWQLinear(nn.Module):
         if (device.type == "cpu" and self.group_size in pack.INT4PACK_CPU_GROUP_SIZES
                 and pack.int4pack_layout_is_known(self.out_features)):
             return "int4pack"
+        if (device.type == "cuda" and self.dtype == torch.float16
+                and pack.gemv_layout_supported(self.in_features, self.out_features, self.group_size) is None):
+            from ..ops import kernels
+
+            if kernels.available(device):
+                return "cuda"
         return "dequant"
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -47,11 +59,17 @@ class AWQLinear(nn.Module):
         if self.path == "int4pack":
             return pack.int4pack_cpu_dequant(self.packed, self.scales_and_zeros, self.group_size,
                                              self.out_features, self.in_features, self.dtype)
+        if self.path == "cuda":
+            return pack.gemv_layout_dequant(self.qweight_t, self.scales_zeros, self.group_size, dtype=self.dtype)
         return pack.awq_to_dequant(self.qweight, self.qzeros, self.scales, self.group_size, dtype=self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "int4pack":
             y = pack.int4pack_mm_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        elif self.path == "cuda" and x.numel() <= 8 * self.in_features:
+            from ..ops import gemv_w4a16  # the kernel, or its torch reference where it cannot run
+
+            y = gemv_w4a16(x.contiguous(), self.qweight_t, self.scales_zeros, self.group_size)
         else:
             y = F.linear(x, self.dequantized_weight().to(x.dtype))
         return y if self.bias is None else y + self.bias

@@ -1,0 +1,252 @@
+"""Launch wrappers for the CUDA kernels, each with a torch fallback and a first-use self-check.
+
+Every public op here has the signature of its twin in tinychat.ops.reference. It runs the CUDA kernel
+when the inputs are fp16 CUDA tensors the kernel supports, the kernels are available (tinychat.ops.kernels)
+and the kernel passed its self-check; otherwise it returns the reference op's result. Outputs are fresh
+tensors from torch's allocator (inside a CUDA graph capture: from the graph's pool), inputs are used in
+place through their data pointers (they must be contiguous; the wrappers never copy silently on the fast
+path: a non-contiguous input takes the reference path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import kernels, reference
+from .kernels import f32, i32, ptr
+
+GEMV_MAX_TOKENS = 8
+GEMV_ROWS_PER_WARP = 4  # cuda/gemv_w4a16.cu GEMV_ROWS
+GEMV_WARPS = 4
+ATTN_HEAD_DIMS = (64, 128, 256)
+ATTN_GROUPS = (1, 2, 4, 8)  # GMAX instantiations: query heads per kv head served by one block
+LOG2E = 1.4426950408889634
+
+
+def _fast(*tensors: torch.Tensor) -> bool:
+    """All inputs are contiguous fp16 tensors on one CUDA device where the kernels can run."""
+    t0 = tensors[0]
+    if not t0.is_cuda or not kernels.available(t0.device):
+        return False
+    return all(t.dtype == torch.float16 and t.is_contiguous() and t.device == t0.device for t in tensors)
+
+
+def _randn(*shape, device, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(torch.float16)
+
+
+# ---- W4A16 GEMV ---------------------------------------------------------------------------------
+
+def _gemv_key(m: int, silu: bool) -> str:
+    return f"gemv_w4a16{'_silu' if silu else ''}_m{m}"
+
+
+def _launch_gemv(x, qweight_t, scales_zeros, group_size, bias, silu):
+    n, k = qweight_t.shape[0], qweight_t.shape[1] * 8
+    m = x.numel() // k
+    n_out = n // 2 if silu else n
+    per_warp = GEMV_ROWS_PER_WARP // 2 if silu else GEMV_ROWS_PER_WARP
+    y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float16, device=x.device)
+    blocks = -(-n_out // (per_warp * GEMV_WARPS))
+    group_shift = int(math.log2(group_size)) - 5
+    kernels.launch("gemv_w4a16.cu", _gemv_key(m, silu), (blocks,), (32 * GEMV_WARPS,),
+                   (ptr(x), ptr(qweight_t), ptr(scales_zeros), ptr(bias), ptr(y), i32(n_out), i32(k),
+                    i32(group_shift)), device=x.device)
+    return y
+
+
+def _check_gemv(m: int, silu: bool, device) -> float:
+    from ..quant import pack
+
+    worst = 0.0
+    for k, n, g in ((512, 64, 128), (384, 48, 32), (256, 40, 64)):
+        qweight_t = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32, device=device)
+        zeros = torch.randint(0, 16, (n, k // g), device=device).float() + pack.GEMV_ZERO_OFFSET
+        scales = torch.rand(n, k // g, device=device) * 0.02 + 0.002
+        scales_zeros = torch.stack([scales, zeros], dim=-1).half().contiguous()
+        x = _randn(m, k, device=device)
+        bias = None if silu else _randn(n, device=device)
+        got = _launch_gemv(x, qweight_t, scales_zeros, g, bias, silu)
+        want = reference.gemv_w4a16(x.float(), qweight_t, scales_zeros, g, bias, silu)
+        worst = max(worst, kernels.relative_error(got, want))
+    return worst
+
+
+def gemv_supported(x: torch.Tensor, qweight_t: torch.Tensor, group_size: int, silu: bool = False) -> bool:
+    """Whether gemv_w4a16 would run the CUDA kernel for these inputs (self-checking it if needed)."""
+    k = qweight_t.shape[1] * 8
+    if x.shape[-1] != k or not _fast(x) or qweight_t.device != x.device:
+        return False
+    m = x.numel() // k
+    if not 1 <= m <= GEMV_MAX_TOKENS or k % 32 or group_size not in (32, 64, 128) or qweight_t.shape[0] % 8:
+        return False
+    return kernels.verified(_gemv_key(m, silu), lambda: _check_gemv(m, silu, x.device))
+
+
+def gemv_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
+    """x [..., in] (1..8 rows) @ W.T (+ bias), W in the GEMV layout; silu=True: silu(gate) * up."""
+    if gemv_supported(x, qweight_t, group_size, silu) and (bias is None or _fast(bias)):
+        return _launch_gemv(x, qweight_t, scales_zeros, group_size, bias, silu)
+    return reference.gemv_w4a16(x, qweight_t, scales_zeros, group_size, bias, silu)
+
+
+# ---- SiLU-and-multiply ----------------------------------------------------------------------------
+
+def _launch_silu_mul(gate_up):
+    inter = gate_up.shape[-1] // 2
+    rows = gate_up.numel() // (2 * inter)
+    out = torch.empty(*gate_up.shape[:-1], inter, dtype=torch.float16, device=gate_up.device)
+    threads = rows * (inter // 8)
+    kernels.launch("silu_mul.cu", "silu_mul", (-(-threads // 256),), (256,),
+                   (ptr(gate_up), ptr(out), i32(inter), i32(rows)), device=gate_up.device)
+    return out
+
+
+def _check_silu_mul(device) -> float:
+    gate_up = _randn(3, 2 * 200, device=device, scale=3.0)
+    return kernels.relative_error(_launch_silu_mul(gate_up), reference.silu_mul(gate_up))
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if (_fast(gate_up) and gate_up.shape[-1] % 16 == 0
+            and kernels.verified("silu_mul", lambda: _check_silu_mul(gate_up.device))):
+        return _launch_silu_mul(gate_up)
+    return reference.silu_mul(gate_up)
+
+
+# ---- residual add + RMSNorm -----------------------------------------------------------------------
+
+def _launch_add_rmsnorm(x, weight, eps, delta):
+    hidden = x.shape[-1]
+    rows = x.numel() // hidden
+    out = torch.empty_like(x)
+    h = x if delta is None else torch.empty_like(x)
+    kernels.launch("rmsnorm.cu", "rmsnorm_residual", (rows,), (256,),
+                   (ptr(x), ptr(delta), ptr(None if delta is None else h), ptr(weight), ptr(out), i32(hidden),
+                    f32(eps)), device=x.device)
+    return out, h
+
+
+def _check_add_rmsnorm(device) -> float:
+    x, delta, weight = _randn(3, 1000, device=device), _randn(3, 1000, device=device), _randn(1000, device=device)
+    err = 0.0
+    for d in (None, delta):
+        got, got_h = _launch_add_rmsnorm(x, weight, 1e-5, d)
+        want, want_h = reference.add_rmsnorm(x, weight, 1e-5, d)
+        err = max(err, kernels.relative_error(got, want), kernels.relative_error(got_h, want_h))
+    return err
+
+
+def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(h) * weight, h) with h = x + delta (or x)."""
+    if (_fast(x, weight, *(() if delta is None else (delta,))) and x.shape[-1] % 8 == 0
+            and weight.numel() == x.shape[-1] and (delta is None or delta.shape == x.shape)
+            and kernels.verified("rmsnorm_residual", lambda: _check_add_rmsnorm(x.device))):
+        return _launch_add_rmsnorm(x, weight, eps, delta)
+    return reference.add_rmsnorm(x, weight, eps, delta)
+
+
+# ---- RoPE + KV-cache write ------------------------------------------------------------------------
+
+def _launch_rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim):
+    b, t, _ = qkv.shape
+    q = torch.empty(b, t, n_heads, head_dim, dtype=torch.float16, device=qkv.device)
+    kernels.launch("rope_kv.cu", "rope_kv_write", (n_heads + n_kv, b * t), (head_dim // 2,),
+                   (ptr(qkv), ptr(q), ptr(k_cache), ptr(v_cache), ptr(cos), ptr(sin), ptr(pos), i32(t),
+                    i32(n_heads), i32(n_kv), i32(head_dim), i32(k_cache.shape[2])), device=qkv.device)
+    return q
+
+
+def _check_rope_kv(device) -> float:
+    b, t, hq, hkv, d, s = 2, 2, 4, 2, 64, 40
+    qkv = _randn(b, t, (hq + 2 * hkv) * d, device=device)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device).float() / d))
+    cos, sin = reference.rope_tables(inv_freq, s, torch.float16)
+    pos = torch.tensor([17], dtype=torch.int32, device=device)
+    k_cache, v_cache = _randn(b, hkv, s, d, device=device), _randn(b, hkv, s, d, device=device)
+    caches = [k_cache, v_cache, k_cache.clone(), v_cache.clone()]
+    got = _launch_rope_kv(qkv, cos, sin, pos, caches[0], caches[1], hq, hkv, d)
+    want = reference.rope_kv_write(qkv, cos, sin, pos, caches[2], caches[3], hq, hkv, d)
+    return max(kernels.relative_error(got, want), kernels.relative_error(caches[0], caches[2]),
+               kernels.relative_error(caches[1], caches[3]))
+
+
+def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int,
+                  head_dim: int) -> torch.Tensor:
+    """Rotated q [B, T, Hq, D]; k (rotated) and v written into the caches at pos .. pos+T-1."""
+    if (_fast(qkv, cos, sin, k_cache, v_cache) and pos.is_cuda and pos.dtype == torch.int32
+            and head_dim % 2 == 0 and head_dim // 2 <= 128 and qkv.dim() == 3
+            and qkv.shape[-1] == (n_heads + 2 * n_kv) * head_dim and cos.shape[-1] == head_dim // 2
+            and kernels.verified("rope_kv_write", lambda: _check_rope_kv(qkv.device))):
+        return _launch_rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
+    return reference.rope_kv_write(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
+
+
+# ---- decode attention -----------------------------------------------------------------------------
+
+def attention_splits(batch: int, n_kv: int, max_seq: int, device) -> int:
+    """How many sequence splits the decode attention uses: about two blocks per SM, at least 64 keys
+    per split at full context. Depends only on the cache shape, so a captured graph keeps it."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-2 * sms // max(1, batch * n_kv))
+    return max(1, min(want, max_seq // 64, 64))
+
+
+def _attn_variant(head_dim: int, group: int) -> str | None:
+    if head_dim not in ATTN_HEAD_DIMS:
+        return None
+    gmax = next((g for g in ATTN_GROUPS if g >= group), None)
+    return None if gmax is None else f"attn_decode_d{head_dim}_g{gmax}"
+
+
+def _launch_attention(q, k_cache, v_cache, pos, window, n_splits):
+    b, n_heads, d = q.shape
+    n_kv, seq = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(b, n_heads, d, dtype=torch.float16, device=q.device)
+    if n_splits > 1:
+        part_o = torch.empty(b, n_heads, n_splits, d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(b, n_heads, n_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_ml = None
+    name = _attn_variant(d, n_heads // n_kv)
+    kernels.launch("decode_attention.cu", name, (n_splits, n_kv, b), (128,),
+                   (ptr(q), ptr(k_cache), ptr(v_cache), ptr(part_o), ptr(part_ml), ptr(out), ptr(pos),
+                    i32(n_heads), i32(n_kv), i32(seq), i32(n_splits), i32(window or 0), f32(LOG2E / math.sqrt(d))),
+                   device=q.device)
+    if n_splits > 1:
+        kernels.launch("decode_attention.cu", "attn_combine", (n_heads, b), (d,),
+                       (ptr(part_o), ptr(part_ml), ptr(out), i32(n_splits), i32(d)), device=q.device)
+    return out
+
+
+def _check_attention(head_dim: int, group: int, device) -> float:
+    worst = 0.0
+    for b, n_kv, seq, pos, window, splits in ((1, 2, 96, 70, None, 1), (2, 1, 160, 150, None, 5),
+                                              (1, 2, 128, 100, 48, 3), (1, 1, 64, 0, None, 4)):
+        n_heads = n_kv * group
+        q = _randn(b, n_heads, head_dim, device=device)
+        k_cache = _randn(b, n_kv, seq, head_dim, device=device, scale=2.0)
+        v_cache = _randn(b, n_kv, seq, head_dim, device=device)
+        p = torch.tensor([pos], dtype=torch.int32, device=device)
+        got = _launch_attention(q, k_cache, v_cache, p, window, splits)
+        want = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), p, window)
+        worst = max(worst, kernels.relative_error(got, want))
+    return worst
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     window: int | None = None, n_splits: int | None = None) -> torch.Tensor:
+    """One token's attention over cache positions 0..pos (q [B, Hq, D] -> [B, Hq, D])."""
+    b, n_heads, d = q.shape
+    n_kv = k_cache.shape[1]
+    name = _attn_variant(d, n_heads // n_kv) if n_heads % n_kv == 0 else None
+    if (name is not None and _fast(q, k_cache, v_cache) and pos.is_cuda and pos.dtype == torch.int32
+            and kernels.verified(name, lambda: _check_attention(d, n_heads // n_kv, q.device))):
+        splits = n_splits or attention_splits(b, n_kv, k_cache.shape[2], q.device)
+        return _launch_attention(q, k_cache, v_cache, pos, window, splits)
+    return reference.decode_attention(q, k_cache, v_cache, pos, window)
