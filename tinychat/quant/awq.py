@@ -1,0 +1,484 @@
+"""AWQ search (activation-aware scales, then clipping), declared per model family as data.
+
+For each transformer block, with that block's full-precision inputs:
+
+1. One forward pass over all calibration tokens collects, per linear input: mean |x| per channel, the
+   block-diagonal Gram matrices X_g^T X_g of each quantization group (for the clip search) and, where a
+   scale group's loss is linear in its weights, the full Gram X^T X. The same pass keeps the block's
+   full-precision outputs (the next block's inputs) and a small sample of inputs/outputs of the modules
+   whose output is a nonlinear loss (attention, MLP).
+2. Scale search per ScaleGroup: s = x_mean^alpha (optionally / w_mean^(1-alpha), "duo scaling") for alpha in
+   {0, 1/n_grid, ...}, normalised by sqrt(max s * min s); candidate weights Q(W s) / s; the loss is the MSE
+   of the inspected module's output against full precision. For a linear inspected module the MSE is
+   trace(dW G dW^T) / (N out), exact over the sampled tokens at the cost of one small matmul per
+   candidate instead of a pass over them; nonlinear modules run on the sample.
+3. Fold: the previous norm/linear's output channels are divided by s, the group's linears' inputs
+   multiplied by s (the block's full-precision function is unchanged).
+4. Clip search per linear (not q/k): shrink each group's max |w| by up to max_shrink in clip_steps steps,
+   keeping per (row, group) the ratio with the least output error dw_g G_g dw_g^T -- exact over all
+   calibration tokens thanks to the block-diagonal Grams.
+
+alpha = 0 (s = 1) and ratio 1 (no clip) are candidates, so on the calibration data the search never
+does worse than round-to-nearest by its own measure.
+
+Results (per-block scales in fp32 and clip-ratio indices) are plain tensors: tinychat.quant.search_io
+saves them and `apply_block_search` re-applies them bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import TinychatError
+from ..loader import FUSED, expected_shapes
+from .rtn import fake_quantize
+
+
+# --------------------------------------------------------------------------------------------------------
+# Declarative description of a family
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """`prev` (a norm, or a linear whose output feeds `linears`) absorbs 1/s; `linears` absorb s.
+
+    `inspect` is the module whose output error is the loss; when it is itself the one linear of the
+    group the loss is computed exactly from a Gram matrix. `per_token` says the inspected module treats
+    tokens independently, so its loss may be estimated on a sample of tokens rather than of sequences.
+    Linear names are Hugging Face's, relative to the block.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
+    per_token: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    groups: tuple[ScaleGroup, ...]
+    no_clip: tuple[str, ...]  # linears whose clip search is skipped (q/k: their error goes through softmax)
+
+
+LLAMA = Family(
+    groups=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        # Only where v's outputs are o's inputs one to one, i.e. not under GQA (as in llm-awq / AutoAWQ).
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", per_token=True),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    ),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+)
+
+FAMILIES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA}
+
+
+def family_for(config: ModelConfig) -> Family:
+    if config.model_type not in FAMILIES:
+        raise TinychatError(f"AWQ search is not defined for model_type {config.model_type!r} "
+                            f"(known: {', '.join(FAMILIES)})")
+    return FAMILIES[config.model_type]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where an HF linear lives in our block: a module path and its rows (fused modules hold several)."""
+
+    module: str
+    rows: slice
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.rows.stop - self.rows.start
+
+
+def block_parts(config: ModelConfig) -> dict[str, Part]:
+    """HF linear name -> Part, derived from the loader's fusing table and the config's shapes."""
+    shapes = {k[len("model.layers.0."):-len(".weight")]: v for k, v in expected_shapes(config).items()
+              if k.startswith("model.layers.0.") and k.endswith(".weight") and len(v) == 2}
+    parts: dict[str, Part] = {}
+    for fused, members in FUSED.items():
+        if not fused.endswith(".weight"):
+            continue
+        start = 0
+        for member in members:
+            name = member[: -len(".weight")]
+            out_f, in_f = shapes[name]
+            parts[name] = Part(fused[: -len(".weight")], slice(start, start + out_f), in_f)
+            start += out_f
+    for name, (out_f, in_f) in shapes.items():
+        parts.setdefault(name, Part(name, slice(0, out_f), in_f))
+    return parts
+
+
+# --------------------------------------------------------------------------------------------------------
+# Settings and results
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    w_bit: int = 4
+    group_size: int = 128
+    n_grid: int = 20
+    duo_scaling: bool = False
+    clip_steps: int = 20
+    max_shrink: float = 0.5
+    # Loss samples for the scale search (statistics and clip errors always use every token).
+    sample_seqs: int = 4        # whole sequences for sequence-mixing inspected modules (attention)
+    sample_tokens: int = 1024   # tokens for per-token inspected modules (MLP)
+    gram_tokens: int = 16384    # tokens in the Gram matrix of linear inspected modules; 0 = all
+    chunk_seqs: int = 8         # sequences per forward chunk during the statistics pass
+    seed: int = 0
+
+    def clip_ratios(self) -> torch.Tensor:
+        """Shrink ratios indexed by the stored clip index: 1, ..., 1 - max_shrink (clip_steps + 1 values)."""
+        i = torch.arange(self.clip_steps + 1, dtype=torch.float32)
+        return 1.0 - self.max_shrink * i / self.clip_steps
+
+
+@dataclass
+class BlockSearch:
+    """What the search decided for one block: scales by group `prev`, clip-ratio indices by linear."""
+
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)   # [in] fp32
+    clips: dict[str, torch.Tensor] = field(default_factory=dict)    # [out, in/g] uint8
+    losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # prev -> (loss at s=1, best)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Applying results (shared by the search and by --load-search, so both give identical weights)
+
+
+def _rows(block: nn.Module, part: Part) -> torch.Tensor:
+    return block.get_submodule(part.module).weight.data[part.rows]
+
+
+def group_applies(group: ScaleGroup, parts: dict[str, Part], block: nn.Module) -> bool:
+    """A group applies when prev's output channels are exactly the linears' input channels."""
+    in_f = {parts[n].in_features for n in group.linears}
+    if len(in_f) != 1:
+        return False
+    width = parts[group.prev].out_features if group.prev in parts else block.get_submodule(group.prev).weight.numel()
+    return width == in_f.pop()
+
+
+def apply_scale(block: nn.Module, parts: dict[str, Part], group: ScaleGroup, s: torch.Tensor) -> None:
+    s = s.to(device=block.get_submodule(parts[group.linears[0]].module).weight.device, dtype=torch.float32)
+    if group.prev in parts:
+        part = parts[group.prev]
+        module = block.get_submodule(part.module)
+        module.weight.data[part.rows] = (module.weight.data[part.rows].float() / s[:, None]).to(module.weight.dtype)
+        if module.bias is not None:
+            module.bias.data[part.rows] = (module.bias.data[part.rows].float() / s).to(module.bias.dtype)
+    else:
+        norm = block.get_submodule(group.prev)
+        norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
+    for name in group.linears:
+        part = parts[name]
+        module = block.get_submodule(part.module)
+        module.weight.data[part.rows] = (module.weight.data[part.rows].float() * s[None, :]).to(module.weight.dtype)
+
+
+def clip_limits(w: torch.Tensor, index: torch.Tensor, settings: SearchSettings) -> torch.Tensor:
+    """Per-(row, group) clip bound max|w_group| * ratio[index], the form rtn.fake_quantize takes."""
+    rows, in_f = w.shape
+    g = settings.group_size
+    amax = w.float().reshape(rows, in_f // g, g).abs().amax(-1)
+    return amax * settings.clip_ratios().to(w.device)[index.long()]
+
+
+def apply_clip(block: nn.Module, parts: dict[str, Part], name: str, index: torch.Tensor,
+               settings: SearchSettings) -> None:
+    part = parts[name]
+    module = block.get_submodule(part.module)
+    w = module.weight.data[part.rows]
+    rows, in_f = w.shape
+    limit = clip_limits(w, index.to(w.device), settings).repeat_interleave(settings.group_size, dim=1)
+    module.weight.data[part.rows] = torch.maximum(torch.minimum(w.float(), limit), -limit).to(w.dtype)
+
+
+def apply_block_search(block: nn.Module, parts: dict[str, Part], family: Family, result: BlockSearch,
+                       settings: SearchSettings) -> None:
+    """Fold the scales, then clip, in the order the search decided them."""
+    for group in family.groups:
+        if group.prev in result.scales:
+            apply_scale(block, parts, group, result.scales[group.prev])
+    for name, index in result.clips.items():
+        apply_clip(block, parts, name, index, settings)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Statistics pass
+
+
+@dataclass
+class InputStats:
+    """Statistics of one linear module's input over the calibration tokens."""
+
+    abs_sum: torch.Tensor            # [in] float64
+    gram_blocks: torch.Tensor        # [in/g, g, g] fp32, summed over all tokens
+    n: int = 0
+    gram: torch.Tensor | None = None  # [in, in] fp32 over the Gram sample, when a linear group needs it
+    gram_n: int = 0
+
+    @property
+    def x_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n, 1)).float()
+
+
+@dataclass
+class Sample:
+    """Captured calls of an inspected module on the loss sample: inputs, extra args, reference outputs."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def freeze(self) -> None:
+        self.inputs, self.outputs = [torch.cat(self.inputs)], [torch.cat(self.outputs)]
+
+
+def _token_mask(n_seqs: int, seqlen: int, count: int, seed: int, device) -> torch.Tensor:
+    """Bool [n_seqs, seqlen] marking `count` tokens drawn without replacement (all when count <= 0)."""
+    total = n_seqs * seqlen
+    if count <= 0 or count >= total:
+        return torch.ones(n_seqs, seqlen, dtype=torch.bool, device=device)
+    pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count]
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[pick] = True
+    return mask.view(n_seqs, seqlen).to(device)
+
+
+def _seq_pick(n_seqs: int, count: int) -> torch.Tensor:
+    """Evenly spaced sequence indices (all when count <= 0 or >= n_seqs)."""
+    if count <= 0 or count >= n_seqs:
+        return torch.arange(n_seqs)
+    return torch.linspace(0, n_seqs - 1, count).round().long().unique()
+
+
+def collect_stats(block: nn.Module, hidden: torch.Tensor, run_block: Callable, family: Family,
+                  parts: dict[str, Part], settings: SearchSettings):
+    """One full-precision pass of `block` over hidden [n, T, H] -> (stats by input module, samples by
+    inspected module, outputs [n, T, H])."""
+    n, seqlen, _ = hidden.shape
+    device = hidden.device
+    groups = [grp for grp in family.groups if group_applies(grp, parts, block)]
+    sites = sorted({p.module for p in parts.values()})
+    gram_sites = {parts[grp.linears[0]].module for grp in groups if grp.inspect in grp.linears}
+    inspected = {grp.inspect: grp for grp in groups if grp.inspect not in grp.linears}
+    g = settings.group_size
+
+    stats = {}
+    for site in sites:
+        in_f = block.get_submodule(site).in_features
+        stats[site] = InputStats(torch.zeros(in_f, dtype=torch.float64, device=device),
+                                 torch.zeros(in_f // g, g, g, device=device))
+        if site in gram_sites:
+            stats[site].gram = torch.zeros(in_f, in_f, device=device)
+    gram_mask = _token_mask(n, seqlen, settings.gram_tokens, settings.seed + 1, device)
+    token_mask = _token_mask(n, seqlen, settings.sample_tokens, settings.seed, device)
+    seq_pick = _seq_pick(n, settings.sample_seqs).tolist()
+    samples = {name: Sample() for name in inspected}
+    chunk = {"lo": 0, "hi": 0}
+
+    def site_hook(site):
+        def hook(module, args):
+            x = args[0].detach()
+            st = stats[site]
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            st.abs_sum += x2.abs().sum(0).double()  # fp32 within a chunk, fp64 across
+            st.n += x2.shape[0]
+            xg = x2.view(x2.shape[0], -1, g).transpose(0, 1)  # [in/g, N, g]
+            st.gram_blocks.baddbmm_(xg.transpose(1, 2), xg)
+            if st.gram is not None:
+                xs = x2[gram_mask[chunk["lo"]:chunk["hi"]].reshape(-1)]
+                st.gram.addmm_(xs.t(), xs)
+                st.gram_n += xs.shape[0]
+        return hook
+
+    def sample_select(name, t):
+        lo, hi = chunk["lo"], chunk["hi"]
+        if inspected[name].per_token:
+            return t.reshape(-1, t.shape[-1])[token_mask[lo:hi].reshape(-1)]
+        local = [i - lo for i in seq_pick if lo <= i < hi]
+        return t[local]
+
+    def pre_hook(name):
+        def hook(module, args, kwargs):
+            smp = samples[name]
+            smp.inputs.append(sample_select(name, args[0].detach()))
+            if not smp.args and not smp.kwargs:
+                smp.args, smp.kwargs = tuple(args[1:]), dict(kwargs)
+        return hook
+
+    def out_hook(name):
+        def hook(module, args, kwargs, output):
+            samples[name].outputs.append(sample_select(name, output.detach()))
+        return hook
+
+    handles = [block.get_submodule(site).register_forward_pre_hook(site_hook(site)) for site in sites]
+    for name in inspected:
+        module = block.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+        handles.append(module.register_forward_hook(out_hook(name), with_kwargs=True))
+    out = torch.empty_like(hidden)
+    try:
+        with torch.no_grad():
+            for lo in range(0, n, settings.chunk_seqs):
+                chunk["lo"], chunk["hi"] = lo, min(n, lo + settings.chunk_seqs)
+                out[lo:chunk["hi"]] = run_block(block, hidden[lo:chunk["hi"]])
+    finally:
+        for h in handles:
+            h.remove()
+    for smp in samples.values():
+        smp.freeze()
+    return stats, samples, out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Searches
+
+
+def _group_weight(block: nn.Module, parts: dict[str, Part], group: ScaleGroup) -> torch.Tensor:
+    return torch.cat([_rows(block, parts[n]).float() for n in group.linears])
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    if w_mean is not None:
+        s = x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)
+    else:
+        s = x_mean.pow(alpha)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def _weight_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """AutoAWQ's w_mean: |w| normalised by its group's max, averaged over output rows."""
+    wg = w.abs().reshape(-1, group_size)
+    return (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+
+
+def search_scale(block: nn.Module, parts: dict[str, Part], group: ScaleGroup, stats: dict[str, InputStats],
+                 samples: dict[str, Sample], settings: SearchSettings) -> tuple[torch.Tensor, float, float]:
+    """Best s for one group (block weights untouched on return) -> (s, loss at s = 1, best loss)."""
+    site = parts[group.linears[0]].module
+    st = stats[site]
+    w = _group_weight(block, parts, group)
+    x_mean = st.x_mean.to(w.device)
+    w_mean = _weight_mean(w, settings.group_size) if settings.duo_scaling else None
+    loss_of = _gram_loss(w, st) if group.inspect in group.linears else \
+        _module_loss(block, parts, group, samples[group.inspect])
+    best = (float("inf"), None)
+    first = None
+    for k in range(settings.n_grid):
+        s = candidate_scales(x_mean, w_mean, k / settings.n_grid)
+        wq = fake_quantize(w * s, settings.w_bit, settings.group_size) / s
+        loss = loss_of(wq)
+        first = loss if first is None else first
+        if loss < best[0]:
+            best = (loss, s)
+    if best[1] is None:
+        raise TinychatError(f"AWQ search for {group.prev} produced no finite loss; the model or the "
+                            "calibration data holds NaN/inf activations")
+    return best[1], first, best[0]
+
+
+def _gram_loss(w: torch.Tensor, st: InputStats) -> Callable[[torch.Tensor], float]:
+    """MSE of X dW^T over the Gram sample, from G = X^T X: trace(dW G dW^T) / (N out)."""
+    gram = st.gram
+
+    def loss(wq: torch.Tensor) -> float:
+        dw = w - wq
+        return float(((dw @ gram) * dw).sum()) / (st.gram_n * w.shape[0])
+    return loss
+
+
+def _module_loss(block: nn.Module, parts: dict[str, Part], group: ScaleGroup,
+                 sample: Sample) -> Callable[[torch.Tensor], float]:
+    """MSE of the inspected module's output on the sample, with the group's rows swapped in."""
+    module = block.get_submodule(group.inspect)
+    x, ref = sample.inputs[0], sample.outputs[0]
+    spans = []
+    start = 0
+    for name in group.linears:
+        part = parts[name]
+        spans.append((block.get_submodule(part.module), part.rows, slice(start, start + part.out_features)))
+        start += part.out_features
+
+    def loss(wq: torch.Tensor) -> float:
+        saved = {}
+        try:
+            for target, rows, src in spans:
+                if id(target) not in saved:
+                    saved[id(target)] = (target, target.weight.data)
+                    target.weight.data = target.weight.data.clone()
+                target.weight.data[rows] = wq[src].to(target.weight.dtype)
+            with torch.no_grad():
+                out = module(x, *sample.args, **sample.kwargs)
+            return float((out.float() - ref.float()).pow(2).mean())
+        finally:
+            for target, original in saved.values():
+                target.weight.data = original
+    return loss
+
+
+def search_clip(w: torch.Tensor, gram_blocks: torch.Tensor, settings: SearchSettings) -> torch.Tensor:
+    """Clip-ratio index per (row, group) minimising dw_g G_g dw_g^T for w [rows, in] -> uint8 [rows, in/g]."""
+    rows, in_f = w.shape
+    g = settings.group_size
+    w = w.float()
+    amax = w.reshape(rows, in_f // g, g).abs().amax(-1)
+    ratios = settings.clip_ratios().to(w.device)
+    best_err = torch.full((rows, in_f // g), float("inf"), device=w.device)
+    best_idx = torch.zeros(rows, in_f // g, dtype=torch.uint8, device=w.device)
+    for i, ratio in enumerate(ratios):
+        wq = fake_quantize(w, settings.w_bit, g, clip_max=amax * ratio)
+        d = (w - wq).reshape(rows, in_f // g, g).transpose(0, 1)  # [in/g, rows, g]
+        err = (torch.bmm(d, gram_blocks) * d).sum(-1).t()        # [rows, in/g]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_idx[better] = i
+    return best_idx
+
+
+def search_block(block: nn.Module, hidden: torch.Tensor, run_block: Callable, family: Family,
+                 parts: dict[str, Part], settings: SearchSettings) -> tuple[BlockSearch, torch.Tensor]:
+    """Search one block, apply the result to its weights in place, return (result, fp outputs)."""
+    for name, part in parts.items():
+        w = _rows(block, part)
+        if not torch.isfinite(w).all():
+            raise TinychatError(f"{name} weight contains NaN or inf; the source checkpoint is corrupt")
+    stats, samples, out = collect_stats(block, hidden, run_block, family, parts, settings)
+    result = BlockSearch()
+    groups = [grp for grp in family.groups if group_applies(grp, parts, block)]
+    # All groups are searched on the original weights (as llm-awq and AutoAWQ do), then folded.
+    for group in groups:
+        s, first, best = search_scale(block, parts, group, stats, samples, settings)
+        result.scales[group.prev] = s.float().cpu()
+        result.losses[group.prev] = (first, best)
+    scaled_input: dict[str, torch.Tensor] = {}
+    for group in groups:
+        s = result.scales[group.prev]
+        apply_scale(block, parts, group, s)
+        site = parts[group.linears[0]].module
+        scaled_input[site] = scaled_input.get(site, torch.ones_like(s)) * s
+    for name, part in parts.items():
+        if name in family.no_clip:
+            continue
+        gram = stats[part.module].gram_blocks
+        if part.module in scaled_input:
+            # The folded linear now sees X / s: its Gram blocks scale by 1/s on both sides.
+            inv = (1.0 / scaled_input[part.module].to(gram.device)).view(gram.shape[0], -1)
+            gram = gram * inv[:, :, None] * inv[:, None, :]
+        index = search_clip(_rows(block, part), gram, settings)
+        result.clips[name] = index.cpu()
+        apply_clip(block, parts, name, index, settings)
+    return result, out

@@ -1,0 +1,94 @@
+"""`tinychat quantize`: full-precision model -> standard AWQ (GEMM) checkpoint directory."""
+
+from __future__ import annotations
+
+from .errors import TinychatError
+
+
+def add_quantize_args(p) -> None:
+    from .hub import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"full-precision model directory, Hub id or "
+                   f"{DEFAULT_MODEL} (default)")
+    p.add_argument("--output", default=None, help="directory to write the AWQ checkpoint to")
+    p.add_argument("--w-bit", type=int, default=None, choices=[3, 4],
+                   help="weight bits (default 4, or the --load-search file's; 3-bit: --save-search only)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input channels per scale/zero (default 128, or the --load-search file's)")
+    p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="default %(default)s")
+    p.add_argument("--calib", default=None,
+                   help="calibration text: a file (one document per line, or JSONL with \"text\") or pileval")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration blocks (default %(default)s)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration block (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="calibration document shuffle seed")
+    p.add_argument("--load-search", default=None, help="apply saved AWQ search results (no calibration)")
+    p.add_argument("--save-search", default=None, help="save the AWQ search results to this file")
+    p.add_argument("--duo-scaling", action="store_true", help="AWQ candidate scales x^a / w^(1-a)")
+    p.add_argument("--device", default="cpu", help="where each block is searched: cpu or cuda[:N]")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    adv = p.add_argument_group("search cost (loss samples; statistics always use every calibration token)")
+    adv.add_argument("--sample-seqs", type=int, default=None, help="sequences for the attention loss (default 4)")
+    adv.add_argument("--sample-tokens", type=int, default=None, help="tokens for the MLP loss (default 1024)")
+    adv.add_argument("--gram-tokens", type=int, default=None,
+                     help="tokens in the Gram matrices of linear losses, 0 = all (default 16384)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("quantize", help="quantize a model to a 4-bit AWQ checkpoint")
+    add_quantize_args(p)
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args):
+    from .quant.awq import SearchSettings
+
+    given = {"duo_scaling": args.duo_scaling, "sample_seqs": args.sample_seqs,
+             "sample_tokens": args.sample_tokens, "gram_tokens": args.gram_tokens}
+    for name in ("sample_seqs", "sample_tokens", "gram_tokens"):
+        if given[name] is not None and given[name] < 0:
+            raise TinychatError(f"--{name.replace('_', '-')} must be >= 0, got {given[name]}")
+    return SearchSettings(**{k: v for k, v in given.items() if v is not None})
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from .hub import resolve_model
+    from .quant.quantize import quantize
+    from .quant.search_io import load_search
+
+    if args.n_samples <= 0 or args.seqlen <= 0:
+        raise TinychatError(f"--n-samples and --seqlen must be positive, got {args.n_samples} and {args.seqlen}")
+    w_bit, group_size = args.w_bit, args.group_size
+    if args.load_search and (w_bit is None or group_size is None):
+        # The search file knows what it was made for; read just enough of it to fill the defaults.
+        from .config import ModelConfig
+
+        src = resolve_model(args.model)
+        made = load_search(args.load_search, ModelConfig.from_dir(src)).settings
+        w_bit = made.w_bit if w_bit is None else w_bit
+        group_size = made.group_size if group_size is None else group_size
+    w_bit = 4 if w_bit is None else w_bit
+    group_size = 128 if group_size is None else group_size
+    if args.output and args.output.strip() == "":
+        raise TinychatError("--output is empty; give a directory")
+    src = resolve_model(args.model)
+    load_search_file = args.load_search
+    if args.method == "awq" and not args.calib and not load_search_file:
+        from .quant.search_io import zoo_search_path
+
+        load_search_file = zoo_search_path(Path(src).name, w_bit, group_size)
+        if load_search_file is None:
+            raise TinychatError("AWQ needs calibration text: pass --calib FILE (plain text or JSONL; or "
+                                "--calib pileval to download it) or --load-search FILE")
+        print(f"using the precomputed search results {load_search_file}")
+    summary = quantize(src, Path(args.output) if args.output else None, w_bit=w_bit, group_size=group_size,
+                       method=args.method, calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen,
+                       seed=args.seed, load_search_file=load_search_file, save_search_file=args.save_search,
+                       device=args.device, force=args.force, settings=settings_from_args(args),
+                       progress=not args.quiet)
+    print(summary.line())
+    if args.save_search:
+        print(f"search results saved to {args.save_search}")
+    return 0
