@@ -1,0 +1,122 @@
+"""Every kernel in cuda/ compiles with nvcc for each GPU generation we ship for, without register spills.
+
+Needs nvcc only (no GPU); skips cleanly where it is absent. The (file, arch) compiles run in parallel on
+all cores, once per session: about 45 s on 2 cores. `python tests/test_cuda_compile.py` prints the
+registers / spills / shared memory of every kernel per arch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIR = ROOT / "cuda"
+# sm_75 Turing, sm_80 A100, sm_86 RTX 30xx, sm_87 Jetson Orin, sm_89 RTX 40xx, sm_90 H100
+ARCHS = ("75", "80", "86", "87", "89", "90")
+SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
+NVCC = shutil.which("nvcc")
+
+_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)'")
+_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+
+
+def compile_one(source: str, arch: str) -> dict:
+    """nvcc -cubin one file for one arch; -> {"ok", "log", "kernels": {name: {regs, stack, spill_st, spill_ld, smem}}}.
+
+    Options mirror the runtime build (tinychat/ops/kernels.py through CuPy/NVRTC): C++17, CuPy's -ftz=true.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [NVCC, f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", "--std=c++17", "-ftz=true",
+               f"-DTINYCHAT_SM={arch}", f"-I{CUDA_DIR}", "-o", os.path.join(tmp, "k.cubin"), str(CUDA_DIR / source)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    kernels: dict[str, dict] = {}
+    current = None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            current = kernels.setdefault(m.group(1), {"arch": m.group(2)})
+        elif current is not None and (m := _PROPS.search(line)):
+            current.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
+        elif current is not None and (m := _USED.search(line)):
+            current.update(regs=int(m.group(1)), smem=int(m.group(2) or 0))
+    return {"ok": proc.returncode == 0, "log": log, "kernels": kernels}
+
+
+def compile_all() -> dict[tuple[str, str], dict]:
+    jobs = [(s, a) for s in SOURCES for a in ARCHS]
+    # The big files first, so the two workers finish together.
+    jobs.sort(key=lambda j: -(CUDA_DIR / j[0]).stat().st_size)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = pool.map(lambda j: compile_one(*j), jobs)
+        return dict(zip(jobs, results))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if NVCC is None:
+        pytest.skip("nvcc is not installed")
+    return compile_all()
+
+
+def test_sources_exist():
+    assert {"gemv_w4a16.cu", "rmsnorm.cu", "rope_kv.cu", "decode_attention.cu", "silu_mul.cu"} <= set(SOURCES)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_compiles_for_every_arch_without_spills(compiled, source):
+    for arch in ARCHS:
+        result = compiled[(source, arch)]
+        assert result["ok"], f"{source} sm_{arch} failed to compile:\n{result['log'][-3000:]}"
+        assert "warning" not in result["log"].lower(), f"{source} sm_{arch} warns:\n{result['log'][-3000:]}"
+        assert result["kernels"], f"{source} sm_{arch}: no kernels found in ptxas output"
+        for name, info in result["kernels"].items():
+            assert info["arch"] == arch
+            assert info.get("spill_st") == 0 and info.get("spill_ld") == 0, f"{name} spills on sm_{arch}: {info}"
+            assert info.get("stack") == 0, f"{name} uses a {info.get('stack')}-byte stack frame on sm_{arch}"
+
+
+def test_loader_knows_every_kernel(compiled):
+    """The names tinychat.ops launches exist in the compiled sources."""
+    from tinychat.ops import cuda_ops
+    from tinychat.ops.kernels import SOURCES as LOADED
+
+    assert set(LOADED) == set(SOURCES)
+    names = {n for (s, a), r in compiled.items() if a == "90" for n in r["kernels"]}
+    wanted = {cuda_ops._gemv_key(m, s) for m in range(1, 9) for s in (False, True)}
+    wanted |= {cuda_ops._attn_variant(d, g) for d in cuda_ops.ATTN_HEAD_DIMS for g in cuda_ops.ATTN_GROUPS}
+    wanted |= {"attn_combine", "rmsnorm_residual", "rope_kv_write", "silu_mul"}
+    assert wanted <= names, wanted - names
+
+
+def _table(results) -> str:
+    rows = ["kernel                      " + "  ".join(f"sm_{a:<11}" for a in ARCHS),
+            "                            " + "  ".join("regs/spill/smem" for _ in ARCHS)]
+    names = sorted({n for r in results.values() for n in r["kernels"]})
+    for name in names:
+        cells = []
+        for arch in ARCHS:
+            info = next((r["kernels"][name] for (s, a), r in results.items() if a == arch and name in r["kernels"]), None)
+            cells.append("-" if info is None else f"{info.get('regs', '?')}/{info.get('spill_st', '?')}/{info.get('smem', 0)}")
+        rows.append(f"{name:<28}" + "  ".join(f"{c:<14}" for c in cells))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if NVCC is None:
+        sys.exit("nvcc is not installed")
+    results = compile_all()
+    failed = [k for k, r in results.items() if not r["ok"]]
+    print(_table(results))
+    for k in failed:
+        print(f"FAILED {k}:\n{results[k]['log']}")
+    sys.exit(1 if failed else 0)
