@@ -66,6 +66,21 @@ def prefill(model, cache: KVCache, prompt_ids: list[int], chunk: int = PREFILL_C
     return logits[:, -1], new.shape[1]
 
 
+def decode_functions(model, cache: KVCache, sampler: Callable, processors=(), max_tokens: int = 2):
+    """(step, sample) for the decode loop: step(token) -> next logits [1, vocab], sample(logits) -> token.
+
+    Eager everywhere (model.forward and the sampler); on a CUDA GPU with tinychat's kernels and an fp16
+    model, a replay of the whole decode step captured as a CUDA graph (tinychat.cuda_graph).
+    """
+    if model.device.type == "cuda" and max_tokens > 1 and cache.room > 0:
+        from .cuda_graph import graph_decoder
+
+        fns = graph_decoder(model, cache, sampler, processors)
+        if fns is not None:
+            return fns
+    return (lambda token: model(token.view(1, 1), cache)[:, -1]), sampler
+
+
 def generate_step(model, prompt_ids: list[int], cache: KVCache, sampler: Callable,
                   processors: list[Callable] = (), max_tokens: int = 256,
                   stats: GenerationStats | None = None) -> Iterator[int]:
@@ -80,11 +95,12 @@ def generate_step(model, prompt_ids: list[int], cache: KVCache, sampler: Callabl
     t0 = time.perf_counter()
     with torch.inference_mode():
         logits, stats.prefilled_tokens = prefill(model, cache, prompt_ids)
+        step, sample = decode_functions(model, cache, sampler, processors, max_tokens)
         history = torch.tensor([prompt_ids], device=model.device) if processors else None
         for n in range(max_tokens):
             for process in processors:
                 logits = process(history, logits)
-            token = sampler(logits)
+            token = sample(logits)
             token_id = int(token[0])
             if n == 0:
                 stats.prefill_seconds = time.perf_counter() - t0
@@ -96,7 +112,7 @@ def generate_step(model, prompt_ids: list[int], cache: KVCache, sampler: Callabl
                 return
             if processors:
                 history = torch.cat([history, token.view(1, 1)], dim=1)
-            logits = model(token.view(1, 1), cache)[:, -1]
+            logits = step(token)
 
 
 class StopStringMatcher:

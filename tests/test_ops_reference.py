@@ -1,0 +1,569 @@
+"""The torch reference ops (tinychat.ops.reference) against the model's own math, the GEMV layout round trip,
+and NumPy emulations of the CUDA kernels' index math and bit tricks.
+
+Everything here runs on the CPU. The emulations mirror cuda/*.cu line by line (same loops, same index
+formulas, fp16 rounding op by op), so a layout or indexing bug shows up here, before any GPU sees it.
+Inputs are fresh random values on every run (the seed is printed), never zeros.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinychat.cache import KVCache
+from tinychat.config import ModelConfig
+from tinychat.cuda_graph import decode_forward
+from tinychat.models.llama import MLP, LlamaForCausalLM, RMSNorm, RotaryEmbedding
+from tinychat.ops import cuda_ops, reference
+from tinychat.quant import pack
+from tinychat.quant.qlinear import AWQLinear
+
+
+@pytest.fixture
+def gen():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def random_awq(k, n, g, scale=0.01):
+    codes = torch.randint(0, 16, (k, n), dtype=torch.int32)
+    zeros = torch.randint(0, 16, (k // g, n), dtype=torch.int32)
+    scales = (torch.rand(k // g, n) * scale + scale / 5).half()
+    return pack.pack_awq(codes), pack.pack_awq(zeros), scales
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+# ---- the GEMV layout ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k,n,g", [(256, 64, 32), (576, 1536, 64), (1024, 40, 128), (96, 8, 32)])
+def test_gemv_layout_round_trips(gen, k, n, g):
+    qweight, qzeros, scales = random_awq(k, n, g)
+    qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight, qzeros, scales, g)
+    assert qweight_t.shape == (n, k // 8) and qweight_t.dtype == torch.int32
+    assert scales_zeros.shape == (n, k // g, 2) and scales_zeros.dtype == torch.float16
+    back = pack.gemv_layout_to_awq(qweight_t, scales_zeros, g)
+    for got, want in zip(back, (qweight, qzeros, scales)):
+        assert torch.equal(got, want)
+    assert torch.equal(pack.gemv_layout_dequant(qweight_t, scales_zeros, g),
+                       pack.awq_to_dequant(qweight, qzeros, scales, g))
+
+
+def test_gemv_layout_words_by_hand(gen):
+    """Word j of row n holds k = 8j + [0,2,4,6,1,3,5,7][i] in nibble i; zeros sit at +1024 in fp16."""
+    k, n, g = 64, 16, 32
+    qweight, qzeros, scales = random_awq(k, n, g)
+    codes, zeros = pack.unpack_awq(qweight), pack.unpack_awq(qzeros)  # [k, n], [k/g, n]
+    qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight, qzeros, scales, g)
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    for row in range(n):
+        for j in range(k // 8):
+            word = int(qweight_t[row, j]) & 0xFFFFFFFF
+            for i in range(8):
+                assert (word >> (4 * i)) & 0xF == int(codes[8 * j + order[i], row])
+        for grp in range(k // g):
+            assert float(scales_zeros[row, grp, 0]) == float(scales[grp, row])
+            assert float(scales_zeros[row, grp, 1]) == 1024.0 + int(zeros[grp, row])
+
+
+def test_gemv_layout_repacks_in_slices(gen, monkeypatch):
+    qweight, qzeros, scales = random_awq(128, 96, 32)
+    whole = pack.awq_to_gemv_layout(qweight, qzeros, scales, 32)
+    monkeypatch.setattr(pack, "_GEMV_REPACK_ELEMENTS", 128 * 8)  # 8 output rows per slice
+    sliced = pack.awq_to_gemv_layout(qweight, qzeros, scales, 32)
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced))
+
+
+def test_gemv_layout_refuses_unsupported_shapes():
+    assert pack.gemv_layout_supported(4096, 4096, 128) is None
+    assert pack.gemv_layout_supported(4096, 4096, 256) is not None
+    assert pack.gemv_layout_supported(80, 64, 16) is not None
+    assert pack.gemv_layout_supported(48, 64, 32) is not None  # 48 % 32
+
+
+# ---- reference ops against the model's modules ----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_reference_matches_awq_linear(gen, dtype):
+    k, n, g = 256, 96, 64
+    qweight, qzeros, scales = random_awq(k, n, g)
+    bias = torch.randn(n)
+    layer = AWQLinear(qweight, qzeros, scales, g, bias=bias, dtype=dtype)
+    qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight, qzeros, scales, g)
+    x = torch.randn(3, k).to(dtype)
+    got = reference.gemv_w4a16(x, qweight_t, scales_zeros, g, bias.to(dtype))
+    want = layer(x)
+    assert rel(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_gemv_silu_reference_matches_the_mlp(gen):
+    k, inter, g = 128, 64, 32
+    config = ModelConfig(model_type="llama", vocab_size=10, hidden_size=k, intermediate_size=inter,
+                         num_hidden_layers=1, num_attention_heads=2)
+    qweight, qzeros, scales = random_awq(k, 2 * inter, g)
+    mlp = MLP(config)
+    mlp.gate_up_proj = AWQLinear(qweight, qzeros, scales, g, dtype=torch.float32)
+    mlp.down_proj = torch.nn.Identity()  # so the module returns silu(gate) * up itself
+    qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight, qzeros, scales, g)
+    x = torch.randn(2, k)
+    assert rel(reference.gemv_w4a16(x, qweight_t, scales_zeros, g, silu=True), mlp(x)) < 1e-5
+    gate_up = torch.randn(4, 2 * inter)
+    assert torch.equal(reference.silu_mul(gate_up), F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_rmsnorm_matches_rmsnorm_module(gen, dtype):
+    norm = RMSNorm(320, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(320))
+    norm = norm.to(dtype)
+    x, delta = torch.randn(3, 320).to(dtype), torch.randn(3, 320).to(dtype)
+    out, h = reference.add_rmsnorm(x, norm.weight, 1e-5, delta)
+    assert torch.equal(h, x + delta)
+    assert rel(out, norm(x + delta)) < (1e-6 if dtype == torch.float32 else 1e-3)
+    out, h = reference.add_rmsnorm(x, norm.weight, 1e-5)
+    assert h is x and rel(out, norm(x)) < (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def small_config(**extra):
+    base = dict(model_type="llama", vocab_size=101, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256)
+    return ModelConfig(**{**base, **extra})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_kv_write_matches_rotary_and_cache(gen, dtype):
+    config = small_config(rope_theta=50000.0)
+    rotary = RotaryEmbedding(config)
+    b, t, hq, hkv, d = 2, 3, 4, 2, config.head_dim
+    cache = KVCache(config, 40, batch=b, dtype=dtype)
+    for layer in range(2):
+        cache.keys[layer].normal_()
+        cache.values[layer].normal_()
+    cache.offset = 11
+    ours_k, ours_v = cache.keys[0].clone(), cache.values[0].clone()
+    qkv = torch.randn(b, t, (hq + 2 * hkv) * d).to(dtype)
+    # the model's path (Attention.forward): split, view, rotate, cache.update
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = (z.view(b, t, -1, d).transpose(1, 2) for z in (q, k, v))
+    positions = torch.arange(cache.offset, cache.offset + t)
+    q_model, k_model = rotary(q, k, positions)
+    cache.update(0, k_model, v)
+    cos, sin = reference.rope_tables(rotary.inv_freq, 40, dtype)
+    q_ref = reference.rope_kv_write(qkv, cos, sin, torch.tensor([11], dtype=torch.int32), ours_k, ours_v, hq, hkv, d)
+    assert torch.equal(q_ref.transpose(1, 2), q_model)
+    assert torch.equal(ours_k, cache.keys[0]) and torch.equal(ours_v, cache.values[0])
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_matches_sdpa_over_the_valid_cache(gen, window):
+    b, hq, hkv, d, s, pos = 2, 6, 2, 32, 24, 13
+    q = torch.randn(b, hq, d)
+    k_cache, v_cache = torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
+    got = reference.decode_attention(q, k_cache, v_cache, torch.tensor([pos], dtype=torch.int32), window)
+    lo = max(0, pos + 1 - window) if window else 0  # the model's mask: keys > pos - window
+    want = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, lo:pos + 1], v_cache[:, :, lo:pos + 1],
+                                          enable_gqa=True)[:, :, 0]
+    assert rel(got, want) < 1e-6
+
+
+# ---- the fused decode forward of the CUDA graph, on the CPU through the reference ops ----------------
+
+def random_model(config, awq_group=None, dtype=torch.float32):
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    if awq_group:
+        for layer in model.model.layers:
+            for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                                 (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+                lin = getattr(parent, name)
+                qweight, qzeros, scales = random_awq(lin.in_features, lin.out_features, awq_group, scale=0.02)
+                setattr(parent, name, AWQLinear(qweight, qzeros, scales, awq_group, bias=lin.bias, dtype=dtype))
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "mistral-window", "qwen2-bias", "awq-g32", "tied-mha"])
+def test_decode_forward_equals_model_forward(gen, variant):
+    extra, group = {
+        "llama-gqa": ({}, None),
+        "mistral-window": (dict(model_type="mistral", sliding_window=6), None),
+        "qwen2-bias": (dict(model_type="qwen2"), None),
+        "awq-g32": ({}, 32),
+        "tied-mha": (dict(num_key_value_heads=4, tie_word_embeddings=True), None),
+    }[variant]
+    config = small_config(**extra)
+    model = random_model(config, group)
+    cache = model.make_cache(32)
+    with torch.inference_mode():
+        model(torch.randint(0, config.vocab_size, (1, 9)), cache)
+        keys, values = [k.clone() for k in cache.keys], [v.clone() for v in cache.values]
+        token = torch.randint(0, config.vocab_size, (1, 1))
+        cos, sin = reference.rope_tables(model.rotary.inv_freq, cache.max_seq, model.dtype)
+        got = decode_forward(model, keys, values, token, torch.tensor([cache.offset], dtype=torch.int32), cos, sin)
+        want = model(token, cache)[:, -1]
+    assert rel(got, want) < 1e-5
+    for a, b in zip(keys + values, cache.keys + cache.values):
+        assert rel(a, b) < 1e-6
+
+
+# ---- NumPy emulation of cuda/gemv_w4a16.cu --------------------------------------------------------
+
+def _f16(bits):  # uint32 array holding 16-bit patterns -> float64 values
+    return bits.astype(np.uint16).view(np.float16).astype(np.float64)
+
+
+def _h2(lo, hi):  # float64 pairs -> f16x2 words (each half correctly rounded once)
+    lo_b = lo.astype(np.float16).view(np.uint16).astype(np.uint32)
+    hi_b = hi.astype(np.float16).view(np.uint16).astype(np.uint32)
+    return lo_b | (hi_b << 16)
+
+
+def _halves(w):
+    return _f16(w & 0xFFFF), _f16(w >> 16)
+
+
+def hsub2(a, b):
+    (al, ah), (bl, bh) = _halves(a), _halves(b)
+    return _h2(al - bl, ah - bh)
+
+
+def hmul2(a, b):
+    (al, ah), (bl, bh) = _halves(a), _halves(b)
+    return _h2(al * bl, ah * bh)
+
+
+def hfma2(a, b, c):  # one rounding: products of halves and their sums are exact in float64
+    (al, ah), (bl, bh), (cl, ch) = _halves(a), _halves(b), _halves(c)
+    return _h2(al * bl + cl, ah * bh + ch)
+
+
+def splat(h16):
+    return (h16 & 0xFFFF) | ((h16 & 0xFFFF) << 16)
+
+
+def emulate_dequant_word(q, scale_zero):
+    """The kernel's dot_chunk dequantisation of one word per lane: -> 4 f16x2 pairs (k+0,1), ..., (k+6,7)."""
+    q = q.astype(np.uint32)
+    scale, zlo = splat(scale_zero & 0xFFFF), splat(scale_zero >> 16)
+    nzhi = hsub2(zlo, np.uint32(0x63806380)) ^ np.uint32(0x80008000)
+    magic, sixteenth = np.uint32(0x64006400), np.uint32(0x2C002C00)
+    a = (q & 0x000F000F) | magic
+    b = (q & 0x00F000F0) | magic
+    q = q >> 8
+    c = (q & 0x000F000F) | magic
+    d = (q & 0x00F000F0) | magic
+    return (hmul2(hsub2(a, zlo), scale), hmul2(hfma2(b, sixteenth, nzhi), scale),
+            hmul2(hsub2(c, zlo), scale), hmul2(hfma2(d, sixteenth, nzhi), scale))
+
+
+def emulate_gemv(x, qweight_t, scales_zeros, group, bias=None, silu=False):
+    """cuda/gemv_w4a16.cu gemv_impl, lane by lane (lanes vectorised), fp16 rounding op by op."""
+    rows_per_warp, warps = 4, 4
+    m_tok, k = x.shape
+    n = qweight_t.shape[0]
+    unroll = 2 if m_tok <= 2 else 1
+    out_per_warp = rows_per_warp // 2 if silu else rows_per_warp
+    n_out = n // 2 if silu else n
+    group_shift = int(math.log2(group)) - 5
+    chunks = k >> 5
+    groups = chunks >> group_shift
+    qw = qweight_t.numpy().view(np.uint32).reshape(-1)             # the int32 buffer, flat
+    sz = scales_zeros.numpy().view(np.uint32).reshape(-1)          # (scale, 1024 + z) as one 32-bit word
+    xw = x.numpy().view(np.uint32).reshape(-1)                      # fp16 pairs
+    y = np.zeros(m_tok * n_out, dtype=np.float16)
+    lanes = np.arange(32)
+    blocks = -(-n_out // (out_per_warp * warps))
+    for block in range(blocks):
+        for thread_warp in range(warps):
+            warp = block * warps + thread_warp
+            out0 = warp * out_per_warp
+            if out0 >= n_out:
+                continue
+            row = [out0 + r if not silu else (out0 + r if r < out_per_warp else n_out + out0 + r - out_per_warp)
+                   for r in range(rows_per_warp)]
+            acc = np.zeros((rows_per_warp, m_tok, 32), dtype=np.float32)
+            for c0 in range(0, chunks, 32 * unroll):  # lane l runs c0 + l (the loop in the kernel starts at lane)
+                for u in range(unroll):
+                    c = c0 + lanes + 32 * u
+                    live = c < chunks
+                    c, lane_ids = c[live], lanes[live]
+                    if not len(c):
+                        continue
+                    part = np.zeros((rows_per_warp, m_tok, len(c)), dtype=np.uint32)
+                    w = [[qw[(row[r] * chunks + c) * 4 + j] for j in range(4)] for r in range(rows_per_warp)]
+                    s = [sz[row[r] * groups + (c >> group_shift)] for r in range(rows_per_warp)]
+                    for j in range(4):
+                        xv = [[xw[(mm * k + c * 32 + j * 8) // 2 + e] for e in range(4)] for mm in range(m_tok)]
+                        for r in range(rows_per_warp):
+                            pairs = emulate_dequant_word(w[r][j], s[r])
+                            for mm in range(m_tok):
+                                for e in range(4):
+                                    part[r, mm] = hfma2(pairs[e], xv[mm][e], part[r, mm])
+                    for r in range(rows_per_warp):
+                        for mm in range(m_tok):
+                            lo, hi = _halves(part[r, mm])
+                            acc[r, mm, lane_ids] += (lo + hi).astype(np.float32)
+            for mask in (16, 8, 4, 2, 1):  # butterfly: every lane ends with the total
+                acc = acc + acc[:, :, lanes ^ mask]
+            total = acc[:, :, 0]
+            if bias is not None:
+                total = total + np.array([float(bias[rr]) for rr in row], dtype=np.float32)[:, None]
+            for mm in range(m_tok):
+                if silu:
+                    for r in range(out_per_warp):
+                        g_, u_ = total[r, mm], total[r + out_per_warp, mm]
+                        y[mm * n_out + out0 + r] = np.float16(g_ / (1 + np.exp(-g_)) * u_)
+                else:
+                    for r in range(rows_per_warp):
+                        y[mm * n_out + out0 + r] = np.float16(total[r, mm])
+    return torch.from_numpy(y.reshape(m_tok, n_out))
+
+
+def test_emulated_dequant_is_bit_exact(gen):
+    k, n, g = 256, 24, 64
+    qweight, qzeros, scales = random_awq(k, n, g, scale=0.05)
+    qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight, qzeros, scales, g)
+    want = pack.gemv_layout_dequant(qweight_t, scales_zeros, g).half()  # [n, k], fp32 math cast once
+    words = qweight_t.numpy().view(np.uint32)           # [n, k/8]
+    sz = scales_zeros.numpy().view(np.uint32).reshape(n, -1)  # [n, k/g]
+    got = np.zeros((n, k), dtype=np.float64)
+    for j in range(k // 8):
+        pairs = emulate_dequant_word(words[:, j], sz[:, (8 * j) // g])
+        for e, p in enumerate(pairs):
+            lo, hi = _halves(p)
+            got[:, 8 * j + 2 * e], got[:, 8 * j + 2 * e + 1] = lo, hi
+    assert torch.equal(torch.from_numpy(got).half(), want)
+
+
+@pytest.mark.parametrize("m,silu,k,n,g", [
+    (1, False, 1152, 24, 128),   # 36 chunks: lanes 0-3 run the unrolled second chunk, 28 lanes idle in it
+    (2, True, 512, 40, 32),      # fused gate/up, 20 outputs: the last warp of the block is idle
+    (3, False, 2112, 16, 64),    # no unroll, 2 chunk iterations with a partial second
+    (8, True, 96, 16, 32),       # 3 chunks: most lanes idle
+])
+def test_emulated_gemv_matches_reference(gen, m, silu, k, n, g):
+    qweight, qzeros, scales = random_awq(k, n, g, scale=0.02)
+    qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight, qzeros, scales, g)
+    x = torch.randn(m, k).half()
+    bias = None if silu else torch.randn(n).half()
+    got = emulate_gemv(x, qweight_t, scales_zeros, g, bias, silu)
+    want = reference.gemv_w4a16(x.float(), qweight_t, scales_zeros, g, None if bias is None else bias.float(), silu)
+    assert got.shape == want.shape
+    assert rel(got, want) < 2e-3
+
+
+# ---- NumPy emulation of cuda/decode_attention.cu --------------------------------------------------
+
+def emulate_attention(q, k_cache, v_cache, pos, window, n_splits):
+    """attn_partial + attn_combine with the kernel's split ranges, row groups and online softmax (float64)."""
+    with np.errstate(invalid="ignore"):  # -inf - -inf in the masked-out branches of np.where
+        return _emulate_attention(q, k_cache, v_cache, pos, window, n_splits)
+
+
+def _emulate_attention(q, k_cache, v_cache, pos, window, n_splits):
+    b_sz, n_heads, d = q.shape
+    n_kv, max_seq = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    gmax = cuda_ops.ATTN_GROUPS[[g >= group for g in cuda_ops.ATTN_GROUPS].index(True)]
+    lpr, threads = d // 8, 128
+    rpi = threads // lpr
+    unr = 4 if gmax <= 2 else 2 if gmax <= 4 else 1
+    scale_log2 = cuda_ops.LOG2E / math.sqrt(d)
+    qf, kf, vf = (t.double().numpy().reshape(-1) for t in (q, k_cache, v_cache))
+    part_o = np.zeros((b_sz, n_heads, n_splits, d))
+    part_ml = np.zeros((b_sz, n_heads, n_splits, 2))
+    out = np.zeros((b_sz, n_heads, d))
+    length = pos + 1
+    start = length - window if window and length > window else 0
+    per = (length - start + n_splits - 1) // n_splits
+    rg = np.arange(rpi)
+    for b in range(b_sz):
+        for kh in range(n_kv):
+            head_base = (b * n_kv + kh) * max_seq * d
+            for split in range(n_splits):
+                t0 = start + split * per
+                t1 = min(t0 + per, length)
+                qv = np.stack([qf[((b * n_heads + kh * group + g) * d):((b * n_heads + kh * group + g) * d) + d]
+                               * scale_log2 for g in range(group)])                     # [G, D]
+                m = np.full((rpi, group), -np.inf)
+                l_ = np.zeros((rpi, group))
+                acc = np.zeros((rpi, group, d))
+                for base in range(t0, t1, rpi * unr):
+                    sc = np.full((unr, rpi, group), -np.inf)
+                    vrows = np.zeros((unr, rpi, d))
+                    for u in range(unr):
+                        t = base + u * rpi + rg
+                        valid = t < t1
+                        for r in np.nonzero(valid)[0]:
+                            off = head_base + t[r] * d
+                            sc[u, r] = qv @ kf[off:off + d]
+                            vrows[u, r] = vf[off:off + d]
+                    mx = np.maximum(m, sc.max(axis=0))
+                    upd = mx != -np.inf
+                    alpha = np.where(upd, np.exp2(np.where(upd, m - mx, 0)), 1.0)
+                    alpha = np.where(np.isneginf(m) & upd, 0.0, alpha)
+                    l_ = l_ * alpha
+                    acc = acc * alpha[..., None]
+                    for u in range(unr):
+                        p = np.where(upd, np.exp2(np.where(upd, sc[u] - mx, -np.inf)), 0.0)
+                        l_ += p
+                        acc += p[..., None] * vrows[u][:, None, :]
+                    m = np.where(upd, mx, m)
+                for g in range(group):  # merge the row groups (shared memory in the kernel)
+                    big = m[:, g].max()
+                    w = np.exp2(m[:, g] - big) if big != -np.inf else np.zeros(rpi)
+                    o, den = (w[:, None] * acc[:, g]).sum(0), (w * l_[:, g]).sum()
+                    h = kh * group + g
+                    if n_splits == 1:
+                        out[b, h] = o / den
+                    else:
+                        part_o[b, h, split], part_ml[b, h, split] = o, (big, den)
+    if n_splits > 1:
+        big = part_ml[..., 0].max(axis=2, keepdims=True)
+        w = np.exp2(part_ml[..., 0] - big)
+        out = (w[..., None] * part_o).sum(2) / (w * part_ml[..., 1]).sum(2)[..., None]
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("d,group,n_kv,seq,pos,window,splits", [
+    (128, 1, 2, 64, 40, None, 1),
+    (64, 3, 2, 100, 99, None, 7),     # GMAX 4, full cache, uneven splits
+    (128, 4, 1, 300, 17, None, 9),    # short context: trailing splits are empty
+    (64, 8, 1, 50, 0, None, 3),       # one valid key
+    (64, 6, 2, 80, 60, 10, 2),        # sliding window, GMAX 8
+    (128, 2, 2, 40, 25, 30, 4),       # window longer than the context so far
+])
+def test_emulated_attention_matches_reference(gen, d, group, n_kv, seq, pos, window, splits):
+    b = 2
+    q = torch.randn(b, n_kv * group, d).half()
+    k_cache, v_cache = (torch.randn(b, n_kv, seq, d) * 2).half(), torch.randn(b, n_kv, seq, d).half()
+    got = emulate_attention(q, k_cache, v_cache, pos, window, splits)
+    want = reference.decode_attention(q.double(), k_cache.double(), v_cache.double(),
+                                      torch.tensor([pos], dtype=torch.int32), window)
+    assert rel(got, want) < 1e-10
+
+
+def test_attention_splits_are_static_per_cache_shape(monkeypatch):
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    assert cuda_ops.attention_splits(1, 32, 4096, "cuda") == 9      # Llama-2-7B: 32 kv heads
+    assert cuda_ops.attention_splits(1, 8, 8192, "cuda") == 33      # Llama-3-8B: 8 kv heads
+    assert cuda_ops.attention_splits(1, 3, 100, "cuda") == 1        # short cache: at least 64 keys per split
+
+
+# ---- NumPy emulation of cuda/rope_kv.cu, cuda/rmsnorm.cu, cuda/silu_mul.cu --------------------------
+
+def emulate_rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, d):
+    """rope_kv_write over its grid (Hq + Hkv, B*T) x D/2 threads, flat indices as in the kernel."""
+    b_sz, t_len, _ = qkv.shape
+    max_seq = k_cache.shape[2]
+    src_all = qkv.numpy().astype(np.float64).reshape(-1)
+    cs, sn = cos.numpy().astype(np.float64).reshape(-1), sin.numpy().astype(np.float64).reshape(-1)
+    q_out = np.zeros(b_sz * t_len * n_heads * d, dtype=np.float16)
+    kc, vc = k_cache.numpy().reshape(-1).copy(), v_cache.numpy().reshape(-1).copy()
+    half = d // 2
+    r16 = np.float16
+    for bt in range(b_sz * t_len):
+        b, t = bt // t_len, bt % t_len
+        p = pos + t
+        row = bt * (n_heads + 2 * n_kv) * d
+        for head in range(n_heads + n_kv):
+            for i in range(half):
+                c, s = cs[p * half + i], sn[p * half + i]
+                if head < n_heads:
+                    src, dst, buf = row + head * d, (bt * n_heads + head) * d, q_out
+                else:
+                    kh = head - n_heads
+                    off = ((b * n_kv + kh) * max_seq + p) * d
+                    src, dst, buf = row + (n_heads + kh) * d, off, kc
+                    vsrc = row + (n_heads + n_kv + kh) * d
+                    vc[off + i], vc[off + i + half] = src_all[vsrc + i], src_all[vsrc + i + half]
+                x1, x2 = src_all[src + i], src_all[src + i + half]
+                buf[dst + i] = r16(float(r16(x1 * c)) + float(r16(-x2 * s)))
+                buf[dst + i + half] = r16(float(r16(x2 * c)) + float(r16(x1 * s)))
+    return (torch.from_numpy(q_out.reshape(b_sz, t_len, n_heads, d)), torch.from_numpy(kc.reshape(k_cache.shape)),
+            torch.from_numpy(vc.reshape(v_cache.shape)))
+
+
+def test_emulated_rope_kv_matches_reference(gen):
+    b, t, hq, hkv, d, s, pos = 2, 2, 4, 2, 16, 12, 7
+    qkv = torch.randn(b, t, (hq + 2 * hkv) * d).half()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = reference.rope_tables(inv_freq, s, torch.float16)
+    k_cache, v_cache = torch.randn(b, hkv, s, d).half(), torch.randn(b, hkv, s, d).half()
+    q_e, k_e, v_e = emulate_rope_kv(qkv, cos, sin, pos, k_cache, v_cache, hq, hkv, d)
+    k_r, v_r = k_cache.clone(), v_cache.clone()
+    q_r = reference.rope_kv_write(qkv, cos, sin, torch.tensor([pos], dtype=torch.int32), k_r, v_r, hq, hkv, d)
+    assert torch.equal(v_e, v_r)
+    # fp16 op by op: the only freedom is torch's CPU add rounding through fp32 first (1 ulp at most)
+    for got, want in ((q_e, q_r), (k_e, k_r)):
+        assert (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max()
+
+
+def emulate_rmsnorm(x, weight, eps, delta=None):
+    """rmsnorm_residual: 256 threads stride over 8-wide vectors; pass 1 add + sum of squares, pass 2 scale."""
+    rows, hidden = x.shape
+    threads, vecs = 256, hidden // 8
+    xs, ws = x.numpy().astype(np.float64), weight.numpy().astype(np.float64)
+    ds = None if delta is None else delta.numpy().astype(np.float64)
+    out, res = np.zeros((rows, hidden), np.float16), xs.astype(np.float16)
+    for r in range(rows):
+        ss = np.zeros(threads, np.float32)
+        for tid in range(threads):
+            for i in range(tid, vecs, threads):
+                sl = slice(8 * i, 8 * i + 8)
+                h = xs[r, sl] if ds is None else (xs[r, sl] + ds[r, sl]).astype(np.float16).astype(np.float64)
+                res[r, sl] = h
+                ss[tid] += np.float32((h * h).sum())
+        rstd = 1.0 / math.sqrt(float(ss.sum()) / hidden + eps)
+        for tid in range(threads):
+            for i in range(tid, vecs, threads):
+                sl = slice(8 * i, 8 * i + 8)
+                n = (res[r, sl].astype(np.float64) * rstd).astype(np.float16).astype(np.float64)
+                out[r, sl] = (ws[sl] * n).astype(np.float16)
+    return torch.from_numpy(out), torch.from_numpy(res)
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_emulated_rmsnorm_matches_reference(gen, with_delta):
+    x, weight = torch.randn(3, 2576).half(), torch.randn(2576).half()  # 322 vectors: threads wrap once
+    delta = torch.randn(3, 2576).half() if with_delta else None
+    out_e, h_e = emulate_rmsnorm(x, weight, 1e-5, delta)
+    out_r, h_r = reference.add_rmsnorm(x, weight, 1e-5, delta)
+    assert torch.equal(h_e, h_r)
+    assert (out_e.float() - out_r.float()).abs().max() <= 2e-3 * out_r.float().abs().max()
+
+
+def test_emulated_silu_mul_indexing(gen):
+    rows, inter = 3, 40
+    gate_up = torch.randn(rows, 2 * inter).half()
+    flat, out = gate_up.numpy().reshape(-1).astype(np.float64), np.zeros(rows * inter, np.float16)
+    vecs_per_row = inter >> 3
+    for idx in range(-(-rows * vecs_per_row // 256) * 256):  # the launch's threads
+        if idx >= rows * vecs_per_row:
+            continue
+        r, v = idx // vecs_per_row, idx % vecs_per_row
+        for e in range(8):
+            g = flat[r * 2 * inter + v * 8 + e]
+            u = flat[r * 2 * inter + inter + v * 8 + e]
+            out[r * inter + v * 8 + e] = np.float16(float(np.float16(g / (1 + math.exp(-g)))) * u)
+    want = reference.silu_mul(gate_up)
+    assert (torch.from_numpy(out.reshape(rows, inter)).float() - want.float()).abs().max() <= 2e-3
