@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""Peak host memory (RSS) while loading sharded checkpoints, measured in a fresh subprocess per case.
+
+The script writes its own synthetic LLaMA-shaped checkpoints (random weights, no download): a
+full-precision fp16 one split into shards with an index json, and the same shape in the AutoAWQ GEMM
+format (w4, g128). Each case loads one of them with tinychat.loader.load_model in a child process that
+resets its peak-RSS counter after the imports (/proc/self/clear_refs), so the peak covers the load only.
+
+    nice python scripts/bench_memory.py --json bench/memory.json          # the >= 2 GB default
+    nice python scripts/bench_memory.py --quick --layers 8 --hidden 512 --ffn 1536 --heads 8 --kv-heads 8 --vocab 4096
+
+What "streaming" promises, and what the table checks: the host never holds more than about one shard's
+worth of tensors beyond what stays resident (on the CPU: the model itself; on a GPU: nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+# --- measuring (in the child) -------------------------------------------------------------------
+
+def proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes (Linux)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def resident_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (tied tensors once), by device type."""
+    seen, by_device = set(), {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        by_device[t.device.type] = by_device.get(t.device.type, 0) + t.untyped_storage().nbytes()
+    return by_device
+
+
+def warm_up() -> None:
+    """Pay torch's one-time costs (meta-device dispatch, first ops: ~75 MiB of RSS, whatever the model
+    size) before the measurement, so the peak shows what scales with the checkpoint."""
+    import torch
+
+    from tinychat.config import ModelConfig
+    from tinychat.models.llama import LlamaForCausalLM
+
+    tiny = ModelConfig.from_dict(llama_config(64, 128, 1, 2, 2, 64))
+    with torch.device("meta"):
+        LlamaForCausalLM(tiny)
+    x = torch.ones(64, 64, dtype=torch.float16)
+    torch.cat([x, x]).to(torch.bfloat16).float().sum()
+
+
+def child_load(path: str, dtype: str, device: str) -> dict:
+    import torch
+
+    from tinychat.loader import load_model
+
+    warm_up()
+    before = proc_status()
+    peak_reset = reset_peak()
+    if device.startswith("cuda"):
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = load_model(path, dtype=dtype, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    after = proc_status()
+    result = {"rss_before": before["VmRSS"], "peak_rss": after["VmHWM"], "rss_after": after["VmRSS"],
+              "rss_file_after": after.get("RssFile", 0), "peak_reset": peak_reset, "seconds": seconds,
+              "resident": resident_bytes(model)}
+    if device.startswith("cuda"):
+        result["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+# --- synthetic checkpoints ----------------------------------------------------------------------
+
+def llama_config(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int) -> dict:
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
+            "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+            "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 2}
+
+
+def tensor_specs(config: dict, group: int | None) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of every tensor, in the HF order (layer by layer), fp16 or AWQ GEMM."""
+    h, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd = h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    linears = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+               "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, ffn), "mlp.up_proj": (h, ffn),
+               "mlp.down_proj": (ffn, h)}
+    specs = [("model.embed_tokens.weight", (vocab, h), "float16")]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        specs.append((p + "input_layernorm.weight", (h,), "float16"))
+        for name, (inp, out) in linears.items():
+            if group is None:
+                specs.append((p + name + ".weight", (out, inp), "float16"))
+            else:
+                specs += [(p + name + ".qweight", (inp, out // 8), "int32"),
+                          (p + name + ".qzeros", (inp // group, out // 8), "int32"),
+                          (p + name + ".scales", (inp // group, out), "float16")]
+        specs.append((p + "post_attention_layernorm.weight", (h,), "float16"))
+    specs += [("model.norm.weight", (h,), "float16"), ("lm_head.weight", (vocab, h), "float16")]
+    return specs
+
+
+def spec_bytes(shape, dtype) -> int:
+    return math.prod(shape) * (4 if dtype == "int32" else 2)
+
+
+def random_tensor(shape, dtype, gen):
+    import torch
+
+    if dtype == "int32":  # any bit pattern is a valid set of eight 4-bit codes
+        return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, generator=gen)
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=torch.float16)
+    # positive and small: valid as AWQ scales, harmless as weights
+    return torch.empty(shape, dtype=torch.float16).uniform_(0.001, 0.02, generator=gen)
+
+
+def make_checkpoint(out: Path, config: dict, shards: int = 4, group: int | None = None, seed: int = 0) -> dict:
+    """Write a sharded safetensors checkpoint (+ index json) one shard at a time; return its summary."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dict(config)
+    if group is not None:
+        cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group,
+                                      "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    specs = tensor_specs(config, group)
+    total = sum(spec_bytes(s, d) for _, s, d in specs)
+    target = math.ceil(total / shards)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, shard_sizes, current, size = {}, [], {}, 0
+
+    def flush():
+        nonlocal current, size
+        name = f"model-{len(shard_sizes) + 1:05d}-of-SHARDS.safetensors"
+        save_file(current, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in current})
+        shard_sizes.append(size)
+        current, size = {}, 0
+
+    for name, shape, dtype in specs:
+        current[name] = random_tensor(shape, dtype, gen)
+        size += spec_bytes(shape, dtype)
+        if size >= target:
+            flush()
+    if current:
+        flush()
+    n = len(shard_sizes)
+    renamed = {}
+    for old in sorted(set(weight_map.values())):
+        new = old.replace("SHARDS", f"{n:05d}")
+        (out / old).rename(out / new)
+        renamed[old] = new
+    index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return {"path": str(out), "bytes": total, "shards": n, "max_shard": max(shard_sizes),
+            "format": "awq-w4-g%d" % group if group else "fp16"}
+
+
+# --- the parent: run each case in a child, print a table, write JSON -----------------------------
+
+MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc: every block >= 128 KiB gets its own mapping
+
+
+def measure_load(path: Path, dtype: str, device: str, env: dict | None = None, reader: str = "pread") -> dict:
+    """Load `path` in a fresh interpreter (extra environment `env`) and return the child's measurements."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-load", str(path), "--dtype", dtype,
+           "--device", device, "--reader-backend", reader]
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child load failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def in_flight_unit(config: dict, group: int | None) -> int:
+    """The most checkpoint bytes one step of the loader needs at once: the biggest single tensor
+    (the fp16 embedding or head) or the biggest set of tensors fused into one linear (gate + up)."""
+    sizes = {name: spec_bytes(shape, dtype) for name, shape, dtype in tensor_specs(config, group)}
+    gate_up = sum(n for name, n in sizes.items()
+                  if name.startswith("model.layers.0.mlp.") and "down_proj" not in name)
+    return max(max(sizes.values()), gate_up)
+
+
+def summarize(ckpt: dict, dtype: str, device: str, m: dict, reader: str = "pread", malloc: str = "default") -> dict:
+    """One row: the peak above the pre-load RSS, split into what stays resident and the transient rest."""
+    resident_host = m["resident"].get("cpu", 0) if device == "cpu" else 0
+    load_peak = m["peak_rss"] - m["rss_before"]
+    transient = load_peak - resident_host
+    group = (m["config"].get("quantization_config") or {}).get("group_size")
+    return {"checkpoint": ckpt["format"], "checkpoint_bytes": ckpt["bytes"], "shards": ckpt["shards"],
+            "max_shard_bytes": ckpt["max_shard"], "dtype": dtype, "device": device, "reader": reader,
+            "malloc": malloc, "rss_before_load": m["rss_before"], "peak_rss": m["peak_rss"],
+            "load_peak_above_before": load_peak, "resident_host_bytes": resident_host,
+            "transient_bytes": transient, "transient_over_max_shard": transient / ckpt["max_shard"],
+            "in_flight_unit_bytes": in_flight_unit(m["config"], group),
+            "rss_after_above_before": m["rss_after"] - m["rss_before"], "seconds": m["seconds"], "raw": m}
+
+
+def projection_70b(rows: list[dict]) -> dict:
+    """Llama-2-70B AWQ w4 g128 from the measured rows. Host transient = (worst measured transient per
+    in-flight unit over the streaming AWQ loads) x 70B's in-flight unit; resident = the planner's weights."""
+    from tinychat.plan import SHAPES_DIR, load_shape, make_plan
+
+    config, *_ = load_shape("llama-2-70b")
+    raw = json.loads((SHAPES_DIR / "llama-2-70b.json").read_text())
+    weights = make_plan(config, "w4a16", 128, 4096, 1, "orin-64gb", "llama-2-70b").weights
+    unit = in_flight_unit(raw, 128)
+    checkpoint = sum(spec_bytes(s, d) for _, s, d in tensor_specs(raw, 128))
+    out = {"model": "llama-2-70b", "format": "awq-w4-g128", "checkpoint_bytes": checkpoint,
+           "resident_weights_bytes": weights, "in_flight_unit_bytes": unit}
+    measured = [r for r in rows if r["reader"] == "pread" and r["checkpoint"].startswith("awq")
+                and r["malloc"] == "default"]
+    if measured:
+        ratio = max(max(r["transient_bytes"], 0) / r["in_flight_unit_bytes"] for r in measured)
+        before = max(r["rss_before_load"] for r in measured)
+        out.update({"transient_over_unit": ratio, "host_transient_bytes": int(ratio * unit),
+                    "peak_host_rss_gpu_load": int(before + ratio * unit),
+                    "peak_host_rss_cpu_load": int(before + weights + ratio * unit),
+                    "mmap_reader_gpu_load_host_bytes": int(before + checkpoint)})
+    return out
+
+
+# --- quantizer hook -----------------------------------------------------------------------------
+# QUANTIZE HOOK (issue 5, streaming quantizer): peak RSS while quantizing a synthetic 24-layer,
+# hidden-2048 model belongs here once tinychat.quant.quantize has a streaming mode. `quantize_case`
+# looks for a `quantize_streaming` function; until it exists, --quantize reports that it was skipped.
+# To wire it up: make the fp16 checkpoint with make_checkpoint(..., group=None) (the default shape is
+# already 24 layers x hidden 2048), run the quantizer in a child like child_load (warm_up(),
+# reset_peak(), run, proc_status()["VmHWM"]), add a row, and project 70B from one block's fp16 weights
+# + the calibration activations + the embeddings.
+
+def quantize_case(workdir: Path) -> dict:
+    try:
+        from tinychat.quant import quantize as q
+    except ImportError:
+        return {"skipped": "tinychat.quant.quantize is not importable"}
+    if not hasattr(q, "quantize_streaming"):
+        return {"skipped": "tinychat.quant.quantize has no streaming mode yet (see QUANTIZE HOOK)"}
+    return {"skipped": "quantize_streaming exists but is not wired in yet (see QUANTIZE HOOK)"}
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'checkpoint':<12} {'GiB':>6} {'shards':>6} {'shard':>6} {'load as':>10} {'reader':>6} "
+            f"{'malloc':>9} {'before':>6} {'peak':>6} {'resident':>8} {'transient':>9} {'/shard':>6} {'sec':>5}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['checkpoint']:<12} {r['checkpoint_bytes'] / GiB:6.3f} {r['shards']:>6} "
+              f"{r['max_shard_bytes'] / GiB:6.3f} {r['dtype'] + ' ' + r['device']:>10} {r['reader']:>6} "
+              f"{r['malloc']:>9} {r['rss_before_load'] / GiB:6.3f} {r['peak_rss'] / GiB:6.3f} "
+              f"{r['resident_host_bytes'] / GiB:8.3f} {r['transient_bytes'] / GiB:9.3f} "
+              f"{r['transient_over_max_shard']:6.2f} {r['seconds']:5.1f}")
+    print("GiB. before: RSS after the imports; peak: peak RSS of the process during the load; "
+          "transient = peak - before - resident,\nwhat the host held beyond the loaded model; "
+          "/shard: transient over the largest shard")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--device", default="cpu", help="where the loaded model lives (cpu, cuda)")
+    ap.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints in a temp dir")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the default reader and malloc (skip the comparison rows)")
+    ap.add_argument("--quantize", action="store_true", help="also measure the streaming quantizer (hook)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--child-load", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="fp16", help=argparse.SUPPRESS)
+    ap.add_argument("--reader-backend", choices=["pread", "mmap"], default="pread", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child_load:
+        if args.reader_backend == "mmap":  # the reader as it was before issue 5, for comparison
+            import tinychat.checkpoint as checkpoint
+            from safetensors import safe_open
+
+            checkpoint._safe_open = lambda file: safe_open(str(file), framework="pt")
+        result = child_load(args.child_load, args.dtype, args.device)
+        result["config"] = json.loads((Path(args.child_load) / "config.json").read_text())
+        print(json.dumps(result))
+        return 0
+
+    config = llama_config(args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.vocab)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tinychat-bench-memory-"))
+    rows = []
+    try:
+        fp = make_checkpoint(work / "fp16", config, args.shards)
+        awq = make_checkpoint(work / "awq", config, args.shards, group=args.group_size)
+        print(f"checkpoints in {work}: fp16 {fp['bytes'] / GiB:.2f} GiB in {fp['shards']} shards, "
+              f"AWQ {awq['bytes'] / GiB:.2f} GiB in {awq['shards']} shards", file=sys.stderr)
+        low = "fp16" if args.device.startswith("cuda") else "bf16"
+        # (checkpoint, dtype, reader backend, extra environment)
+        cases = [(fp, "fp16", "pread", None), (fp, low, "pread", None), (fp, low, "mmap", None),
+                 (fp, low, "pread", MALLOC_FIXED), (awq, low, "pread", None), (awq, low, "mmap", None),
+                 (awq, low, "pread", MALLOC_FIXED)]
+        if args.quick:
+            cases = [c for c in cases if c[2] == "pread" and c[3] is None]
+        for ckpt, dtype, reader, env in cases:
+            m = measure_load(Path(ckpt["path"]), dtype, args.device, env, reader)
+            malloc = "mmap>128K" if env else "default"
+            rows.append(summarize(ckpt, dtype, args.device, m, reader, malloc))
+            print(f"  {ckpt['format']} -> {dtype} {args.device} ({reader} reader, malloc {malloc}): "
+                  f"peak {m['peak_rss'] / GiB:.2f} GiB in {m['seconds']:.1f} s", file=sys.stderr)
+        quant = quantize_case(work) if args.quantize else {"skipped": "not requested (--quantize)"}
+    finally:
+        if not args.workdir and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print_table(rows)
+    proj = projection_70b(rows)
+    if "host_transient_bytes" in proj:
+        print(f"Llama-2-70B AWQ w4 g128 ({proj['checkpoint_bytes'] / GiB:.1f} GiB checkpoint, "
+              f"{proj['resident_weights_bytes'] / GiB:.1f} GiB resident): host transient "
+              f"{proj['host_transient_bytes'] / GiB:.2f} GiB ({proj['transient_over_unit']:.2f} x the "
+              f"{proj['in_flight_unit_bytes'] / GiB:.2f} GiB in-flight unit);\n  peak host RSS loading onto "
+              f"a GPU {proj['peak_host_rss_gpu_load'] / GiB:.2f} GiB, onto the CPU "
+              f"{proj['peak_host_rss_cpu_load'] / GiB:.1f} GiB (mmap reader onto a GPU: up to "
+              f"{proj['mmap_reader_gpu_load_host_bytes'] / GiB:.1f} GiB of mapped shards)")
+    print(f"quantizer: {quant.get('skipped', quant)}")
+    if args.json:
+        import platform
+
+        import torch
+
+        result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpus": os.cpu_count(),
+                  "python": platform.python_version(), "torch": torch.__version__,
+                  "command": " ".join(["python", "scripts/bench_memory.py"] + sys.argv[1:]),
+                  "config": config, "checkpoints": {"fp16": fp, "awq": awq}, "loads": rows,
+                  "projection_70b": proj, "quantize": quant}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
