@@ -94,26 +94,29 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     return PerplexityResult(math.exp(nll), nll, seqlen, n, n * seqlen, count, time.perf_counter() - t0, label)
 
 
-def load_for_eval(model_name: str, dtype: str = "fp32", device: str = "cpu", fake_quant: str | None = None,
-                  w_bit: int = 4, group_size: int = 128, calib=None, n_samples: int = 128,
-                  calib_seqlen: int = 512, seed: int = 0, load_search_file=None, duo_scaling: bool = False,
-                  progress: bool = True):
+def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto", device: str = "cpu",
+                  fake_quant: str | None = None, w_bit: int = 4, group_size: int = 128, calib=None,
+                  n_samples: int = 128, calib_seqlen: int = 512, seed: int = 0, load_search_file=None,
+                  duo_scaling: bool = False, progress: bool = True):
     """(model, tokenizer, label): the checkpoint as it is, or fake-quantized in memory."""
     from .config import ModelConfig
     from .hub import resolve_model
-    from .loader import load_model
+    from .loader import load_model, parse_device, parse_dtype
     from .tokenizer import Tokenizer
 
-    path = resolve_model(model_name)
+    path = resolve_model(model_name, "fp16" if fake_quant else precision)
     config = ModelConfig.from_dir(path)
     tokenizer = Tokenizer.from_dir(path)
+    if dtype == "auto":
+        # CPU: fp32 for full-precision and fake-quantized weights, bf16 for the int4 kernel of real AWQ.
+        dtype = "fp16" if device.startswith("cuda") else "bf16" if config.quantization_config and not fake_quant \
+            else "fp32"
     if fake_quant is None:
-        model = load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device)  # the checkpoint's own fp16 lm_head
         q = config.quantization_config
         label = (f"{q.get('quant_method', '?')} checkpoint w{q.get('bits')} g{q.get('group_size')}" if q
                  else f"full precision ({config.extra.get('torch_dtype', 'unknown dtype')} weights)")
         return model, tokenizer, f"{label}, {dtype} compute"
-    from .loader import parse_device
     from .quant.awq import SearchSettings
     from .quant.quantize import check_quantizable, fake_quantize_model, load_fp_model, prepare_model
 
@@ -124,8 +127,6 @@ def load_for_eval(model_name: str, dtype: str = "fp32", device: str = "cpu", fak
                   seqlen=calib_seqlen, seed=seed, load_search_file=load_search_file, device=device,
                   settings=SearchSettings(duo_scaling=duo_scaling), progress=progress)
     fake_quantize_model(model, w_bit, group_size)
-    from .loader import parse_dtype
-
     model = model.to(device=device, dtype=parse_dtype(dtype))
     model.rotary.to(device=device, dtype=torch.float32)
     return model, tokenizer, f"fake-quant {fake_quant} w{w_bit} g{group_size}, {dtype} compute"
@@ -144,12 +145,19 @@ def evaluate_ppl(model_name: str, data, seqlen: int = 2048, max_tokens: int | No
 
 
 def register(subparsers) -> None:
-    from .args import add_model_args
+    from .hub import DEFAULT_MODEL, PRECISIONS
 
     p = subparsers.add_parser("eval", help="evaluate a model (perplexity)")
     sub = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
     ppl = sub.add_parser("ppl", help="perplexity on a text file (non-overlapping windows)")
-    add_model_args(ppl)
+    ppl.add_argument("--model", default=DEFAULT_MODEL,
+                     help=f"model directory, Hub id, or {DEFAULT_MODEL} (default)")
+    ppl.add_argument("--precision", default="fp16", choices=PRECISIONS,
+                     help="variant of the default model: fp16 (default) or w4a16 (its AWQ checkpoint)")
+    ppl.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                     help="compute dtype (default auto: fp32 for fake quantization and full precision on CPU, "
+                          "bf16 for 4-bit checkpoints on CPU, fp16 on CUDA)")
+    ppl.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     ppl.add_argument("--data", required=True, help="text file, e.g. ../shared/data/eval/wikitext2-valid.txt")
     ppl.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default %(default)s)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
@@ -175,7 +183,7 @@ def run_ppl(args) -> int:
     if args.fake_quant is None and (args.calib or args.load_search):
         raise TinychatError("--calib/--load-search need --fake-quant awq")
     result = evaluate_ppl(args.model, args.data, args.seqlen, args.max_tokens, args.batch_size,
-                          progress=not args.quiet, dtype=args.dtype, device=args.device,
+                          progress=not args.quiet, precision=args.precision, dtype=args.dtype, device=args.device,
                           fake_quant=args.fake_quant, w_bit=args.w_bit, group_size=args.group_size,
                           calib=args.calib, n_samples=args.n_samples, calib_seqlen=args.calib_seqlen,
                           seed=args.seed, load_search_file=args.load_search, duo_scaling=args.duo_scaling)

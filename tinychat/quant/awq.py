@@ -169,21 +169,33 @@ def group_applies(group: ScaleGroup, parts: dict[str, Part], block: nn.Module) -
     return width == in_f.pop()
 
 
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """Arithmetic dtype for folding: at least fp32, so fp16/bf16 weights round once, when stored."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def apply_scale(block: nn.Module, parts: dict[str, Part], group: ScaleGroup, s: torch.Tensor) -> None:
-    s = s.to(device=block.get_submodule(parts[group.linears[0]].module).weight.device, dtype=torch.float32)
+    device = block.get_submodule(parts[group.linears[0]].module).weight.device
+    s = s.to(device)
+
+    def scaled(t: torch.Tensor, by: torch.Tensor, divide: bool) -> torch.Tensor:
+        wide = t.to(_wide(t))
+        by = by.to(wide.dtype)
+        return (wide / by if divide else wide * by).to(t.dtype)
+
     if group.prev in parts:
         part = parts[group.prev]
         module = block.get_submodule(part.module)
-        module.weight.data[part.rows] = (module.weight.data[part.rows].float() / s[:, None]).to(module.weight.dtype)
+        module.weight.data[part.rows] = scaled(module.weight.data[part.rows], s[:, None], True)
         if module.bias is not None:
-            module.bias.data[part.rows] = (module.bias.data[part.rows].float() / s).to(module.bias.dtype)
+            module.bias.data[part.rows] = scaled(module.bias.data[part.rows], s, True)
     else:
         norm = block.get_submodule(group.prev)
-        norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
+        norm.weight.data = scaled(norm.weight.data, s, True)
     for name in group.linears:
         part = parts[name]
         module = block.get_submodule(part.module)
-        module.weight.data[part.rows] = (module.weight.data[part.rows].float() * s[None, :]).to(module.weight.dtype)
+        module.weight.data[part.rows] = scaled(module.weight.data[part.rows], s[None, :], False)
 
 
 def clip_limits(w: torch.Tensor, index: torch.Tensor, settings: SearchSettings) -> torch.Tensor:

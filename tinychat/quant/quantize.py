@@ -343,18 +343,20 @@ def quantize(src_dir, out_dir=None, *, w_bit: int = 4, group_size: int = 128, me
                            time.perf_counter() - t0, search_seconds, out_bytes, dir_bytes(src_dir))
 
 
-def quantize_from_search(src_dir, search_file, out_dir, force: bool = False) -> Path:
+def quantize_from_search(src_dir, search_file, out_dir, w_bit: int | None = None, group_size: int | None = None,
+                         force: bool = False) -> Path:
     """Re-quantize a model from committed search results (the zoo) without calibration data: seconds.
 
-    Bit width and group size come from the search file.
+    Bit width and group size come from the search file; passing them checks that they agree.
     """
     src_dir = Path(src_dir)
     config = ModelConfig.from_dir(src_dir)
     result = load_search(search_file, config)
-    w_bit, group_size = result.settings.w_bit, result.settings.group_size
-    check_quantizable(config, w_bit, group_size)
+    made = (result.settings.w_bit, result.settings.group_size)
+    if (w_bit or made[0], group_size or made[1]) != made:
+        raise TinychatError(f"{search_file} was searched for w{made[0]} g{made[1]}, not w{w_bit} g{group_size}")
+    check_quantizable(config, *made)
     check_output_dir(Path(out_dir), src_dir, force)
     model = load_fp_model(src_dir)
     apply_search(model, result)
-    return write_checkpoint(awq_state_dict(model, w_bit, group_size), src_dir, Path(out_dir), w_bit,
-                            group_size, force)
+    return write_checkpoint(awq_state_dict(model, *made), src_dir, Path(out_dir), *made, force)
