@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
@@ -604,15 +603,22 @@ def run(args, stdin: TextIO | None = None, out: TextIO | None = None, info: Text
     if interactive and args.whole_input:
         raise TinychatError("--whole-input reads a piped message; use `tinychat chat --whole-input < FILE` "
                             "or drop the flag to chat interactively")
-    t0 = time.perf_counter()
     if engine is None:
-        from .engine import load_engine
+        from .engine import load_engine_from_args
 
-        engine = load_engine(args.model, args.precision, args.dtype, args.device)
+        engine = load_engine_from_args(args)
     chat = ChatSession(engine, params, system=args.system, max_context=args.max_context)
     if not interactive:
-        return run_piped(chat, stdin, out, info, args.whole_input)
+        try:
+            return run_piped(chat, stdin, out, info, args.whole_input)
+        except BrokenPipeError:
+            if out is not sys.stdout:
+                raise
+            # The reader went away (`| head`): stop quietly like other Unix tools, and keep Python's
+            # final flush of stdout from complaining.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     repl = ChatRepl(chat, prompt_factory(), out=out, info=out)
-    repl.say(f"ready in {time.perf_counter() - t0:.1f} s · {engine.path.name} · context {chat.cache.max_seq} "
-             "· Enter sends, Esc+Enter newline, Ctrl-C stops a reply, Ctrl-D quits, /help for commands")
+    repl.say(f"{engine.path.name} · context {chat.cache.max_seq} tokens · Enter sends, Esc+Enter newline, "
+             "Ctrl-C stops a reply, Ctrl-D quits, /help for commands")
     return repl.run()
