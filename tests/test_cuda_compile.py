@@ -33,11 +33,17 @@ _USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) byte
 def compile_one(source: str, arch: str) -> dict:
     """nvcc -cubin one file for one arch; -> {"ok", "log", "kernels": {name: {regs, stack, spill_st, spill_ld, smem}}}.
 
-    Options mirror the runtime build (tinychat/ops/kernels.py through CuPy/NVRTC): C++17, CuPy's -ftz=true.
+    It compiles exactly the text NVRTC gets at run time (tinychat.ops.kernels.load_source: local headers
+    inlined, no include path), with the runtime's options: C++17 and CuPy's -ftz=true.
     """
+    from tinychat.ops.kernels import load_source
+
     with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, source)
+        with open(path, "w") as f:
+            f.write(load_source(source, CUDA_DIR))
         cmd = [NVCC, f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", "--std=c++17", "-ftz=true",
-               f"-DTINYCHAT_SM={arch}", f"-I{CUDA_DIR}", "-o", os.path.join(tmp, "k.cubin"), str(CUDA_DIR / source)]
+               f"-DTINYCHAT_SM={arch}", "-o", os.path.join(tmp, "k.cubin"), path]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     kernels: dict[str, dict] = {}
@@ -70,6 +76,17 @@ def compiled():
 
 def test_sources_exist():
     assert {"gemv_w4a16.cu", "rmsnorm.cu", "rope_kv.cu", "decode_attention.cu", "silu_mul.cu"} <= set(SOURCES)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_runtime_source_needs_no_headers(source):
+    """NVRTC gets each file with our headers inlined and nothing else: no CUDA or C++ headers, which a
+    machine with only the NVRTC library (CuPy's wheels) may lack."""
+    from tinychat.ops.kernels import load_source
+
+    text = load_source(source, CUDA_DIR)
+    assert "#include" not in text
+    assert text.count("#define TINYCHAT_COMMON_CUH") == 1
 
 
 @pytest.mark.parametrize("source", SOURCES)

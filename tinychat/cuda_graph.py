@@ -32,6 +32,7 @@ from .cache import KVCache
 from .ops import cuda_ops, reference
 
 MAX_GRAPHS_PER_MODEL = 2
+MAX_SAMPLER_GRAPHS = 4
 
 
 # ---- the decode forward on static buffers ----------------------------------------------------------
@@ -118,7 +119,7 @@ class DecodeGraph:
         self.cos, self.sin = reference.rope_tables(model.rotary.inv_freq, cache.max_seq, model.dtype, device)
         self.n_splits = cuda_ops.attention_splits(self.batch, model.config.num_key_value_heads, cache.max_seq, device)
         self._pos_host = None
-        self.sampler_graphs: dict[int, SamplerGraph | None] = {}
+        self.sampler_graphs: list[tuple[Callable, SamplerGraph | None]] = []
         self._capture(cache)
 
     def _forward(self) -> torch.Tensor:
@@ -252,16 +253,19 @@ def graph_decoder(model, cache: KVCache, sampler: Callable, processors=()) -> tu
         return None
     sampled = None
     if not processors:  # processors need the growing history, which a graph cannot hold
-        key = id(sampler)
-        if key not in dec.sampler_graphs:
+        entry = next((e for e in dec.sampler_graphs if e[0] is sampler), None)
+        if entry is None:
             try:
-                dec.sampler_graphs[key] = SamplerGraph(dec, sampler)
+                entry = (sampler, SamplerGraph(dec, sampler))
             except Exception as e:  # a sampler torch cannot capture: sample eagerly instead
                 torch.cuda.synchronize(model.device)
                 warnings.warn(f"tinychat: sampling stays outside the CUDA graph ({type(e).__name__}: {e})",
                               RuntimeWarning, stacklevel=2)
-                dec.sampler_graphs[key] = None
-        sampled = dec.sampler_graphs[key]
+                entry = (sampler, None)
+            # The entry holds the sampler itself, so a new sampler can never be mistaken for it; a few
+            # are kept (each generation call makes a new one; greedy is always the same function).
+            dec.sampler_graphs = [entry] + dec.sampler_graphs[:MAX_SAMPLER_GRAPHS - 1]
+        sampled = entry[1]
     state = {"token": None}
 
     def step(token: torch.Tensor) -> torch.Tensor:

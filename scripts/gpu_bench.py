@@ -1,0 +1,451 @@
+"""GPU measurements for scripts/gpu_check.sh, one stage per call (each stage is its own process, so a crash or
+a timeout costs only that stage). Every stage writes <out>/<stage>.json; `report` gathers them into
+<out>/results.json and a table in <out>/results.md.
+
+    python scripts/gpu_bench.py env      --out DIR   device, driver, torch/cupy versions, copy bandwidth
+    python scripts/gpu_bench.py compile  --out DIR   NVRTC-compile every cuda/*.cu, registers/local memory per kernel
+    python scripts/gpu_bench.py gemv     --out DIR   W4A16 GEMV at M=1 on the Llama-2-7B shapes vs copy bandwidth
+    python scripts/gpu_bench.py e2e      --out DIR --variant {w4a16,w4a16_eager,fp16,hf}
+    python scripts/gpu_bench.py report   --out DIR
+
+e2e: a Llama-2-7B-shaped model (32 layers, 4096, 11008, 32 heads, vocab 32000) with random weights
+(AWQ tensors made directly from random codes, group 128; no download, no quantizer), batch 1, a random
+128-token prompt, 256 new tokens, greedy. Decode tok/s excludes the first token (it comes from prefill).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
+               max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+GEMV_SHAPES = [("qkv_proj", 4096, 12288, False), ("o_proj", 4096, 4096, False),
+               ("gate_up_proj+silu", 4096, 22016, True), ("gate_up_proj", 4096, 22016, False),
+               ("down_proj", 11008, 4096, False)]
+SMOKE = dict(LLAMA7B, vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4)
+PROMPT, NEW_TOKENS, GROUP = 128, 256, 128
+
+
+class Setup:
+    """What an e2e run builds: the real 7B shape on the GPU, or (--smoke) a tiny one on the CPU to test this script."""
+
+    def __init__(self, smoke: bool):
+        self.smoke = smoke
+        self.device = torch.device("cpu" if smoke else "cuda")
+        self.dtype = torch.float32 if smoke else torch.float16
+        self.shape = SMOKE if smoke else LLAMA7B
+        self.prompt, self.new_tokens = (16, 8) if smoke else (PROMPT, NEW_TOKENS)
+
+    def sync(self):
+        if not self.smoke:
+            torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if not self.smoke:
+            torch.cuda.reset_peak_memory_stats()
+
+    def memory(self) -> dict:
+        if self.smoke:
+            return {"peak_gib": None, "peak_reserved_gib": None}
+        return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+
+    def allocated(self) -> int:
+        return 0 if self.smoke else torch.cuda.memory_allocated()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def write(out: Path, name: str, data: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
+    log(f"wrote {out / (name + '.json')}")
+
+
+def timed_graph(fn, iters: int, repeats: int = 5) -> float:
+    """Seconds per call of fn, from a CUDA graph of `iters` calls replayed `repeats` times (no launch overhead)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / iters)
+    return best
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the read and the write (2 x size / time)."""
+    n = 1 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    src.fill_(1)
+    t = timed_graph(lambda i: dst.copy_(src), iters=10)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n / t
+
+
+# ---- stages ------------------------------------------------------------------------------------------
+
+def stage_env(args) -> dict:
+    import subprocess
+
+    props = torch.cuda.get_device_properties(0)
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": torch.cuda.get_device_name(0),
+            "capability": f"sm_{props.major}{props.minor}", "sms": props.multi_processor_count,
+            "memory_gb": round(props.total_memory / 2**30, 1), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "python": platform.python_version()}
+    try:
+        import cupy
+
+        info["cupy"] = cupy.__version__
+        info["nvrtc"] = ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
+    except Exception as e:
+        info["cupy"] = f"unavailable: {e}"
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except Exception as e:
+        info["transformers"] = f"unavailable: {e}"
+    try:
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem",
+                                         "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:
+        pass
+    from tinychat.ops import kernels
+
+    info["kernels_unavailable_reason"] = kernels.unavailable_reason()
+    info["copy_bandwidth_gbs"] = round(copy_bandwidth() / 1e9, 1)
+    log(json.dumps(info))
+    return info
+
+
+def stage_compile(args) -> dict:
+    from tinychat.ops import kernels
+
+    result = {}
+    for source in kernels.SOURCES:
+        t0 = time.perf_counter()
+        mod = kernels.module(source)
+        seconds = time.perf_counter() - t0
+        text = kernels.load_source(source)
+        names = sorted(set(_kernel_names(text)))
+        per = {}
+        for name in names:
+            fn = mod.get_function(name)
+            per[name] = {"regs": fn.num_regs, "local_bytes": fn.local_size_bytes,
+                         "static_smem": fn.shared_size_bytes, "max_threads": fn.max_threads_per_block}
+        result[source] = {"seconds": round(seconds, 2), "kernels": per}
+        spilled = {n: v for n, v in per.items() if v["local_bytes"]}
+        log(f"{source}: {len(per)} kernels in {seconds:.1f} s" + (f"; LOCAL MEMORY {spilled}" if spilled else ""))
+    return result
+
+
+def _kernel_names(text: str) -> list[str]:
+    import re
+
+    names = re.findall(r'extern "C" __global__ void(?: __launch_bounds__\(\w+\))?\s+(\w+)\(', text)
+    for macro, pattern in (("TC_GEMV_KERNELS", "gemv_w4a16{s}_m{a}"), ("TC_ATTN_KERNEL", "attn_decode_d{a}_g{b}")):
+        for call in re.findall(rf"^{macro}\(([^)]*)\)", text, re.MULTILINE):
+            parts = [p.strip() for p in call.split(",")]
+            if macro == "TC_GEMV_KERNELS":
+                names += [pattern.format(s=s, a=parts[0]) for s in ("", "_silu")]
+            else:
+                names.append(pattern.format(a=parts[0], b=parts[1]))
+    return [n for n in names if "##" not in n]
+
+
+def stage_gemv(args) -> dict:
+    from tinychat.ops import cuda_ops
+    from tinychat.quant import pack
+
+    bandwidth = copy_bandwidth()
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    rows = []
+    for name, k, n, silu in GEMV_SHAPES:
+        codes_bytes = k * n // 2
+        sz_bytes = n * (k // GROUP) * 4
+        copies = max(2, -(-4 * l2 // codes_bytes))  # rotate through > 4x L2 so every call reads DRAM
+        layers = []
+        for _ in range(copies):
+            qweight_t = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32, device="cuda")
+            zeros = torch.randint(0, 16, (n, k // GROUP), device="cuda").float() + pack.GEMV_ZERO_OFFSET
+            scales = torch.rand(n, k // GROUP, device="cuda") * 0.004 + 0.001
+            layers.append((qweight_t, torch.stack([scales, zeros], -1).half().contiguous()))
+        x = torch.randn(1, k, device="cuda").half()
+        err = _gemv_err(x, layers[0], silu)
+        t = timed_graph(lambda i: cuda_ops._launch_gemv(x, *layers[i % copies], GROUP, None, silu), iters=copies * 8)
+        moved = codes_bytes + sz_bytes + 2 * k + 2 * (n // 2 if silu else n)
+        row = {"shape": name, "in": k, "out": n, "silu": silu, "us": round(t * 1e6, 2),
+               "gbs": round(moved / t / 1e9, 1), "pct_copy_bw": round(100 * moved / t / bandwidth, 1),
+               "rel_err": err}
+        # cuBLAS fp16 GEMV on the same shape, for scale (4x the bytes)
+        if not silu:
+            w_copies = max(2, -(-4 * l2 // (2 * k * n)))
+            ws = [torch.randn(n, k, device="cuda").half() for _ in range(w_copies)]
+            t16 = timed_graph(lambda i: torch.nn.functional.linear(x, ws[i % w_copies]), iters=w_copies * 8)
+            row.update(fp16_us=round(t16 * 1e6, 2), fp16_pct_copy_bw=round(100 * 2 * k * n / t16 / bandwidth, 1),
+                       speedup_vs_fp16=round(t16 / t, 2))
+            del ws
+        rows.append(row)
+        log(json.dumps(row))
+        del layers
+        torch.cuda.empty_cache()
+    attn = _attention_bench(bandwidth)
+    return {"copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "group": GROUP, "gemv_m1": rows, "attention": attn}
+
+
+def _gemv_err(x, layer, silu) -> float:
+    from tinychat.ops import cuda_ops, kernels, reference
+
+    got = cuda_ops._launch_gemv(x, *layer, GROUP, None, silu)
+    return kernels.relative_error(got, reference.gemv_w4a16(x.float(), *layer, GROUP, None, silu))
+
+
+def _attention_bench(bandwidth) -> list[dict]:
+    from tinychat.ops import cuda_ops
+
+    rows = []
+    for pos in (383, 4095):
+        b, h, d, s = 1, 32, 128, 4096
+        q = torch.randn(b, h, d, device="cuda").half()
+        kc, vc = torch.randn(b, h, s, d, device="cuda").half(), torch.randn(b, h, s, d, device="cuda").half()
+        p = torch.tensor([pos], dtype=torch.int32, device="cuda")
+        splits = cuda_ops.attention_splits(b, h, s, "cuda")
+        t = timed_graph(lambda i: cuda_ops._launch_attention(q, kc, vc, p, None, splits), iters=50)
+        moved = 2 * b * h * (pos + 1) * d * 2
+        rows.append({"context": pos + 1, "splits": splits, "us": round(t * 1e6, 2),
+                     "pct_copy_bw": round(100 * moved / t / bandwidth, 1)})
+        log(json.dumps(rows[-1]))
+    return rows
+
+
+# ---- end to end ---------------------------------------------------------------------------------------
+
+def build_ours(variant: str, setup: Setup):
+    from tinychat.config import ModelConfig
+    from tinychat.loader import build_model
+    from tinychat.quant.qlinear import AWQLinear
+
+    config = ModelConfig(**setup.shape)
+    h, ffn, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    dev, dt = setup.device, setup.dtype
+
+    def randn(*shape, std=0.02):
+        return (torch.randn(*shape, device=dev, dtype=dt) * std)
+
+    state = {"model.embed_tokens.weight": randn(v, h), "model.norm.weight": 1 + randn(h, std=0.05),
+             "lm_head.weight": randn(v, h)}
+    modules = {}
+    shapes = {"self_attn.qkv_proj": (h, 3 * h), "self_attn.o_proj": (h, h), "mlp.gate_up_proj": (h, 2 * ffn),
+              "mlp.down_proj": (ffn, h)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        state[p + "input_layernorm.weight"] = 1 + randn(h, std=0.05)
+        state[p + "post_attention_layernorm.weight"] = 1 + randn(h, std=0.05)
+        for name, (k, n) in shapes.items():
+            if variant.startswith("w4a16"):
+                # random codes and zeros, scales ~0.003: (q - z) * s has std ~0.02 like a real layer
+                qweight = torch.randint(-2**31, 2**31, (k, n // 8), dtype=torch.int32, device=dev)
+                qzeros = torch.randint(-2**31, 2**31, (k // GROUP, n // 8), dtype=torch.int32, device=dev)
+                scales = (torch.rand(k // GROUP, n, device=dev) * 0.002 + 0.002).half()
+                if setup.smoke:  # the CPU int4 kernel wants the AWQ tensors on the host
+                    qweight, qzeros, scales = qweight.cpu(), qzeros.cpu(), scales.cpu()
+                modules[p + name] = AWQLinear(qweight, qzeros, scales, GROUP, dtype=dt, device=dev)
+            else:
+                state[p + name + ".weight"] = randn(n, k)
+    model = build_model(config, state, modules)
+    del state
+    if variant.startswith("w4a16") and not setup.smoke:
+        assert model.model.layers[0].mlp.down_proj.path == "cuda", model.model.layers[0].mlp.down_proj.path
+    return model
+
+
+def run_ours(variant: str, setup: Setup) -> dict:
+    from tinychat.generate import GenerationStats, generate_step
+    from tinychat.sampling import greedy
+
+    if variant == "w4a16_eager":
+        os.environ["TINYCHAT_CUDA_GRAPH"] = "0"
+    setup.reset_peak()
+    t0 = time.perf_counter()
+    model = build_ours(variant, setup)
+    setup.sync()
+    build_s = time.perf_counter() - t0
+    weights = setup.allocated()
+    log(f"built {variant} model in {build_s:.1f} s, {weights / 2**30:.2f} GiB allocated")
+    new = min(64, setup.new_tokens) if variant == "w4a16_eager" else setup.new_tokens
+    cache = model.make_cache(setup.prompt + setup.new_tokens + 8)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, setup.shape["vocab_size"], (setup.prompt,), generator=gen).tolist()
+    # warm-up: compiles the kernels, runs their self-checks and captures the decode graph for this cache
+    t0 = time.perf_counter()
+    warm = list(generate_step(model, prompt, cache, greedy, max_tokens=8))
+    warm_s = time.perf_counter() - t0
+    log(f"warm-up (compile, self-checks, capture) {warm_s:.1f} s")
+    cache.reset()
+    setup.reset_peak()
+    stats = GenerationStats()
+    tokens = list(generate_step(model, prompt, cache, greedy, max_tokens=new, stats=stats))
+    setup.sync()
+    from tinychat.ops import kernels
+
+    result = {"variant": variant, "decode_tok_s": round(stats.decode_tps, 1),
+              "ms_per_token": round(1e3 / stats.decode_tps, 3) if stats.decode_tps else None,
+              "prefill_tok_s": round(stats.prefill_tps, 1), "ttft_s": round(stats.time_to_first_token, 4),
+              "new_tokens": len(tokens), "weights_gib": round(weights / 2**30, 2), **setup.memory(),
+              "build_s": round(build_s, 1), "warmup_s": round(warm_s, 1),
+              "graph": bool(model.__dict__.get("_tinychat_decode_graphs")),
+              "graph_failed": model.__dict__.get("_tinychat_graph_failed"),
+              "kernel_checks": kernels.check_report(), "first_tokens": tokens[:16], "warm_tokens": warm}
+    log(json.dumps({k: v for k, v in result.items() if k != "kernel_checks"}))
+    return result
+
+
+def run_hf(setup: Setup) -> dict:
+    import transformers
+
+    shape = {k: v for k, v in setup.shape.items() if k != "model_type"}
+    config = transformers.LlamaConfig(**shape)
+    setup.reset_peak()
+    t0 = time.perf_counter()
+    torch.set_default_dtype(setup.dtype)
+    with torch.device(setup.device):
+        model = transformers.LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    setup.sync()
+    build_s = time.perf_counter() - t0
+    weights = setup.allocated()
+    log(f"built transformers model in {build_s:.1f} s ({model.dtype}), {weights / 2**30:.2f} GiB allocated")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, shape["vocab_size"], (1, setup.prompt), generator=gen).to(setup.device)
+    stamps: list[float] = []
+
+    class Stamp(transformers.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            setup.sync()
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kwargs)  # warm-up
+        setup.reset_peak()
+        setup.sync()
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens,
+                             stopping_criteria=transformers.StoppingCriteriaList([Stamp()]), **kwargs)
+    n = out.shape[1] - setup.prompt
+    decode_s = stamps[-1] - stamps[0]
+    result = {"variant": "hf", "decode_tok_s": round((len(stamps) - 1) / decode_s, 1),
+              "ms_per_token": round(1e3 * decode_s / (len(stamps) - 1), 3), "ttft_s": round(stamps[0] - t0, 4),
+              "new_tokens": n, "weights_gib": round(weights / 2**30, 2), **setup.memory(), "build_s": round(build_s, 1),
+              "transformers": transformers.__version__,
+              "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    log(json.dumps(result))
+    return result
+
+
+# ---- report --------------------------------------------------------------------------------------------
+
+def stage_report(args) -> dict:
+    out = args.out
+    data = {}
+    for name in ("env", "compile", "gemv", "e2e_w4a16", "e2e_w4a16_eager", "e2e_fp16", "e2e_hf", "tests"):
+        path = out / f"{name}.json"
+        if path.exists():
+            data[name] = json.loads(path.read_text())
+    stages = out / "stages.txt"
+    data["stages"] = stages.read_text().split("\n") if stages.exists() else []
+    lines = ["# tinychat GPU check", ""]
+    env = data.get("env", {})
+    lines.append(f"{env.get('device', '?')} ({env.get('capability', '?')}), {env.get('date', '?')}; torch "
+                 f"{env.get('torch', '?')}, CuPy {env.get('cupy', '?')}, transformers {env.get('transformers', '?')}; "
+                 f"copy bandwidth {env.get('copy_bandwidth_gbs', '?')} GB/s")
+    lines += ["", "Stages: " + ", ".join(s for s in data["stages"] if s), ""]
+    if "gemv" in data:
+        g = data["gemv"]
+        lines += [f"## W4A16 GEMV, M=1, group {g['group']} (copy bandwidth {g['copy_bandwidth_gbs']} GB/s)", "",
+                  "| shape | in x out | us | GB/s | % copy BW | cuBLAS fp16 us | speedup | rel err |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in g["gemv_m1"]:
+            lines.append(f"| {r['shape']} | {r['in']}x{r['out']} | {r['us']} | {r['gbs']} | {r['pct_copy_bw']} | "
+                         f"{r.get('fp16_us', '-')} | {r.get('speedup_vs_fp16', '-')} | {r['rel_err']:.2e} |")
+        lines += ["", "| attention context | splits | us | % copy BW |", "|---|---|---|---|"]
+        lines += [f"| {a['context']} | {a['splits']} | {a['us']} | {a['pct_copy_bw']} |" for a in g.get("attention", [])]
+        lines.append("")
+    e2e = [data[k] for k in ("e2e_w4a16", "e2e_w4a16_eager", "e2e_fp16", "e2e_hf") if k in data]
+    if e2e:
+        hf = data.get("e2e_hf", {}).get("decode_tok_s")
+        lines += [f"## End to end: Llama-2-7B shape, random weights, batch 1, prompt {PROMPT}, {NEW_TOKENS} new tokens",
+                  "", "| variant | decode tok/s | ms/token | vs transformers | TTFT s | weights GiB | peak GiB |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in e2e:
+            ratio = f"{r['decode_tok_s'] / hf:.2f}x" if hf and r.get("decode_tok_s") else "-"
+            lines.append(f"| {r['variant']} | {r.get('decode_tok_s')} | {r.get('ms_per_token')} | {ratio} | "
+                         f"{r.get('ttft_s')} | {r.get('weights_gib')} | {r.get('peak_gib')} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(data, indent=2, default=str))
+    print("\n".join(lines))
+    return data
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["env", "compile", "gemv", "e2e", "report"])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_results"))
+    parser.add_argument("--variant", choices=["w4a16", "w4a16_eager", "fp16", "hf"], default="w4a16")
+    parser.add_argument("--smoke", action="store_true", help="e2e only: a tiny model on the CPU (tests this script)")
+    args = parser.parse_args(argv)
+    if args.stage == "report":
+        stage_report(args)
+        return 0
+    if args.smoke and args.stage == "e2e":
+        setup = Setup(smoke=True)
+        data = run_hf(setup) if args.variant == "hf" else run_ours(args.variant, setup)
+        write(args.out, f"e2e_{args.variant}", data)
+        return 0
+    if not torch.cuda.is_available():
+        log("no CUDA GPU visible to torch")
+        return 2
+    if args.stage == "env":
+        write(args.out, "env", stage_env(args))
+    elif args.stage == "compile":
+        write(args.out, "compile", stage_compile(args))
+    elif args.stage == "gemv":
+        write(args.out, "gemv", stage_gemv(args))
+    elif args.variant == "hf":
+        write(args.out, "e2e_hf", run_hf(Setup(smoke=False)))
+    else:
+        write(args.out, f"e2e_{args.variant}", run_ours(args.variant, Setup(smoke=False)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (torch, cupy and transformers installed; no pip, no network), under 8 minutes:
+#   (a) every CUDA kernel against its torch reference (tests/test_gpu_kernels.py, Llama-2-7B shapes included)
+#   (b) the W4A16 GEMV at M=1 on the Llama-2-7B shapes as % of the measured device-to-device copy bandwidth
+#   (c) end to end on a random-weight Llama-2-7B shape: W4A16 g128 vs our fp16 path vs transformers fp16
+# Results: $OUT (default ./gpu_results): one JSON per stage, results.json, results.md, and a log per stage.
+# Each stage runs in its own process under its own timeout, and all of them share one overall deadline,
+# so a hung or failing stage costs only itself. Exit status: the number of failed stages (0 = all passed).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-./gpu_results}"
+PY="${PYTHON:-python}"
+BUDGET="${GPU_CHECK_BUDGET:-450}"   # seconds for everything (the brief allows 480)
+mkdir -p "$OUT"
+: > "$OUT/stages.txt"
+START=$(date +%s)
+FAILED=0
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2; shift 2
+    local left=$(( START + BUDGET - $(date +%s) ))
+    if (( left < 15 )); then
+        echo "== $name: skipped, out of time"; echo "$name skipped(out-of-time)" >> "$OUT/stages.txt"
+        FAILED=$(( FAILED + 1 )); return
+    fi
+    (( limit > left )) && limit=$left
+    echo "== $name (limit ${limit}s, $(( $(date +%s) - START ))s elapsed)"
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    local rc=$?
+    local took=$(( $(date +%s) - t0 ))
+    if (( rc == 0 )); then status=ok; elif (( rc == 124 || rc == 137 )); then status=timeout; else status="failed(rc=$rc)"; fi
+    [[ $status == ok ]] || FAILED=$(( FAILED + 1 ))
+    echo "== $name: $status in ${took}s"
+    echo "$name $status ${took}s" >> "$OUT/stages.txt"
+}
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+stage env        45  "$PY" scripts/gpu_bench.py env --out "$OUT"
+stage compile    120 "$PY" scripts/gpu_bench.py compile --out "$OUT"
+stage tests      150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py --junitxml="$OUT/gpu_tests.xml"
+stage gemv       60  "$PY" scripts/gpu_bench.py gemv --out "$OUT"
+stage e2e_w4a16  90  "$PY" scripts/gpu_bench.py e2e --variant w4a16 --out "$OUT"
+stage e2e_hf     100 "$PY" scripts/gpu_bench.py e2e --variant hf --out "$OUT"
+stage e2e_fp16   70  "$PY" scripts/gpu_bench.py e2e --variant fp16 --out "$OUT"
+stage e2e_w4a16_eager 50 "$PY" scripts/gpu_bench.py e2e --variant w4a16_eager --out "$OUT"
+"$PY" scripts/gpu_bench.py report --out "$OUT" || FAILED=$(( FAILED + 1 ))
+echo "== done in $(( $(date +%s) - START ))s; $FAILED stage(s) failed; results in $OUT"
+exit $FAILED
