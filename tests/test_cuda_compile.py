@@ -78,6 +78,15 @@ def test_sources_exist():
     assert {"gemv_w4a16.cu", "rmsnorm.cu", "rope_kv.cu", "decode_attention.cu", "silu_mul.cu"} <= set(SOURCES)
 
 
+def test_sources_ship_as_package_data():
+    """The wheel carries cuda/ as tinychat/cuda (a symlink in the checkout, matched by pyproject's package-data)."""
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tinychat"]
+    shipped = {p.name for pattern in patterns for p in (ROOT / "tinychat").glob(pattern)}
+    assert set(SOURCES) | {"common.cuh"} <= shipped
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_runtime_source_needs_no_headers(source):
     """NVRTC gets each file with our headers inlined and nothing else: no CUDA or C++ headers, which a
