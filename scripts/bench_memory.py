@@ -240,27 +240,44 @@ def summarize(ckpt: dict, dtype: str, device: str, m: dict, reader: str = "pread
             "rss_after_above_before": m["rss_after"] - m["rss_before"], "seconds": m["seconds"], "raw": m}
 
 
+def largest_linear_weights(config: dict) -> int:
+    """Weights of the biggest fused linear (gate_up: hidden x 2 ffn), which the CPU int4 repack unpacks."""
+    return config["hidden_size"] * 2 * config["intermediate_size"]
+
+
 def projection_70b(rows: list[dict]) -> dict:
-    """Llama-2-70B AWQ w4 g128 from the measured rows. Host transient = (worst measured transient per
-    in-flight unit over the streaming AWQ loads) x 70B's in-flight unit; resident = the planner's weights."""
+    """Llama-2-70B AWQ w4 g128, from the formulas and the measured rows.
+
+    Onto a GPU (Jetson Orin): the host holds only tensors in flight. By design that is the biggest single
+    tensor or two fused linears' parts plus their concatenation on the host (tinychat/quant/load.py
+    fuses packed tensors before moving them), whichever is bigger. Not measured here (no GPU).
+    Onto the CPU: the resident model plus the int4 repack scratch of the biggest linear, at the bytes per
+    weight measured on the synthetic AWQ loads (worst row, default malloc).
+    The old memory-mapped reader: every shard read stays mapped until the end, the whole checkpoint.
+    """
     from tinychat.plan import SHAPES_DIR, load_shape, make_plan
 
     config, *_ = load_shape("llama-2-70b")
     raw = json.loads((SHAPES_DIR / "llama-2-70b.json").read_text())
     weights = make_plan(config, "w4a16", 128, 4096, 1, "orin-64gb", "llama-2-70b").weights
-    unit = in_flight_unit(raw, 128)
-    checkpoint = sum(spec_bytes(s, d) for _, s, d in tensor_specs(raw, 128))
+    sizes = {name: spec_bytes(s, d) for name, s, d in tensor_specs(raw, 128)}
+    gate_up = sum(n for name, n in sizes.items() if name.startswith("model.layers.0.mlp.") and "down" not in name)
+    checkpoint = sum(sizes.values())
+    in_flight_gpu = max(max(sizes.values()), 3 * gate_up)
     out = {"model": "llama-2-70b", "format": "awq-w4-g128", "checkpoint_bytes": checkpoint,
-           "resident_weights_bytes": weights, "in_flight_unit_bytes": unit}
+           "resident_weights_bytes": weights, "largest_tensor_bytes": max(sizes.values()),
+           "gate_up_packed_bytes": gate_up, "host_in_flight_gpu_load_bytes": in_flight_gpu}
     measured = [r for r in rows if r["reader"] == "pread" and r["checkpoint"].startswith("awq")
-                and r["malloc"] == "default"]
+                and r["device"] == "cpu"]
     if measured:
-        ratio = max(max(r["transient_bytes"], 0) / r["in_flight_unit_bytes"] for r in measured)
+        per_weight = max(max(r["transient_bytes"], 0) / largest_linear_weights(r["raw"]["config"]) for r in measured)
         before = max(r["rss_before_load"] for r in measured)
-        out.update({"transient_over_unit": ratio, "host_transient_bytes": int(ratio * unit),
-                    "peak_host_rss_gpu_load": int(before + ratio * unit),
-                    "peak_host_rss_cpu_load": int(before + weights + ratio * unit),
-                    "mmap_reader_gpu_load_host_bytes": int(before + checkpoint)})
+        scratch = int(per_weight * largest_linear_weights(raw))
+        out.update({"rss_before_load": before, "cpu_repack_scratch_bytes_per_weight": per_weight,
+                    "cpu_repack_scratch_bytes": scratch,
+                    "peak_host_rss_gpu_load": before + in_flight_gpu,
+                    "peak_host_rss_cpu_load": before + weights + scratch,
+                    "peak_host_rss_gpu_load_mmap_reader": before + checkpoint})
     return out
 
 
@@ -297,6 +314,20 @@ def print_table(rows: list[dict]) -> None:
     print("GiB. before: RSS after the imports; peak: peak RSS of the process during the load; "
           "transient = peak - before - resident,\nwhat the host held beyond the loaded model; "
           "/shard: transient over the largest shard")
+
+
+def print_projection(proj: dict) -> None:
+    if "peak_host_rss_cpu_load" not in proj:
+        return
+    print(f"Llama-2-70B AWQ w4 g128 projection ({proj['checkpoint_bytes'] / GiB:.1f} GiB checkpoint, "
+          f"{proj['resident_weights_bytes'] / GiB:.1f} GiB of weights):\n"
+          f"  onto a GPU (Orin): peak host RSS {proj['peak_host_rss_gpu_load'] / GiB:.2f} GiB "
+          f"(imports + {proj['host_in_flight_gpu_load_bytes'] / GiB:.2f} GiB in flight; by formula)\n"
+          f"  onto the CPU: peak host RSS {proj['peak_host_rss_cpu_load'] / GiB:.1f} GiB (weights + "
+          f"{proj['cpu_repack_scratch_bytes'] / GiB:.1f} GiB int4 repack scratch at "
+          f"{proj['cpu_repack_scratch_bytes_per_weight']:.1f} B/weight of gate_up)\n"
+          f"  the old memory-mapped reader onto a GPU: up to "
+          f"{proj['peak_host_rss_gpu_load_mmap_reader'] / GiB:.1f} GiB (every shard stays mapped)")
 
 
 def main(argv=None) -> int:
@@ -360,14 +391,7 @@ def main(argv=None) -> int:
 
     print_table(rows)
     proj = projection_70b(rows)
-    if "host_transient_bytes" in proj:
-        print(f"Llama-2-70B AWQ w4 g128 ({proj['checkpoint_bytes'] / GiB:.1f} GiB checkpoint, "
-              f"{proj['resident_weights_bytes'] / GiB:.1f} GiB resident): host transient "
-              f"{proj['host_transient_bytes'] / GiB:.2f} GiB ({proj['transient_over_unit']:.2f} x the "
-              f"{proj['in_flight_unit_bytes'] / GiB:.2f} GiB in-flight unit);\n  peak host RSS loading onto "
-              f"a GPU {proj['peak_host_rss_gpu_load'] / GiB:.2f} GiB, onto the CPU "
-              f"{proj['peak_host_rss_cpu_load'] / GiB:.1f} GiB (mmap reader onto a GPU: up to "
-              f"{proj['mmap_reader_gpu_load_host_bytes'] / GiB:.1f} GiB of mapped shards)")
+    print_projection(proj)
     print(f"quantizer: {quant.get('skipped', quant)}")
     if args.json:
         import platform
