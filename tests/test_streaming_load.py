@@ -123,24 +123,27 @@ def test_same_dtype_load_adopts_tensors_without_copies(checkpoints, counting):
 
 
 def test_peak_rss_of_a_converted_fp16_load_stays_within_one_shard(checkpoints):
-    # fp16 checkpoint loaded as bf16: every tensor passes through the host once. Memory-mapped reading
-    # kept every shard's pages mapped to the end (transient ~ the whole 62 MB checkpoint).
+    # fp16 checkpoint loaded as bf16: every tensor passes through the host once. The memory-mapped reader
+    # kept every shard's pages mapped to the end (transient ~64 MiB: the whole checkpoint); streaming
+    # leaves ~4 MiB. MALLOC_MMAP_THRESHOLD_ keeps glibc's heap fragmentation (~20 MiB here, a property
+    # of the allocator, see docs/memory.md) out of the measurement.
     ckpt = checkpoints["fp16"]
-    row = bench.summarize(ckpt, "bf16", "cpu", bench.measure_load(Path(ckpt["path"]), "bf16", "cpu"))
-    assert row["raw"]["peak_reset"], "cannot reset the peak RSS counter (/proc/self/clear_refs)"
+    m = bench.measure_load(Path(ckpt["path"]), "bf16", "cpu", env=bench.MALLOC_FIXED)
+    row = bench.summarize(ckpt, "bf16", "cpu", m)
+    assert m["peak_reset"], "cannot reset the peak RSS counter (/proc/self/clear_refs)"
     assert row["resident_host_bytes"] == pytest.approx(ckpt["bytes"], rel=0.01)
     assert row["transient_bytes"] <= ckpt["max_shard"] + 16 * MiB, row
 
 
 def test_peak_rss_of_an_awq_load_is_the_model_plus_repack_scratch(checkpoints):
     # AWQ onto the CPU: the packed tensors are repacked for torch's int4 kernel, whose unpacking makes
-    # int64 temporaries (3 x 8 bytes per weight of the largest fused linear, gate_up 512 x 3072).
-    # MALLOC_MMAP_THRESHOLD_ keeps glibc from keeping those freed temporaries in a fragmented heap,
-    # which is what this test is not about (see docs/memory.md).
+    # int64 temporaries (at most 3 x 8 bytes per weight of the largest fused linear, gate_up 512 x 3072).
+    # This guards the total (model + one shard + that scratch); the streaming itself is checked exactly
+    # by the counting reader above, since the scratch here is bigger than the whole 22 MB checkpoint.
     ckpt = checkpoints["awq"]
-    m = bench.measure_load(Path(ckpt["path"]), "bf16", "cpu", env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    m = bench.measure_load(Path(ckpt["path"]), "bf16", "cpu", env=bench.MALLOC_FIXED)
     row = bench.summarize(ckpt, "bf16", "cpu", m)
-    scratch = 3 * 8 * CONFIG["hidden_size"] * 2 * CONFIG["intermediate_size"]
+    scratch = 3 * 8 * bench.largest_linear_weights(CONFIG)
     assert row["transient_bytes"] <= ckpt["max_shard"] + scratch + 16 * MiB, row
 
 
