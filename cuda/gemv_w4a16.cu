@@ -13,36 +13,35 @@
 // (q - z) * scale is then one correctly rounded fp16 product, the same value the torch reference gets
 // when it dequantizes in fp32 and casts to fp16.
 //
-// Work split: a warp owns GEMV_ROWS weight rows. Lane l reads 128-bit chunks c = l, l + 32, ... of each
-// row (a chunk is 32 consecutive k, so a warp step reads 512 contiguous bytes per row, and a chunk never
-// straddles a group since G is a multiple of 32). Products are accumulated in fp16 pairs within a chunk
-// (16 products per half, weights already scaled so no overflow), then in fp32 across chunks; a butterfly
-// shuffle reduction per (row, token) ends the warp's work. No shared memory, no block synchronisation.
+// Work split (details at gemv_impl): a block owns a few weight rows and its threads stride through each row
+// 128 bits (32 consecutive k) at a time, so consecutive threads read consecutive 16-byte pieces of a row and
+// a chunk never straddles a group (G is a multiple of 32). Products are accumulated in fp16 pairs within a
+// chunk (16 products per half; weights are already scaled, so no overflow), then in fp32 across chunks; warp
+// shuffles and then shared memory reduce across the block.
 
 #include "common.cuh"
 
-#define GEMV_ROWS 4
-#define GEMV_WARPS 4
-#define GEMV_THREADS (GEMV_WARPS * 32)
+#define GEMV_MAX_WARPS 4
+#define GEMV_MAX_THREADS (GEMV_MAX_WARPS * 32)
 
 #define FP16_1024X2 0x64006400u
 #define FP16_SIXTEENTH_X2 0x2c002c00u  // (1/16, 1/16)
 #define FP16_960X2 0x63806380u         // (960, 960): (1024 + z) - 960 = 64 + z
 #define FP16_SIGNS 0x80008000u
 
-template <int M>
-__device__ __forceinline__ void dot_chunk(const f16* __restrict__ xk, int K, const u32x4 (&w)[GEMV_ROWS],
-                                          const f16x2 (&sz)[GEMV_ROWS], float (&acc)[GEMV_ROWS][M]) {
-    f16x2 scale[GEMV_ROWS], zlo[GEMV_ROWS], nzhi[GEMV_ROWS];
+template <int M, int ROWS>
+__device__ __forceinline__ void dot_chunk(const f16* __restrict__ xk, int K, const u32x4 (&w)[ROWS],
+                                          const f16x2 (&sz)[ROWS], float (&acc)[ROWS][M]) {
+    f16x2 scale[ROWS], zlo[ROWS], nzhi[ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r) {
+    for (int r = 0; r < ROWS; ++r) {
         scale[r] = splat_h2((f16)(sz[r] & 0xffffu));
         zlo[r] = splat_h2((f16)(sz[r] >> 16));                      // 1024 + z
         nzhi[r] = hsub2(zlo[r], FP16_960X2) ^ FP16_SIGNS;           // -(64 + z)
     }
-    f16x2 part[GEMV_ROWS][M];
+    f16x2 part[ROWS][M];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r)
+    for (int r = 0; r < ROWS; ++r)
 #pragma unroll
         for (int m = 0; m < M; ++m) part[r][m] = 0u;
 
@@ -52,7 +51,7 @@ __device__ __forceinline__ void dot_chunk(const f16* __restrict__ xk, int K, con
 #pragma unroll
         for (int m = 0; m < M; ++m) xv[m] = ld_nc_v4(xk + (size_t)m * K + j * 8);
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) {
+        for (int r = 0; r < ROWS; ++r) {
             unsigned int q = j == 0 ? w[r].x : j == 1 ? w[r].y : j == 2 ? w[r].z : w[r].w;
             f16x2 a = (q & 0x000f000fu) | FP16_1024X2;
             f16x2 b = (q & 0x00f000f0u) | FP16_1024X2;
@@ -73,46 +72,52 @@ __device__ __forceinline__ void dot_chunk(const f16* __restrict__ xk, int K, con
         }
     }
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r)
+    for (int r = 0; r < ROWS; ++r)
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[r][m] += lo_f(part[r][m]) + hi_f(part[r][m]);
 }
 
+// One block owns ROWS weight rows (ROWS / 2 gate + ROWS / 2 up rows for the fused SiLU variant) and its
+// blockDim.x threads (1..4 warps, chosen by the launcher from K) stride together through the row's chunks:
+// thread t takes chunks t, t + blockDim.x, ... so every thread issues its ROWS 128-bit loads at once, and a
+// 4096-wide row needs one load per thread per row. Each warp reduces its partial sums with shuffles, then
+// the warps' sums meet in shared memory. group_shift = log2(G) - 5: chunk c is in group c >> group_shift.
 // n_out: output features (N for the plain GEMV, N / 2 for the fused gate/up, whose weight rows are
-// [gate rows 0..n_out) ++ [up rows 0..n_out)). group_shift = log2(G) - 5, so chunk c is in group c >> group_shift.
-template <int M, bool SILU>
+// [gate rows 0..n_out) ++ [up rows 0..n_out)); the launcher checks n_out % OUT_PER_BLOCK == 0.
+template <int M, bool SILU, int ROWS>
 __device__ __forceinline__ void gemv_impl(const f16* __restrict__ x, const u32x4* __restrict__ qw,
                                           const f16x2* __restrict__ sz, const f16* __restrict__ bias,
                                           f16* __restrict__ y, int n_out, int K, int group_shift) {
-    constexpr int U = M <= 2 ? 2 : 1;  // chunks in flight per lane: 2 x 4 x 16 B for small M
-    constexpr int OUT_PER_WARP = SILU ? GEMV_ROWS / 2 : GEMV_ROWS;
-    const int lane = threadIdx.x & 31;
-    const int warp = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    const int out0 = warp * OUT_PER_WARP;
-    if (out0 >= n_out) return;  // whole warp; the launcher checks n_out % OUT_PER_WARP == 0
+    constexpr int U = 1;  // chunks in flight per thread and row (more only costs registers: see gemv_impl)
+    constexpr int OUT_PER_BLOCK = SILU ? ROWS / 2 : ROWS;
+    __shared__ float red[GEMV_MAX_WARPS][ROWS][M];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int threads = blockDim.x;
+    const int out0 = blockIdx.x * OUT_PER_BLOCK;
+    if (out0 >= n_out) return;  // whole block
 
-    int row[GEMV_ROWS];
+    int row[ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r)
-        row[r] = !SILU ? out0 + r : (r < OUT_PER_WARP ? out0 + r : n_out + out0 + r - OUT_PER_WARP);
+    for (int r = 0; r < ROWS; ++r)
+        row[r] = !SILU ? out0 + r : (r < OUT_PER_BLOCK ? out0 + r : n_out + out0 + r - OUT_PER_BLOCK);
 
     const int chunks = K >> 5;
     const int groups = chunks >> group_shift;
-    float acc[GEMV_ROWS][M];
+    float acc[ROWS][M];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r)
+    for (int r = 0; r < ROWS; ++r)
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
 
-    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
-        u32x4 w[U][GEMV_ROWS];
-        f16x2 s[U][GEMV_ROWS];
+    for (int c0 = tid; c0 < chunks; c0 += threads * U) {
+        u32x4 w[U][ROWS];
+        f16x2 s[U][ROWS];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int c = c0 + 32 * u;
+            const int c = c0 + threads * u;
             if (c < chunks) {
 #pragma unroll
-                for (int r = 0; r < GEMV_ROWS; ++r) {
+                for (int r = 0; r < ROWS; ++r) {
                     w[u][r] = ld_stream_v4(qw + (size_t)row[r] * chunks + c);
                     s[u][r] = ld_nc_u32(sz + (size_t)row[r] * groups + (c >> group_shift));
                 }
@@ -120,49 +125,57 @@ __device__ __forceinline__ void gemv_impl(const f16* __restrict__ x, const u32x4
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int c = c0 + 32 * u;
-            if (c < chunks) dot_chunk<M>(x + (size_t)c * 32, K, w[u], s[u], acc);
+            const int c = c0 + threads * u;
+            if (c < chunks) dot_chunk<M, ROWS>(x + (size_t)c * 32, K, w[u], s[u], acc);
         }
     }
 
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r)
-#pragma unroll
-        for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
-
-    if (lane == 0) {
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) {
-            const float b = bias ? h2f(bias[row[r]]) : 0.0f;
-#pragma unroll
-            for (int m = 0; m < M; ++m) acc[r][m] += b;
-        }
+    for (int r = 0; r < ROWS; ++r)
 #pragma unroll
         for (int m = 0; m < M; ++m) {
-            if (SILU) {
-#pragma unroll
-                for (int r = 0; r < OUT_PER_WARP; ++r)
-                    y[(size_t)m * n_out + out0 + r] = f2h(silu_f(acc[r][m]) * acc[r + OUT_PER_WARP][m]);
-            } else {
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; ++r) y[(size_t)m * n_out + out0 + r] = f2h(acc[r][m]);
-            }
+            const float v = warp_sum(acc[r][m]);
+            if (lane == 0) red[warp][r][m] = v;
         }
+    __syncthreads();
+
+    const int warps = threads >> 5;
+    if (tid < OUT_PER_BLOCK * M) {
+        const int r = tid / M, m = tid - r * M;
+        float v = 0.0f;
+        for (int w = 0; w < warps; ++w) v += red[w][r][m];
+        // r < OUT_PER_BLOCK here: its gate (or only) row is out0 + r, its up row n_out + out0 + r
+        // (plain arithmetic: indexing row[] with a runtime r would put the array on the stack)
+        if (bias) v += h2f(bias[out0 + r]);
+        if (SILU) {
+            float up = 0.0f;
+            for (int w = 0; w < warps; ++w) up += red[w][r + OUT_PER_BLOCK][m];
+            if (bias) up += h2f(bias[n_out + out0 + r]);
+            v = silu_f(v) * up;
+        }
+        y[(size_t)m * n_out + out0 + r] = f2h(v);
     }
 }
 
+// __launch_bounds__(..., 1): without a minimum ptxas trades registers for occupancy on its own and spilled
+// the M = 3 fused kernel on sm_86..sm_90; with it every variant keeps all its values in registers (M = 1
+// still needs only ~80, so its occupancy is unchanged).
+// Rows per block: 8 while the accumulators are few, fewer as M grows so that M = 8 stays well clear of
+// spilling. Mirrored by tinychat/ops/cuda_ops.py (gemv_rows_per_block).
+#define TC_GEMV_ROWS(M) ((M) <= 2 ? 8 : (M) <= 4 ? 4 : 2)
+
 #define TC_GEMV_KERNELS(M)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                              \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_THREADS, 1)                                          \
         gemv_w4a16_m##M(const f16* __restrict__ x, const u32x4* __restrict__ qw,                            \
                         const f16x2* __restrict__ sz, const f16* __restrict__ bias, f16* __restrict__ y,   \
                         int n_out, int K, int group_shift) {                                                \
-        gemv_impl<M, false>(x, qw, sz, bias, y, n_out, K, group_shift);                                     \
+        gemv_impl<M, false, TC_GEMV_ROWS(M)>(x, qw, sz, bias, y, n_out, K, group_shift);                    \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                              \
+    extern "C" __global__ void __launch_bounds__(GEMV_MAX_THREADS, 1)                                          \
         gemv_w4a16_silu_m##M(const f16* __restrict__ x, const u32x4* __restrict__ qw,                       \
                              const f16x2* __restrict__ sz, const f16* __restrict__ bias,                    \
                              f16* __restrict__ y, int n_out, int K, int group_shift) {                      \
-        gemv_impl<M, true>(x, qw, sz, bias, y, n_out, K, group_shift);                                      \
+        gemv_impl<M, true, TC_GEMV_ROWS(M)>(x, qw, sz, bias, y, n_out, K, group_shift);                     \
     }
 
 TC_GEMV_KERNELS(1)

@@ -273,12 +273,12 @@ def emulate_dequant_word(q, scale_zero):
 
 
 def emulate_gemv(x, qweight_t, scales_zeros, group, bias=None, silu=False):
-    """cuda/gemv_w4a16.cu gemv_impl, lane by lane (lanes vectorised), fp16 rounding op by op."""
-    rows_per_warp, warps = 4, 4
+    """cuda/gemv_w4a16.cu gemv_impl thread by thread (threads vectorised), fp16 rounding op by op."""
     m_tok, k = x.shape
     n = qweight_t.shape[0]
-    unroll = 2 if m_tok <= 2 else 1
-    out_per_warp = rows_per_warp // 2 if silu else rows_per_warp
+    rows = cuda_ops.gemv_rows_per_block(m_tok)
+    blocks, threads = cuda_ops.gemv_launch_shape(m_tok, n, k, silu)
+    out_per_block = rows // 2 if silu else rows
     n_out = n // 2 if silu else n
     group_shift = int(math.log2(group)) - 5
     chunks = k >> 5
@@ -287,51 +287,53 @@ def emulate_gemv(x, qweight_t, scales_zeros, group, bias=None, silu=False):
     sz = scales_zeros.numpy().view(np.uint32).reshape(-1)          # (scale, 1024 + z) as one 32-bit word
     xw = x.numpy().view(np.uint32).reshape(-1)                      # fp16 pairs
     y = np.zeros(m_tok * n_out, dtype=np.float16)
-    lanes = np.arange(32)
-    blocks = -(-n_out // (out_per_warp * warps))
+    tids = np.arange(threads)
+    lanes = tids & 31
     for block in range(blocks):
-        for thread_warp in range(warps):
-            warp = block * warps + thread_warp
-            out0 = warp * out_per_warp
-            if out0 >= n_out:
-                continue
-            row = [out0 + r if not silu else (out0 + r if r < out_per_warp else n_out + out0 + r - out_per_warp)
-                   for r in range(rows_per_warp)]
-            acc = np.zeros((rows_per_warp, m_tok, 32), dtype=np.float32)
-            for c0 in range(0, chunks, 32 * unroll):  # lane l runs c0 + l (the loop in the kernel starts at lane)
-                for u in range(unroll):
-                    c = c0 + lanes + 32 * u
-                    live = c < chunks
-                    c, lane_ids = c[live], lanes[live]
-                    if not len(c):
-                        continue
-                    part = np.zeros((rows_per_warp, m_tok, len(c)), dtype=np.uint32)
-                    w = [[qw[(row[r] * chunks + c) * 4 + j] for j in range(4)] for r in range(rows_per_warp)]
-                    s = [sz[row[r] * groups + (c >> group_shift)] for r in range(rows_per_warp)]
-                    for j in range(4):
-                        xv = [[xw[(mm * k + c * 32 + j * 8) // 2 + e] for e in range(4)] for mm in range(m_tok)]
-                        for r in range(rows_per_warp):
-                            pairs = emulate_dequant_word(w[r][j], s[r])
-                            for mm in range(m_tok):
-                                for e in range(4):
-                                    part[r, mm] = hfma2(pairs[e], xv[mm][e], part[r, mm])
-                    for r in range(rows_per_warp):
-                        for mm in range(m_tok):
-                            lo, hi = _halves(part[r, mm])
-                            acc[r, mm, lane_ids] += (lo + hi).astype(np.float32)
-            for mask in (16, 8, 4, 2, 1):  # butterfly: every lane ends with the total
-                acc = acc + acc[:, :, lanes ^ mask]
-            total = acc[:, :, 0]
+        out0 = block * out_per_block
+        if out0 >= n_out:
+            continue
+        row = [out0 + r if not silu else (out0 + r if r < out_per_block else n_out + out0 + r - out_per_block)
+               for r in range(rows)]
+        acc = np.zeros((rows, m_tok, threads), dtype=np.float32)
+        for c0 in range(0, chunks, threads):  # thread t runs chunk c0 + t
+            c = c0 + tids
+            live = c < chunks
+            c, who = c[live], tids[live]
+            part = np.zeros((rows, m_tok, len(c)), dtype=np.uint32)
+            w = [[qw[(row[r] * chunks + c) * 4 + j] for j in range(4)] for r in range(rows)]
+            s = [sz[row[r] * groups + (c >> group_shift)] for r in range(rows)]
+            for j in range(4):
+                xv = [[xw[(mm * k + c * 32 + j * 8) // 2 + e] for e in range(4)] for mm in range(m_tok)]
+                for r in range(rows):
+                    pairs = emulate_dequant_word(w[r][j], s[r])
+                    for mm in range(m_tok):
+                        for e in range(4):
+                            part[r, mm] = hfma2(pairs[e], xv[mm][e], part[r, mm])
+            for r in range(rows):
+                for mm in range(m_tok):
+                    lo, hi = _halves(part[r, mm])
+                    acc[r, mm, who] += (lo + hi).astype(np.float32)
+        red = np.zeros((threads // 32, rows, m_tok), dtype=np.float32)
+        for warp in range(threads // 32):  # butterfly within each warp; lane 0 stores to shared memory
+            v = acc[:, :, warp * 32:(warp + 1) * 32]
+            for mask in (16, 8, 4, 2, 1):
+                v = v + v[:, :, np.arange(32) ^ mask]
+            red[warp] = v[:, :, 0]
+        assert (lanes[:32] == np.arange(32)).all()
+        for tid in range(out_per_block * m_tok):  # the epilogue threads
+            r, mm = tid // m_tok, tid % m_tok
+            v = np.float32(0)
+            for warp in range(threads // 32):
+                v = np.float32(v + red[warp, r, mm])
             if bias is not None:
-                total = total + np.array([float(bias[rr]) for rr in row], dtype=np.float32)[:, None]
-            for mm in range(m_tok):
-                if silu:
-                    for r in range(out_per_warp):
-                        g_, u_ = total[r, mm], total[r + out_per_warp, mm]
-                        y[mm * n_out + out0 + r] = np.float16(g_ / (1 + np.exp(-g_)) * u_)
-                else:
-                    for r in range(rows_per_warp):
-                        y[mm * n_out + out0 + r] = np.float16(total[r, mm])
+                v = np.float32(v + np.float32(float(bias[row[r]])))
+            if silu:
+                up = np.float32(0)
+                for warp in range(threads // 32):
+                    up = np.float32(up + red[warp, r + out_per_block, mm])
+                v = np.float32(v / (1 + np.exp(-v)) * up)
+            y[mm * n_out + out0 + r] = np.float16(v)
     return torch.from_numpy(y.reshape(m_tok, n_out))
 
 
@@ -352,10 +354,11 @@ def test_emulated_dequant_is_bit_exact(gen):
 
 
 @pytest.mark.parametrize("m,silu,k,n,g", [
-    (1, False, 1152, 24, 128),   # 36 chunks: lanes 0-3 run the unrolled second chunk, 28 lanes idle in it
-    (2, True, 512, 40, 32),      # fused gate/up, 20 outputs: the last warp of the block is idle
-    (3, False, 2112, 16, 64),    # no unroll, 2 chunk iterations with a partial second
-    (8, True, 96, 16, 32),       # 3 chunks: most lanes idle
+    (1, False, 1152, 24, 128),   # 36 chunks: 2 warps, the second mostly idle; 3 blocks of 8 rows
+    (2, True, 512, 40, 32),      # fused gate/up: 20 outputs, 5 blocks of 4 gate + 4 up rows
+    (3, False, 4608, 16, 64),    # 144 chunks: 4 warps, a second partial pass over the row
+    (8, True, 96, 16, 32),       # 3 chunks: one warp, most lanes idle; 2 rows per block
+    (5, False, 11008, 8, 32),    # down_proj in-width: 344 chunks, 3 passes, the last partial
 ])
 def test_emulated_gemv_matches_reference(gen, m, silu, k, n, g):
     qweight, qzeros, scales = random_awq(k, n, g, scale=0.02)

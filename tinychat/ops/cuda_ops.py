@@ -18,19 +18,20 @@ from . import kernels, reference
 from .kernels import f32, i32, ptr
 
 GEMV_MAX_TOKENS = 8
-GEMV_ROWS_PER_WARP = 4  # cuda/gemv_w4a16.cu GEMV_ROWS
-GEMV_WARPS = 4
+GEMV_MAX_WARPS = 4  # cuda/gemv_w4a16.cu GEMV_MAX_WARPS
 ATTN_HEAD_DIMS = (64, 128, 256)
 ATTN_GROUPS = (1, 2, 4, 8)  # GMAX instantiations: query heads per kv head served by one block
 LOG2E = 1.4426950408889634
 
 
 def _fast(*tensors: torch.Tensor) -> bool:
-    """All inputs are contiguous fp16 tensors on one CUDA device where the kernels can run."""
+    """All inputs are contiguous, 16-byte aligned fp16 tensors on one CUDA device where the kernels can run."""
     t0 = tensors[0]
     if not t0.is_cuda or not kernels.available(t0.device):
         return False
-    return all(t.dtype == torch.float16 and t.is_contiguous() and t.device == t0.device for t in tensors)
+    # 16-byte alignment: the kernels read and write 128-bit vectors
+    return all(t.dtype == torch.float16 and t.is_contiguous() and t.device == t0.device and t.data_ptr() % 16 == 0
+               for t in tensors)
 
 
 def _randn(*shape, device, scale=1.0):
@@ -43,15 +44,27 @@ def _gemv_key(m: int, silu: bool) -> str:
     return f"gemv_w4a16{'_silu' if silu else ''}_m{m}"
 
 
+def gemv_rows_per_block(m: int) -> int:
+    """cuda/gemv_w4a16.cu TC_GEMV_ROWS: weight rows one block reduces, by token count."""
+    return 8 if m <= 2 else 4 if m <= 4 else 2
+
+
+def gemv_launch_shape(m: int, n: int, k: int, silu: bool) -> tuple[int, int]:
+    """(blocks, threads): a block per ROWS weight rows; 1..4 warps, enough to give each a 128-bit chunk."""
+    out_per_block = gemv_rows_per_block(m) // (2 if silu else 1)
+    n_out = n // 2 if silu else n
+    warps = max(1, min(GEMV_MAX_WARPS, -(-(k // 32) // 32)))
+    return -(-n_out // out_per_block), 32 * warps
+
+
 def _launch_gemv(x, qweight_t, scales_zeros, group_size, bias, silu):
     n, k = qweight_t.shape[0], qweight_t.shape[1] * 8
     m = x.numel() // k
     n_out = n // 2 if silu else n
-    per_warp = GEMV_ROWS_PER_WARP // 2 if silu else GEMV_ROWS_PER_WARP
     y = torch.empty(*x.shape[:-1], n_out, dtype=torch.float16, device=x.device)
-    blocks = -(-n_out // (per_warp * GEMV_WARPS))
+    blocks, threads = gemv_launch_shape(m, n, k, silu)
     group_shift = int(math.log2(group_size)) - 5
-    kernels.launch("gemv_w4a16.cu", _gemv_key(m, silu), (blocks,), (32 * GEMV_WARPS,),
+    kernels.launch("gemv_w4a16.cu", _gemv_key(m, silu), (blocks,), (threads,),
                    (ptr(x), ptr(qweight_t), ptr(scales_zeros), ptr(bias), ptr(y), i32(n_out), i32(k),
                     i32(group_shift)), device=x.device)
     return y
