@@ -227,29 +227,34 @@ def test_graph_decode_matches_eager_forward(variant):
         assert rel(graph_cache.keys[1][:, :, :end], eager_cache.keys[1][:, :, :end]) <= TOL
 
 
-def test_generate_step_with_graph_equals_eager_greedy():
-    from tinychat.generate import generate_step
+def test_generate_step_with_graph_follows_the_eager_model():
+    """Greedy generation through the graph picks, at every step, a token the eager model (fed the same
+    tokens) ranks first up to fp16 noise; the graph is captured once and adopted by the next cache."""
+    from tinychat.generate import generate_step, prefill
     from tinychat.sampling import greedy
 
     model = tiny_model(64)
     prompt = torch.randint(0, 512, (16,)).tolist()
+    cache = model.make_cache(80)
+    tokens = list(generate_step(model, prompt, cache, greedy, max_tokens=40))
+    assert model.__dict__.get("_tinychat_decode_graphs"), "the graph decoder was not used"
+    assert cache.offset == len(prompt) + 39 and cache.token_ids == prompt + tokens[:-1]
     os.environ["TINYCHAT_CUDA_GRAPH"] = "0"
     try:
-        eager = list(generate_step(model, prompt, model.make_cache(80), greedy, max_tokens=40))
+        with torch.inference_mode():
+            eager_cache = model.make_cache(80)
+            logits, _ = prefill(model, eager_cache, prompt)
+            for tok in tokens:
+                row = logits[0].float()
+                assert row[tok] >= row.max() - 1e-2 * row.abs().max()
+                logits = model(torch.tensor([[tok]], device="cuda"), eager_cache)[:, -1]
     finally:
         del os.environ["TINYCHAT_CUDA_GRAPH"]
-    cache = model.make_cache(80)
-    graph = list(generate_step(model, prompt, cache, greedy, max_tokens=40))
-    assert model.__dict__.get("_tinychat_decode_graphs"), "the graph decoder was not used"
-    # fp16 kernels vs torch may flip a near-tie late in a random model; the opening must agree exactly
-    assert graph[:8] == eager[:8]
-    assert sum(a == b for a, b in zip(graph, eager)) >= 30
-    assert cache.offset == len(prompt) + 39
     # a new cache of the same shape adopts the captured graph instead of capturing again
     graphs = list(model._tinychat_decode_graphs)
     del cache
     again = list(generate_step(model, prompt, model.make_cache(80), greedy, max_tokens=40))
-    assert again == graph and model._tinychat_decode_graphs == graphs
+    assert again == tokens and model._tinychat_decode_graphs == graphs
 
 
 def test_generate_step_with_graph_sampling_is_seeded():
