@@ -98,6 +98,7 @@ def quantized_modules(read, has, config: ModelConfig, settings: AWQSettings, dty
                 continue
             tensors = [read_awq_linear(read, p + part, *shapes[part], settings.group_size) for part in parts]
             qweight, qzeros, scales = (torch.cat(ts, dim=1) for ts in zip(*tensors))
+            del tensors  # the parts are in the concatenation now: keep one copy in flight, not two
             bias = None
             if has(p + parts[0] + ".bias"):
                 bias = torch.cat([read(p + part + ".bias") for part in parts])
