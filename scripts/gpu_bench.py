@@ -105,8 +105,6 @@ def copy_bandwidth() -> float:
     src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
     src.fill_(1)
     t = timed_graph(lambda i: dst.copy_(src), iters=10)
-    del src, dst
-    torch.cuda.empty_cache()
     return 2 * n / t
 
 
@@ -147,15 +145,13 @@ def stage_env(args) -> dict:
 
 
 def stage_compile(args) -> dict:
-    from tinychat.ops import kernels
+    from tinychat.ops import cuda_ops, kernels
 
     result = {}
-    for source in kernels.SOURCES:
+    for source, names in cuda_ops.kernel_names().items():
         t0 = time.perf_counter()
         mod = kernels.module(source)
         seconds = time.perf_counter() - t0
-        text = kernels.load_source(source)
-        names = sorted(set(_kernel_names(text)))
         per = {}
         for name in names:
             fn = mod.get_function(name)
@@ -165,20 +161,6 @@ def stage_compile(args) -> dict:
         spilled = {n: v for n, v in per.items() if v["local_bytes"]}
         log(f"{source}: {len(per)} kernels in {seconds:.1f} s" + (f"; LOCAL MEMORY {spilled}" if spilled else ""))
     return result
-
-
-def _kernel_names(text: str) -> list[str]:
-    import re
-
-    names = re.findall(r'extern "C" __global__ void(?: __launch_bounds__\(\w+\))?\s+(\w+)\(', text)
-    for macro, pattern in (("TC_GEMV_KERNELS", "gemv_w4a16{s}_m{a}"), ("TC_ATTN_KERNEL", "attn_decode_d{a}_g{b}")):
-        for call in re.findall(rf"^{macro}\(([^)]*)\)", text, re.MULTILINE):
-            parts = [p.strip() for p in call.split(",")]
-            if macro == "TC_GEMV_KERNELS":
-                names += [pattern.format(s=s, a=parts[0]) for s in ("", "_silu")]
-            else:
-                names.append(pattern.format(a=parts[0], b=parts[1]))
-    return [n for n in names if "##" not in n]
 
 
 def stage_gemv(args) -> dict:
@@ -212,10 +194,10 @@ def stage_gemv(args) -> dict:
             t16 = timed_graph(lambda i: torch.nn.functional.linear(x, ws[i % w_copies]), iters=w_copies * 8)
             row.update(fp16_us=round(t16 * 1e6, 2), fp16_pct_copy_bw=round(100 * 2 * k * n / t16 / bandwidth, 1),
                        speedup_vs_fp16=round(t16 / t, 2))
-            del ws
+            ws = None
         rows.append(row)
         log(json.dumps(row))
-        del layers
+        layers = None  # free before the next shape
         torch.cuda.empty_cache()
     attn = _attention_bench(bandwidth)
     return {"copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "group": GROUP, "gemv_m1": rows, "attention": attn}

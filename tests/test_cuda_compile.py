@@ -119,11 +119,10 @@ def test_loader_knows_every_kernel(compiled):
     from tinychat.ops.kernels import SOURCES as LOADED
 
     assert set(LOADED) == set(SOURCES)
-    names = {n for (s, a), r in compiled.items() if a == "90" for n in r["kernels"]}
-    wanted = {cuda_ops._gemv_key(m, s) for m in range(1, 9) for s in (False, True)}
-    wanted |= {cuda_ops._attn_variant(d, g) for d in cuda_ops.ATTN_HEAD_DIMS for g in cuda_ops.ATTN_GROUPS}
-    wanted |= {"attn_combine", "rmsnorm_residual", "rope_kv_write", "silu_mul"}
-    assert wanted <= names, wanted - names
+    assert set(cuda_ops.kernel_names()) == set(SOURCES)
+    for source, wanted in cuda_ops.kernel_names().items():
+        names = set(compiled[(source, "90")]["kernels"])
+        assert set(wanted) <= names, (source, set(wanted) - names)
 
 
 def _table(results) -> str:

@@ -263,3 +263,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         splits = n_splits or attention_splits(b, n_kv, k_cache.shape[2], q.device)
         return _launch_attention(q, k_cache, v_cache, pos, window, splits)
     return reference.decode_attention(q, k_cache, v_cache, pos, window)
+
+
+def kernel_names() -> dict[str, list[str]]:
+    """Every kernel these wrappers launch, by source file (for compile checks and reports)."""
+    return {
+        "gemv_w4a16.cu": [_gemv_key(m, silu) for m in range(1, GEMV_MAX_TOKENS + 1) for silu in (False, True)],
+        "rmsnorm.cu": ["rmsnorm_residual"],
+        "rope_kv.cu": ["rope_kv_write"],
+        "decode_attention.cu": [_attn_variant(d, g) for d in ATTN_HEAD_DIMS for g in ATTN_GROUPS] + ["attn_combine"],
+        "silu_mul.cu": ["silu_mul"],
+    }
