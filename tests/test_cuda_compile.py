@@ -1,7 +1,8 @@
 """Every kernel in cuda/ compiles with nvcc for each GPU generation we ship for, without register spills.
 
 Needs nvcc only (no GPU); skips cleanly where it is absent. The (file, arch) compiles run in parallel on
-all cores, once per session: about 45 s on 2 cores. `python tests/test_cuda_compile.py` prints the
+all cores, once per session: about 45 s on 2 cores. Where libnvrtc is found (the nvidia-cuda-nvrtc wheel,
+or TINYCHAT_NVRTC_LIB) the exact runtime source also goes through NVRTC, as CuPy will compile it (~10 s). `python tests/test_cuda_compile.py` prints the
 registers / spills / shared memory of every kernel per arch.
 """
 
@@ -123,6 +124,65 @@ def test_loader_knows_every_kernel(compiled):
     for source, wanted in cuda_ops.kernel_names().items():
         names = set(compiled[(source, "90")]["kernels"])
         assert set(wanted) <= names, (source, set(wanted) - names)
+
+
+# ---- NVRTC: the compiler the kernels really meet at run time (through CuPy) ------------------------
+
+def find_nvrtc() -> str | None:
+    """libnvrtc: $TINYCHAT_NVRTC_LIB, the system's, or one from the nvidia-cuda-nvrtc wheel on sys.path."""
+    import ctypes.util
+    import glob
+
+    if os.environ.get("TINYCHAT_NVRTC_LIB"):
+        return os.environ["TINYCHAT_NVRTC_LIB"]
+    for entry in sys.path:
+        hits = sorted(glob.glob(os.path.join(entry, "nvidia", "*", "lib", "libnvrtc.so*")))
+        hits = [h for h in hits if "builtins" not in h]
+        if hits:
+            return hits[-1]
+    return ctypes.util.find_library("nvrtc")
+
+
+def nvrtc_compile(lib, source: str, arch: str) -> tuple[int, str]:
+    """Compile the runtime text of `source` with NVRTC and the runtime's options (+ ptxas -v); -> (rc, log)."""
+    import ctypes
+
+    from tinychat.ops.kernels import load_source
+
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), load_source(source, CUDA_DIR).encode(), source.encode(),
+                                  0, None, None) == 0
+    options = [b"--std=c++17", f"-arch=sm_{arch}".encode(), b"-ftz=true", f"-DTINYCHAT_SM={arch}".encode(),
+               b"-Xptxas=-v"]
+    try:
+        rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, buf)
+        return rc, buf.value.decode(errors="replace")
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_nvrtc_compiles_the_runtime_source(source):
+    """What CuPy's RawModule does on the GPU machine, minus the GPU: NVRTC, no include paths, no CUDA headers."""
+    import ctypes
+
+    path = find_nvrtc()
+    if path is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or set TINYCHAT_NVRTC_LIB)")
+    lib = ctypes.CDLL(path)
+    from tinychat.ops import cuda_ops
+
+    for arch in ("75", "90"):
+        rc, log = nvrtc_compile(lib, source, arch)
+        assert rc == 0, f"NVRTC failed on {source} for sm_{arch}:\n{log[-3000:]}"
+        assert "warning" not in log.lower(), log[-3000:]
+        assert " 0 bytes spill stores" in log and not re.search(r"[1-9]\d* bytes spill stores", log), log[-3000:]
+        found = set(_ENTRY.findall(log))
+        assert {(n, arch) for n in cuda_ops.kernel_names()[source]} <= found
 
 
 def _table(results) -> str:
