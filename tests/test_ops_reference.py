@@ -570,3 +570,177 @@ def test_emulated_silu_mul_indexing(gen):
             out[r * inter + v * 8 + e] = np.float16(float(np.float16(g / (1 + math.exp(-g)))) * u)
     want = reference.silu_mul(gate_up)
     assert (torch.from_numpy(out.reshape(rows, inter)).float() - want.float()).abs().max() <= 2e-3
+
+
+# ---- the kernel loader's plumbing, with a stand-in for CuPy ------------------------------------------
+
+class _FakeCupy:
+    """Records what tinychat.ops.kernels asks of CuPy: compiles, device and stream contexts, launches."""
+
+    def __init__(self):
+        self.compiled, self.launches, self.context = [], [], []
+        fake = self
+
+        class RawModule:
+            def __init__(self, code, options, backend):
+                fake.compiled.append((code, options, backend))
+
+            def compile(self):
+                pass
+
+            def get_function(self, name):
+                def kernel(grid, block, args, shared_mem=0):
+                    if name == "explodes":
+                        raise RuntimeError("CUDA_ERROR_INVALID_VALUE")
+                    fake.launches.append((name, grid, block, args, shared_mem, tuple(fake.context)))
+                return kernel
+
+        class Context:
+            def __init__(self, *what):
+                self.what = what
+
+            def __enter__(self):
+                fake.context.append(self.what)
+
+            def __exit__(self, *exc):
+                fake.context.pop()
+
+        self.RawModule = RawModule
+        self.cuda = type("cuda", (), {"Device": lambda self_, i: Context("device", i),
+                                      "ExternalStream": lambda self_, ptr, dev: Context("stream", ptr, dev)})()
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    from tinychat.ops import kernels
+
+    fake = _FakeCupy()
+    monkeypatch.setattr(kernels, "_cupy", fake)
+    monkeypatch.setattr(kernels, "_cupy_error", None)
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(kernels, "_functions", {})
+    monkeypatch.setattr(kernels, "_streams", {})
+    monkeypatch.setattr(kernels, "_available", {})
+    monkeypatch.setattr(kernels, "_checks", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 4242})())
+    monkeypatch.delenv("TINYCHAT_CUDA_KERNELS", raising=False)
+    return fake
+
+
+def test_loader_compiles_once_and_launches_on_torchs_stream(fake_cupy):
+    import numpy as np
+
+    from tinychat.ops import kernels
+
+    assert kernels.available("cuda:0")
+    x = torch.randn(4)
+    for _ in range(2):
+        kernels.launch("rmsnorm.cu", "rmsnorm_residual", (3,), (256,),
+                       (kernels.ptr(x), kernels.ptr(None), kernels.i32(7), kernels.f32(1e-5)), device="cuda:0")
+    assert len(fake_cupy.compiled) == 1  # once per (source, device)
+    code, options, backend = fake_cupy.compiled[0]
+    assert backend == "nvrtc" and "--std=c++17" in options and "-DTINYCHAT_SM=89" in options
+    assert "#include" not in code and "rmsnorm_residual" in code
+    name, grid, block, args, shared, context = fake_cupy.launches[0]
+    assert (name, grid, block, shared) == ("rmsnorm_residual", (3,), (256,), 0)
+    assert context == (("device", 0), ("stream", 4242, 0))  # the device, then torch's current stream
+    assert args[0] == np.uint64(x.data_ptr()) and args[1] == np.uint64(0)
+    assert [type(a) for a in args] == [np.uint64, np.uint64, np.int32, np.float32]
+
+
+def test_loader_names_the_kernel_that_failed(fake_cupy):
+    from tinychat.ops import kernels
+
+    with pytest.raises(kernels.KernelError, match="explodes.*grid \\(1,\\)"):
+        kernels.launch("silu_mul.cu", "explodes", (1,), (32,), ())
+
+
+def test_self_checks_run_once_and_fall_back_with_a_warning(fake_cupy, monkeypatch):
+    from tinychat.ops import kernels
+
+    calls = []
+    assert kernels.verified("good", lambda: calls.append(1) or 1e-4)
+    assert kernels.verified("good", lambda: calls.append(1) or 1.0)
+    assert calls == [1]
+    with pytest.warns(RuntimeWarning, match="bad.*relative error"):
+        assert not kernels.verified("bad", lambda: 0.5)
+    with pytest.warns(RuntimeWarning, match="crashes.*ValueError"):
+        assert not kernels.verified("crashes", lambda: (_ for _ in ()).throw(ValueError("boom")))
+    assert kernels.check_report()["good"] == "ok" and "0.5" in kernels.check_report()["bad"]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(kernels.KernelError, match="before CUDA graph capture"):
+        kernels.verified("late", lambda: 0.0)
+
+
+def test_kernels_can_be_switched_off(fake_cupy, monkeypatch):
+    from tinychat.ops import kernels
+
+    monkeypatch.setenv("TINYCHAT_CUDA_KERNELS", "0")
+    assert not kernels.available("cuda:0")
+    assert "TINYCHAT_CUDA_KERNELS" in kernels.unavailable_reason("cuda:0")
+
+
+def test_import_needs_neither_cupy_nor_a_gpu():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['cupy'] = None\n"  # any `import cupy` now fails
+            "import tinychat, tinychat.ops, tinychat.cuda_graph, tinychat.quant.qlinear\n"
+            "from tinychat.ops import kernels\n"
+            "r = kernels.unavailable_reason()\n"
+            "assert r is not None, r\n"
+            "print('ok', r)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr
+
+
+def _kernel_params(name: str) -> list[str]:
+    """Parameter kinds ("ptr", "int", "float") of a kernel, read from its declaration in cuda/."""
+    import re
+
+    from tinychat.ops import kernels
+
+    generic = re.sub(r"_m\d$", "_m##M", name)
+    generic = re.sub(r"^attn_decode_d\d+_g\d+$", "attn_decode_d##D##_g##GMAX", generic)
+    for source in kernels.SOURCES:
+        text = kernels.load_source(source)
+        at = text.find(generic + "(")
+        if at >= 0 and "extern \"C\"" in text[max(0, at - 300):at]:
+            params = text[at + len(generic) + 1:text.index(")", at)].replace("\\", " ").split(",")
+            return ["ptr" if "*" in p else "float" if "float" in p else "int" for p in params]
+    raise AssertionError(f"kernel {name} not declared in cuda/")
+
+
+def test_launchers_pass_what_each_kernel_declares(fake_cupy):
+    """Every launcher's arguments match its kernel's parameter list (count, order of kinds), and the launch
+    shape stays within the kernel's __launch_bounds__."""
+    import numpy as np
+
+    kinds = {np.uint64: "ptr", np.int32: "int", np.float32: "float"}
+    h = torch.float16
+    qweight, qzeros, scales = random_awq(1024, 64, 128)
+    qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight, qzeros, scales, 128)
+    for m in (1, 3, 8):
+        for silu in (False, True):
+            cuda_ops._launch_gemv(torch.randn(m, 1024).to(h), qweight_t, scales_zeros, 128, None, silu)
+    cuda_ops._launch_silu_mul(torch.randn(2, 64).to(h))
+    cuda_ops._launch_add_rmsnorm(torch.randn(2, 64).to(h), torch.randn(64).to(h), 1e-5, torch.randn(2, 64).to(h))
+    cos, sin = torch.zeros(16, 32).to(h), torch.zeros(16, 32).to(h)
+    cache = torch.zeros(1, 2, 16, 64).to(h)
+    cuda_ops._launch_rope_kv(torch.randn(1, 1, 8 * 64).to(h), cos, sin, torch.tensor([3], dtype=torch.int32),
+                             cache, cache.clone(), 4, 2, 64)
+    for splits in (1, 4):
+        cuda_ops._launch_attention(torch.randn(1, 4, 64).to(h), cache, cache, torch.tensor([3], dtype=torch.int32),
+                                   None, splits)
+    launched = {entry[0] for entry in fake_cupy.launches}
+    assert {"gemv_w4a16_m1", "gemv_w4a16_silu_m8", "silu_mul", "rmsnorm_residual", "rope_kv_write",
+            "attn_decode_d64_g2", "attn_combine"} <= launched
+    bounds = {"gemv": 128, "attn_decode": 128, "attn_combine": 256, "rmsnorm": 256, "rope": 128, "silu": 256}
+    for name, grid, block, args, shared, _ in fake_cupy.launches:
+        assert [kinds[type(a)] for a in args] == _kernel_params(name), name
+        assert all(g >= 1 for g in grid) and block[0] % 32 == 0 or name == "rope_kv_write", (name, block)
+        assert block[0] <= next(v for k, v in bounds.items() if name.startswith(k)), (name, block)

@@ -139,6 +139,8 @@ _streams: dict[int, object] = {}
 
 
 def _device_index(device) -> int:
+    if isinstance(device, int):
+        return device
     device = torch.device(device) if device is not None else torch.device("cuda")
     return device.index if device.index is not None else torch.cuda.current_device()
 
