@@ -744,3 +744,52 @@ def test_launchers_pass_what_each_kernel_declares(fake_cupy):
         assert [kinds[type(a)] for a in args] == _kernel_params(name), name
         assert all(g >= 1 for g in grid) and block[0] % 32 == 0 or name == "rope_kv_write", (name, block)
         assert block[0] <= next(v for k, v in bounds.items() if name.startswith(k)), (name, block)
+
+
+def test_graph_decoder_protocol(monkeypatch):
+    """step/sample hand the in-graph sampled token through without copies, and fall back to the real sampler
+    for logits that are not the graph's (the prefill's, or ones changed by processors)."""
+    from tinychat import cuda_graph
+
+    calls = []
+
+    class FakeDecode:
+        logits = torch.zeros(1, 5)
+        sampler_graphs = []
+
+        def __call__(self, token, skip_copy=False):
+            calls.append(("replay", int(token.view(-1)[0]), skip_copy))
+            return self.logits
+
+    class FakeSamplerGraph:
+        def __init__(self, dec, sampler):
+            self.token = torch.tensor([7])
+
+        def __call__(self):
+            calls.append(("sample-graph",))
+            return self.token
+
+    dec = FakeDecode()
+    monkeypatch.setattr(cuda_graph, "unsupported_reason", lambda model, cache: None)
+    monkeypatch.setattr(cuda_graph, "decode_graph", lambda model, cache: dec)
+    monkeypatch.setattr(cuda_graph, "SamplerGraph", FakeSamplerGraph)
+    model = torch.nn.Module()
+
+    def sampler(logits):
+        calls.append(("eager-sample",))
+        return torch.tensor([3])
+
+    step, sample = cuda_graph.graph_decoder(model, None, sampler)
+    token = sample(torch.ones(1, 5))          # prefill logits: the real sampler
+    logits = step(token)                      # copies the eager token in, replays both graphs
+    token2 = sample(logits)                   # the graph's token, no sampler call
+    step(token2)                              # no copy: the graph already wrote it
+    assert token2 is dec.sampler_graphs[0][1].token
+    assert calls == [("eager-sample",), ("replay", 3, False), ("sample-graph",), ("replay", 7, True),
+                     ("sample-graph",)]
+    assert sample(logits * 2) is not None and calls[-1] == ("eager-sample",)  # processed logits
+    # with processors nothing is sampled in the graph
+    step, sample = cuda_graph.graph_decoder(model, None, sampler, processors=[lambda h, x: x])
+    calls.clear()
+    sample(step(torch.tensor([4])))
+    assert calls == [("replay", 4, False), ("eager-sample",)]
