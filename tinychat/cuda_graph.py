@@ -120,7 +120,8 @@ class DecodeGraph:
         self.n_splits = cuda_ops.attention_splits(self.batch, model.config.num_key_value_heads, cache.max_seq, device)
         self._pos_host = None
         self.sampler_graphs: list[tuple[Callable, SamplerGraph | None]] = []
-        self._capture(cache)
+        with torch.inference_mode():  # static buffers are inference tensors: every later use is in this mode
+            self._capture(cache)
 
     def _forward(self) -> torch.Tensor:
         return decode_forward(self.model, self.keys, self.values, self.tokens, self.pos, self.cos, self.sin,
@@ -163,10 +164,11 @@ class DecodeGraph:
         cache = self._cache()
         cache.check_room(1)
         ids = (self.tokens if skip_copy else token.view(self.batch, 1)).cpu()  # the GPU is idle here anyway
-        if not skip_copy:
-            self.tokens.copy_(token.view(self.batch, 1))
-        if self._pos_host != cache.offset:
-            self.pos.fill_(cache.offset)
+        with torch.inference_mode():
+            if not skip_copy:
+                self.tokens.copy_(token.view(self.batch, 1))
+            if self._pos_host != cache.offset:
+                self.pos.fill_(cache.offset)
         self.graph.replay()
         self._pos_host = cache.offset + 1
         cache.advance(ids)  # host-side bookkeeping from the host copy: no wait for the replay
@@ -178,7 +180,7 @@ class SamplerGraph:
 
     def __init__(self, decode: DecodeGraph, sampler: Callable):
         self.decode = decode
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # register_generator_state is a deprecated no-op in newer torch
             stream = torch.cuda.Stream(decode.model.device)
             stream.wait_stream(torch.cuda.current_stream(decode.model.device))
