@@ -181,7 +181,9 @@ def function(source: str, name: str, device=None):
     fn = _functions.get(key)
     if fn is None:
         try:
-            fn = module(source, index).get_function(name)
+            mod = module(source, index)
+            with _cupy.cuda.Device(index):  # the module is loaded into this device's context
+                fn = mod.get_function(name)
         except KernelError:
             raise
         except Exception as e:
