@@ -4,6 +4,7 @@ a timeout costs only that stage). Every stage writes <out>/<stage>.json; `report
 
     python scripts/gpu_bench.py env      --out DIR   device, driver, torch/cupy versions, copy bandwidth
     python scripts/gpu_bench.py compile  --out DIR   NVRTC-compile every cuda/*.cu, registers/local memory per kernel
+    python scripts/gpu_bench.py tests    --out DIR   tests/test_gpu_kernels.py without pytest (a stand-in runner)
     python scripts/gpu_bench.py gemv     --out DIR   W4A16 GEMV at M=1 on the Llama-2-7B shapes vs copy bandwidth
     python scripts/gpu_bench.py e2e      --out DIR --variant {w4a16,w4a16_eager,fp16,hf}
     python scripts/gpu_bench.py report   --out DIR
@@ -354,6 +355,119 @@ def run_hf(setup: Setup) -> dict:
     return result
 
 
+# ---- tests without pytest ------------------------------------------------------------------------------
+
+def _pytest_stand_in():
+    """Just enough of pytest for tests/test_gpu_kernels.py, for GPU images that ship without pytest."""
+    import contextlib
+    import itertools
+    import re
+    import types
+    import warnings
+
+    class Skipped(Exception):
+        pass
+
+    class Mark:
+        @staticmethod
+        def parametrize(names, values):
+            def deco(fn):
+                fn.__dict__.setdefault("_params", []).insert(0, ([n.strip() for n in names.split(",")], list(values)))
+                return fn
+            return deco
+
+        @staticmethod
+        def skipif(condition, reason=""):
+            return ("skipif", bool(condition), reason)
+
+    def skip(reason=""):
+        raise Skipped(reason)
+
+    def fixture(fn=None, **kwargs):
+        def deco(f):
+            f._fixture = kwargs
+            return f
+        return deco(fn) if fn is not None else deco
+
+    @contextlib.contextmanager
+    def warns(category, match=None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+        hits = [w for w in caught if issubclass(w.category, category)
+                and (match is None or re.search(match, str(w.message)))]
+        assert hits, f"no {category.__name__} matching {match!r} was raised"
+
+    @contextlib.contextmanager
+    def raises(category, match=None):
+        try:
+            yield
+        except category as e:
+            assert match is None or re.search(match, str(e)), f"{e!r} does not match {match!r}"
+        else:
+            raise AssertionError(f"{category.__name__} not raised")
+
+    def importorskip(name):
+        try:
+            return __import__(name)
+        except ImportError:
+            raise Skipped(f"{name} not installed") from None
+
+    module = types.ModuleType("pytest")
+    module.mark, module.skip, module.fixture, module.warns, module.raises = Mark(), skip, fixture, warns, raises
+    module.importorskip, module.Skipped, module.product = importorskip, Skipped, itertools.product
+    return module
+
+
+def stage_tests(args) -> dict:
+    """Run tests/test_gpu_kernels.py with a pytest stand-in (used by gpu_check.sh when pytest is absent)."""
+    import importlib.util
+    import inspect
+    import traceback
+
+    stand_in = _pytest_stand_in()
+    sys.modules["pytest"] = stand_in
+    spec = importlib.util.spec_from_file_location("test_gpu_kernels", Path(__file__).parent.parent / "tests" / "test_gpu_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mark = getattr(mod, "pytestmark", None)
+    results = {"passed": 0, "failed": 0, "skipped": 0, "failures": {}}
+    if mark and mark[1]:
+        log(f"all skipped: {mark[2]}")
+        results["skipped"] = -1
+        return results
+    autouse = [f for f in vars(mod).values() if callable(f) and getattr(f, "_fixture", {}).get("autouse")]
+    tests = [(n, f) for n, f in vars(mod).items() if n.startswith("test_") and inspect.isfunction(f)]
+    for name, fn in tests:
+        params = getattr(fn, "_params", [])
+        combos = stand_in.product(*[[dict(zip(names, v if len(names) > 1 else (v,))) for v in values]
+                                    for names, values in params]) if params else [()]
+        for combo in combos:
+            kwargs = {k: v for d in combo for k, v in d.items()}
+            label = f"{name}[{'-'.join(map(str, kwargs.values()))}]" if kwargs else name
+            t0 = time.perf_counter()
+            try:
+                for f in autouse:
+                    gen = f()
+                    if inspect.isgenerator(gen):
+                        next(gen)
+                fn(**kwargs)
+                results["passed"] += 1
+                status = "PASSED"
+            except stand_in.Skipped as e:
+                results["skipped"] += 1
+                status = f"SKIPPED ({e})"
+            except BaseException as e:  # noqa: BLE001 -- report and go on
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                results["failed"] += 1
+                results["failures"][label] = traceback.format_exc()[-4000:]
+                status = f"FAILED ({type(e).__name__}: {str(e)[:300]})"
+            print(f"{label} {status} {time.perf_counter() - t0:.2f}s", flush=True)
+    print(f"{results['passed']} passed, {results['failed']} failed, {results['skipped']} skipped")
+    return results
+
+
 # ---- report --------------------------------------------------------------------------------------------
 
 def stage_report(args) -> dict:
@@ -400,7 +514,7 @@ def stage_report(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["env", "compile", "gemv", "e2e", "report"])
+    parser.add_argument("stage", choices=["env", "compile", "tests", "gemv", "e2e", "report"])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_results"))
     parser.add_argument("--variant", choices=["w4a16", "w4a16_eager", "fp16", "hf"], default="w4a16")
     parser.add_argument("--smoke", action="store_true", help="e2e only: a tiny model on the CPU (tests this script)")
@@ -413,6 +527,10 @@ def main(argv=None) -> int:
         data = run_hf(setup) if args.variant == "hf" else run_ours(args.variant, setup)
         write(args.out, f"e2e_{args.variant}", data)
         return 0
+    if args.stage == "tests":  # runs anywhere: without a GPU every test skips
+        results = stage_tests(args)
+        write(args.out, "tests", results)
+        return 1 if results["failed"] else 0
     if not torch.cuda.is_available():
         log("no CUDA GPU visible to torch")
         return 2
