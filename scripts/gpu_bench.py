@@ -485,6 +485,21 @@ def stage_report(args) -> dict:
                  f"{env.get('torch', '?')}, CuPy {env.get('cupy', '?')}, transformers {env.get('transformers', '?')}; "
                  f"copy bandwidth {env.get('copy_bandwidth_gbs', '?')} GB/s")
     lines += ["", "Stages: " + ", ".join(s for s in data["stages"] if s), ""]
+    junit = out / "gpu_tests.xml"
+    if "tests" in data:
+        t = data["tests"]
+        lines += [f"GPU tests (stand-in runner): {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
+                  + (f"; failed: {', '.join(t['failures'])}" if t["failures"] else ""), ""]
+    elif junit.exists():
+        import xml.etree.ElementTree as ET
+
+        root = ET.parse(junit).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        a = suite.attrib
+        failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+        lines += [f"GPU tests (pytest): {a.get('tests')} run, {a.get('failures')} failed, {a.get('errors')} errors, "
+                  f"{a.get('skipped')} skipped" + (f"; failed: {', '.join(failed)}" if failed else ""), ""]
+        data["tests_junit"] = {k: a.get(k) for k in ("tests", "failures", "errors", "skipped", "time")} | {"failed": failed}
     if "gemv" in data:
         g = data["gemv"]
         lines += [f"## W4A16 GEMV, M=1, group {g['group']} (copy bandwidth {g['copy_bandwidth_gbs']} GB/s)", "",
