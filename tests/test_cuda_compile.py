@@ -207,3 +207,48 @@ if __name__ == "__main__":
     for k in failed:
         print(f"FAILED {k}:\n{results[k]['log']}")
     sys.exit(1 if failed else 0)
+
+
+# ---- the prefill GEMM: tensor-core and copy instructions per arch, shared memory, registers -------------
+
+def _ptx(source: str, arch: str) -> str:
+    from tinychat.ops.kernels import load_source
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, source)
+        with open(path, "w") as f:
+            f.write(load_source(source, CUDA_DIR))
+        out = os.path.join(tmp, "k.ptx")
+        proc = subprocess.run([NVCC, f"-arch=sm_{arch}", "-ptx", "--std=c++17", "-ftz=true", "-o", out, path],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(out) as f:
+            return f.read()
+
+
+def test_gemm_picks_its_instructions_per_arch():
+    """sm_80+: mma m16n8k16 and cp.async; sm_75 (Turing): two m16n8k8 per step and plain loads (it has neither
+    m16n8k16 for f16 nor cp.async)."""
+    if NVCC is None:
+        pytest.skip("nvcc is not installed")
+    for arch in ("75", "80"):
+        ptx = _ptx("gemm_w4a16.cu", arch)
+        k16 = ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32")
+        k8 = ptx.count("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32")
+        if arch == "75":
+            assert k16 == 0 and k8 > 0 and "cp.async" not in ptx
+        else:
+            assert k8 == 0 and k16 > 0 and "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
+        assert ".local" not in ptx  # nothing on the stack, even before ptxas
+
+
+def test_gemm_fits_static_shared_memory_and_registers(compiled):
+    from tinychat.ops import cuda_ops
+
+    for arch in ARCHS:
+        kernels = compiled[("gemm_w4a16.cu", arch)]["kernels"]
+        for name in cuda_ops.kernel_names()["gemm_w4a16.cu"]:
+            info = kernels[name]
+            # <= 48 KB: no opt-in launch attribute; sm_75 has 64 KB per SM, so one 43 KB m128 block fits
+            assert info["smem"] <= 48 * 1024, (name, arch, info)
+            assert info["regs"] <= 255 and info["spill_st"] == info["spill_ld"] == 0, (name, arch, info)

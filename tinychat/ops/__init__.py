@@ -11,9 +11,11 @@ Importing this package needs neither CuPy nor a GPU.
 """
 
 from . import kernels, reference
-from .cuda_ops import add_rmsnorm, decode_attention, gemv_supported, gemv_w4a16, rope_kv_write, silu_mul
+from .cuda_ops import (add_rmsnorm, decode_attention, gemm_supported, gemm_w4a16, gemv_supported, gemv_w4a16,
+                       rope_kv_write, silu_mul)
 from .kernels import available, unavailable_reason
 from .reference import rope_tables
 
 __all__ = ["kernels", "reference", "available", "unavailable_reason", "gemv_w4a16", "gemv_supported",
+           "gemm_w4a16", "gemm_supported",
            "silu_mul", "add_rmsnorm", "rope_kv_write", "decode_attention", "rope_tables"]

@@ -11,8 +11,10 @@ path: a non-contiguous input takes the reference path).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from . import kernels, reference
 from .kernels import f32, i32, ptr
@@ -265,6 +267,190 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return reference.decode_attention(q, k_cache, v_cache, pos, window)
 
 
+# ---- W4A16 GEMM (prefill, M > 8) ------------------------------------------------------------------
+
+class GemmConfig(NamedTuple):
+    """One tile configuration of cuda/gemm_w4a16.cu (its TC_GEMM_KERNEL lines, same order of fields)."""
+
+    wm: int      # warps along M
+    wn: int      # warps along N
+    mt: int      # m16 tiles per warp
+    nt: int      # n8 tiles per warp
+    bk: int      # k per pipeline stage
+    stages: int
+
+    @property
+    def bm(self) -> int:
+        return 16 * self.wm * self.mt
+
+    @property
+    def bn(self) -> int:
+        return 8 * self.wn * self.nt
+
+
+GEMM_THREADS = 128
+GEMM_CONFIGS = {  # mirrors cuda/gemm_w4a16.cu; tests/test_gemm_emulation.py parses the .cu to keep them equal
+    "m16": GemmConfig(1, 4, 1, 4, 64, 4),
+    "m32": GemmConfig(1, 4, 2, 4, 64, 4),
+    "m64": GemmConfig(1, 4, 4, 4, 64, 3),
+    "m128": GemmConfig(2, 2, 4, 8, 32, 4),
+}
+GEMM_GROUP_SIZES = (32, 64, 128)
+GEMM_MAX_SPLITS = 16
+GEMM_MIN_TILES_PER_SPLIT = 4  # a split shorter than this cannot fill the cp.async pipeline
+
+
+def gemm_config_name(m: int) -> str:
+    """The tile configuration for M tokens: the smallest BM that holds M up to 64, then 128 x 128 tiles."""
+    return "m16" if m <= 16 else "m32" if m <= 32 else "m64" if m <= 64 else "m128"
+
+
+def gemm_launch_plan(m: int, n: int, k: int, name: str, sms: int, splits: int | None = None):
+    """(grid, tiles_per_split) for one GEMM launch.
+
+    Grid x = M tiles, y = N tiles, z = K splits. Split-K only where the tile grid has fewer blocks than
+    two per SM (small M and narrow N, where the GEMM is bandwidth-bound and needs every SM streaming
+    weights), each split at least GEMM_MIN_TILES_PER_SPLIT k tiles, and the fp32 partials (written and
+    read once, mostly in L2) at most half the weight bytes: splits <= K / (16 M).
+    """
+    cfg = GEMM_CONFIGS[name]
+    m_tiles, n_tiles, k_tiles = -(-m // cfg.bm), -(-n // cfg.bn), -(-k // cfg.bk)
+    if splits is None:
+        blocks = m_tiles * n_tiles
+        splits = 1
+        if blocks < 2 * sms:
+            splits = min(-(-2 * sms // blocks), k_tiles // GEMM_MIN_TILES_PER_SPLIT, k // (16 * m), GEMM_MAX_SPLITS)
+    splits = max(1, min(splits, k_tiles))
+    per = -(-k_tiles // splits)
+    splits = -(-k_tiles // per)  # no empty split
+    return (m_tiles, n_tiles, splits), per
+
+
+_sm_counts: dict[int, int] = {}
+_gemm_counters: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _sm_count(device) -> int:
+    index = device.index if device.type == "cuda" else -1
+    sms = _sm_counts.get(index)
+    if sms is None:
+        sms = _sm_counts[index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms
+
+
+def _counters(device, tiles: int) -> torch.Tensor:
+    """Split-K arrival counters: zeroed once, and every launch leaves them zeroed again (the last block of a
+    tile resets its counter). One buffer per device; launches on it are stream-ordered."""
+    key = (device.type, device.index)
+    buf = _gemm_counters.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = _gemm_counters[key] = torch.zeros(max(1024, 1 << (tiles - 1).bit_length()), dtype=torch.int32,
+                                                device=device)
+    return buf
+
+
+def _launch_gemm(x, qweight_t, scales_zeros, group_size, bias=None, name=None, splits=None):
+    n, k = qweight_t.shape[0], qweight_t.shape[1] * 8
+    m = x.numel() // k
+    name = name or gemm_config_name(m)
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float16, device=x.device)
+    if m == 0:
+        return y
+    grid, per = gemm_launch_plan(m, n, k, name, _sm_count(x.device), splits)
+    if grid[2] > 1 and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        have = _gemm_counters.get((x.device.type, x.device.index))
+        if have is None or have.numel() < grid[0] * grid[1]:  # never allocate the counters inside a capture
+            grid, per = gemm_launch_plan(m, n, k, name, 1, splits=1)
+    ws = counters = None
+    if grid[2] > 1:
+        ws = torch.empty(grid[2], m, n, dtype=torch.float32, device=x.device)
+        counters = _counters(x.device, grid[0] * grid[1])
+    group_shift = int(math.log2(group_size)) - 5
+    kernels.launch("gemm_w4a16.cu", f"gemm_w4a16_{name}", grid, (GEMM_THREADS,),
+                   (ptr(x), ptr(qweight_t), ptr(scales_zeros), ptr(bias), ptr(y), ptr(ws), ptr(counters), i32(m),
+                    i32(n), i32(k), i32(group_shift), i32(per)), device=x.device)
+    return y
+
+
+def _launch_dequant(qweight_t, scales_zeros, group_size):
+    n, k = qweight_t.shape[0], qweight_t.shape[1] * 8
+    w = torch.empty(n, k, dtype=torch.float16, device=qweight_t.device)
+    words = n * (k // 8)
+    kernels.launch("gemm_w4a16.cu", "dequant_w4a16", (-(-words // 256),), (256,),
+                   (ptr(qweight_t), ptr(scales_zeros), ptr(w), i32(n), i32(k), i32(int(math.log2(group_size)) - 5)),
+                   device=qweight_t.device)
+    return w
+
+
+def _random_gemv_layout(n, k, g, device):
+    from ..quant import pack
+
+    qweight_t = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32, device=device)
+    zeros = torch.randint(0, 16, (n, k // g), device=device).float() + pack.GEMV_ZERO_OFFSET
+    scales = torch.rand(n, k // g, device=device) * 0.02 + 0.002
+    return qweight_t, torch.stack([scales, zeros], dim=-1).half().contiguous()
+
+
+# (m offset from BM, n, k, group, splits): a partial M tile and a second M tile, a partial N tile, a K tail
+# (K % 64 == 32), every group size, and split-K with the last-arriving block reducing
+_GEMM_CHECKS = ((-3, 136, 352, 32, 1), (5, 64, 384, 128, 3), (0, 200, 320, 64, 2))
+
+
+def _check_gemm(name: str, device) -> float:
+    cfg = GEMM_CONFIGS[name]
+    worst = 0.0
+    for dm, n, k, g, splits in _GEMM_CHECKS:
+        m = max(9, cfg.bm + dm)
+        qweight_t, scales_zeros = _random_gemv_layout(n, k, g, device)
+        x = _randn(m, k, device=device)
+        bias = _randn(n, device=device) if splits == 1 else None
+        got = _launch_gemm(x, qweight_t, scales_zeros, g, bias, name, splits)
+        want = reference.gemm_w4a16(x.float(), qweight_t, scales_zeros, g, None if bias is None else bias.float())
+        worst = max(worst, kernels.relative_error(got, want))
+    return worst
+
+
+def _check_dequant(device) -> float:
+    qweight_t, scales_zeros = _random_gemv_layout(48, 384, 64, device)
+    got = _launch_dequant(qweight_t, scales_zeros, 64)
+    return kernels.relative_error(got, reference.dequant_w4a16(qweight_t, scales_zeros, 64))
+
+
+def gemm_supported(x: torch.Tensor, qweight_t: torch.Tensor, group_size: int) -> bool:
+    """Whether gemm_w4a16 would run a CUDA kernel for these inputs (self-checking it if needed)."""
+    k = qweight_t.shape[1] * 8
+    if x.shape[-1] != k or not _fast(x) or qweight_t.device != x.device:
+        return False
+    if k % 32 or group_size not in GEMM_GROUP_SIZES or k % group_size or qweight_t.shape[0] % 8:
+        return False
+    name = gemm_config_name(x.numel() // k)
+    return kernels.verified(f"gemm_w4a16_{name}", lambda: _check_gemm(name, x.device))
+
+
+def gemm_dequant_min_tokens() -> int | None:
+    """From how many tokens gemm_w4a16 dequantizes the weight to fp16 and calls torch's matmul instead of
+    running the W4A16 GEMM: TINYCHAT_GEMM_DEQUANT_MIN_M, unset = never. The cost is a transient fp16 copy
+    of the layer's weight (180 MB for Llama-2-7B's gate_up_proj); scripts/gpu_bench.py gemm measures both."""
+    import os
+
+    value = os.environ.get("TINYCHAT_GEMM_DEQUANT_MIN_M", "").strip()
+    return int(value) if value else None
+
+
+def gemm_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] (any number of rows; meant for > 8) @ W.T (+ bias), W in the GEMV layout."""
+    if gemm_supported(x, qweight_t, group_size) and (bias is None or _fast(bias)):
+        m = x.numel() // x.shape[-1]
+        threshold = gemm_dequant_min_tokens()
+        if (threshold is not None and m >= threshold
+                and kernels.verified("dequant_w4a16", lambda: _check_dequant(x.device))):
+            y = F.linear(x, _launch_dequant(qweight_t, scales_zeros, group_size))
+            return y if bias is None else y + bias
+        return _launch_gemm(x, qweight_t, scales_zeros, group_size, bias)
+    return reference.gemm_w4a16(x, qweight_t, scales_zeros, group_size, bias)
+
+
 def kernel_names() -> dict[str, list[str]]:
     """Every kernel these wrappers launch, by source file (for compile checks and reports)."""
     return {
@@ -273,4 +459,5 @@ def kernel_names() -> dict[str, list[str]]:
         "rope_kv.cu": ["rope_kv_write"],
         "decode_attention.cu": [_attn_variant(d, g) for d in ATTN_HEAD_DIMS for g in ATTN_GROUPS] + ["attn_combine"],
         "silu_mul.cu": ["silu_mul"],
+        "gemm_w4a16.cu": [f"gemm_w4a16_{name}" for name in GEMM_CONFIGS] + ["dequant_w4a16"],
     }

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import TinychatError
 
-SOURCES = ("gemv_w4a16.cu", "rmsnorm.cu", "rope_kv.cu", "decode_attention.cu", "silu_mul.cu")
+SOURCES = ("gemv_w4a16.cu", "rmsnorm.cu", "rope_kv.cu", "decode_attention.cu", "silu_mul.cu", "gemm_w4a16.cu")
 MIN_CAPABILITY = (7, 5)  # sm_75 and newer: what tests/test_cuda_compile.py builds for
 SELF_CHECK_TOLERANCE = 1e-2  # relative error (Frobenius) against the torch reference
 

@@ -28,6 +28,18 @@ def gemv_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scales_zeros: torch.Ten
     return silu_mul(y) if silu else y
 
 
+def gemm_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The prefill GEMM (cuda/gemm_w4a16.cu): x [..., in] @ W.T (+ bias), W from the GEMV layout; the same
+    math as the GEMV, for any number of rows."""
+    return gemv_w4a16(x, qweight_t, scales_zeros, group_size, bias)
+
+
+def dequant_w4a16(qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W [out, in] fp16 from the GEMV layout (cuda/gemm_w4a16.cu dequant_w4a16)."""
+    return pack.gemv_layout_dequant(qweight_t, scales_zeros, group_size, dtype=torch.float16)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dim."""
     gate, up = gate_up.chunk(2, dim=-1)

@@ -3,7 +3,8 @@
 Paths, chosen once at construction from the device, dtype and shape:
 - "int4pack": torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu), weights repacked by pack.py.
 - "cuda": fp16 on a GPU with tinychat's CUDA kernels (tinychat.ops): weights repacked once into the GEMV
-  layout (pack.awq_to_gemv_layout); 1..8 tokens run the W4A16 GEMV kernel, more tokens dequantize and matmul.
+  layout (pack.awq_to_gemv_layout); 1..8 tokens run the W4A16 GEMV kernel, more tokens the tensor-core W4A16
+  GEMM (cuda/gemm_w4a16.cu) on the same tensors; either falls back to dequantize-and-matmul where it cannot run.
 - "dequant": the torch reference, anywhere: dequantize the packed AWQ tensors per call and matmul.
   Nothing dequantized stays resident; it is the fallback for shapes the kernels refuse.
 """
@@ -70,6 +71,10 @@ class AWQLinear(nn.Module):
             from ..ops import gemv_w4a16  # the kernel, or its torch reference where it cannot run
 
             y = gemv_w4a16(x.contiguous(), self.qweight_t, self.scales_zeros, self.group_size)
+        elif self.path == "cuda":
+            from ..ops import gemm_w4a16  # tensor-core GEMM for prefill, or the torch reference
+
+            y = gemm_w4a16(x.contiguous(), self.qweight_t, self.scales_zeros, self.group_size)
         else:
             y = F.linear(x, self.dequantized_weight().to(x.dtype))
         return y if self.bias is None else y + self.bias
