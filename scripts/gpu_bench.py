@@ -6,12 +6,17 @@ a timeout costs only that stage). Every stage writes <out>/<stage>.json; `report
     python scripts/gpu_bench.py compile  --out DIR   NVRTC-compile every cuda/*.cu, registers/local memory per kernel
     python scripts/gpu_bench.py tests    --out DIR   tests/test_gpu_kernels.py without pytest (a stand-in runner)
     python scripts/gpu_bench.py gemv     --out DIR   W4A16 GEMV at M=1 on the Llama-2-7B shapes vs copy bandwidth
+    python scripts/gpu_bench.py gemm     --out DIR   W4A16 GEMM at M=16..4096 on the Llama-2-7B shapes vs torch fp16
     python scripts/gpu_bench.py e2e      --out DIR --variant {w4a16,w4a16_eager,fp16,hf}
     python scripts/gpu_bench.py report   --out DIR
 
 e2e: a Llama-2-7B-shaped model (32 layers, 4096, 11008, 32 heads, vocab 32000) with random weights
 (AWQ tensors made directly from random codes, group 128; no download, no quantizer), batch 1, a random
 128-token prompt, 256 new tokens, greedy. Decode tok/s excludes the first token (it comes from prefill).
+Each e2e variant then measures time to first token (prefill + first greedy token on the host, best of 3 runs,
+the first of which warms up) for 128, 1024 and 4096-token prompts; ours prefill in chunks of 512 (tinychat.generate.prefill),
+transformers in one forward (generate with max_new_tokens=1). w4a16 also times the dequantize-then-cuBLAS
+strategy (TINYCHAT_GEMM_DEQUANT_MIN_M=9) for comparison with the GEMM.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ GEMV_SHAPES = [("qkv_proj", 4096, 12288, False), ("o_proj", 4096, 4096, False),
 SMOKE = dict(LLAMA7B, vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4)
 PROMPT, NEW_TOKENS, GROUP = 128, 256, 128
+GEMM_SHAPES = [("qkv_proj", 4096, 12288), ("o_proj", 4096, 4096), ("gate_up_proj", 4096, 22016),
+               ("down_proj", 11008, 4096)]
+GEMM_TOKENS = (16, 64, 256, 1024, 4096)
+TTFT_PROMPTS = (128, 1024, 4096)
 
 
 class Setup:
@@ -46,6 +55,7 @@ class Setup:
         self.dtype = torch.float32 if smoke else torch.float16
         self.shape = SMOKE if smoke else LLAMA7B
         self.prompt, self.new_tokens = (16, 8) if smoke else (PROMPT, NEW_TOKENS)
+        self.ttft_prompts = (8, 40) if smoke else TTFT_PROMPTS
 
     def sync(self):
         if not self.smoke:
@@ -229,6 +239,72 @@ def _attention_bench(bandwidth) -> list[dict]:
     return rows
 
 
+def timed_auto(fn, copies: int, target_s: float = 0.02) -> float:
+    """timed_graph with enough calls (a multiple of `copies`) for about target_s of work per replay."""
+    fn(0)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(copies):
+        fn(i)
+    end.record()
+    end.synchronize()
+    est = start.elapsed_time(end) / 1e3 / copies
+    iters = copies * max(1, min(50, round(target_s / max(est, 1e-7) / copies)))
+    return timed_graph(fn, iters=iters, repeats=3)
+
+
+def stage_gemm(args) -> dict:
+    """W4A16 GEMM vs torch fp16 (cuBLAS) and vs dequantize-then-cuBLAS, M = 16 .. 4096, Llama-2-7B shapes.
+    Weights rotate through > 4x L2 worth of copies so the bandwidth-bound small-M cases read DRAM."""
+    from tinychat.ops import cuda_ops, kernels, reference
+
+    F = torch.nn.functional
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for name, k, n in GEMM_SHAPES:
+        copies = max(2, -(-4 * l2 // (k * n // 2)))
+        layers = []
+        for _ in range(copies):
+            qweight_t = torch.randint(-2**31, 2**31, (n, k // 8), dtype=torch.int32, device="cuda")
+            zeros = torch.randint(0, 16, (n, k // GROUP), device="cuda").float() + 1024.0
+            scales = torch.rand(n, k // GROUP, device="cuda") * 0.004 + 0.001
+            layers.append((qweight_t, torch.stack([scales, zeros], -1).half().contiguous()))
+        w16_copies = max(2, -(-4 * l2 // (2 * k * n)))
+        w16 = [reference.dequant_w4a16(*layers[i % copies], GROUP) for i in range(w16_copies)]
+        for m in GEMM_TOKENS:
+            x = torch.randn(m, k, device="cuda").half()
+            want = reference.gemm_w4a16(x.float(), *layers[0], GROUP)
+            got = cuda_ops._launch_gemm(x, *layers[0], GROUP)
+            err = kernels.relative_error(got, want)
+            err16 = kernels.relative_error(F.linear(x, w16[0]), want)
+            del want, got
+            config = cuda_ops.gemm_config_name(m)
+            grid, per = cuda_ops.gemm_launch_plan(m, n, k, config, sms)
+            t = timed_auto(lambda i: cuda_ops._launch_gemm(x, *layers[i % copies], GROUP), copies)
+            t16 = timed_auto(lambda i: F.linear(x, w16[i % w16_copies]), w16_copies)
+            tdq = timed_auto(lambda i: F.linear(x, cuda_ops._launch_dequant(*layers[i % copies], GROUP)), copies)
+            flops = 2 * m * n * k
+            row = {"shape": name, "in": k, "out": n, "m": m, "config": config, "grid": list(grid),
+                   "us": round(t * 1e6, 2), "fp16_us": round(t16 * 1e6, 2), "dequant_mm_us": round(tdq * 1e6, 2),
+                   "tflops": round(flops / t / 1e12, 1), "fp16_tflops": round(flops / t16 / 1e12, 1),
+                   "fp16_over_ours": round(t16 / t, 3), "rel_err": err, "fp16_rel_err": err16,
+                   "pass": err <= 1e-2}
+            rows.append(row)
+            log(json.dumps(row))
+        layers = w16 = None
+        torch.cuda.empty_cache()
+    # the smallest M from which dequantize + cuBLAS beat the GEMM on every shape (a candidate default for
+    # TINYCHAT_GEMM_DEQUANT_MIN_M), or None
+    crossover = next((m for m in GEMM_TOKENS if all(r["dequant_mm_us"] < r["us"] for r in rows if r["m"] >= m)), None)
+    failed = [f"{r['shape']} M={r['m']}" for r in rows if not r["pass"]]
+    result = {"group": GROUP, "rows": rows, "dequant_crossover_m": crossover, "failed": failed}
+    if failed:
+        log(f"FAILED (relative error > 1e-2): {failed}")
+    return result
+
+
 # ---- end to end ---------------------------------------------------------------------------------------
 
 def build_ours(variant: str, setup: Setup):
@@ -299,16 +375,56 @@ def run_ours(variant: str, setup: Setup) -> dict:
     setup.sync()
     from tinychat.ops import kernels
 
+    memory = setup.memory()
+    del cache
+    ttft = ttft_dequant = None
+    if variant != "w4a16_eager":  # the eager variant differs in decode only
+        ttft = time_to_first_token(model, setup)
+    if variant == "w4a16":
+        os.environ["TINYCHAT_GEMM_DEQUANT_MIN_M"] = "9"
+        try:
+            ttft_dequant = time_to_first_token(model, setup)
+        finally:
+            del os.environ["TINYCHAT_GEMM_DEQUANT_MIN_M"]
     result = {"variant": variant, "decode_tok_s": round(stats.decode_tps, 1),
               "ms_per_token": round(1e3 / stats.decode_tps, 3) if stats.decode_tps else None,
               "prefill_tok_s": round(stats.prefill_tps, 1), "ttft_s": round(stats.time_to_first_token, 4),
-              "new_tokens": len(tokens), "weights_gib": round(weights / 2**30, 2), **setup.memory(),
+              "new_tokens": len(tokens), "weights_gib": round(weights / 2**30, 2), **memory,
               "build_s": round(build_s, 1), "warmup_s": round(warm_s, 1),
               "graph": bool(model.__dict__.get("_tinychat_decode_graphs")),
               "graph_failed": model.__dict__.get("_tinychat_graph_failed"),
-              "kernel_checks": kernels.check_report(), "first_tokens": tokens[:16], "warm_tokens": warm}
+              "kernel_checks": kernels.check_report(), "first_tokens": tokens[:16], "warm_tokens": warm,
+              "ttft": ttft}
+    if ttft_dequant is not None:
+        result["ttft_dequant_cublas"] = ttft_dequant
     log(json.dumps({k: v for k, v in result.items() if k != "kernel_checks"}))
     return result
+
+
+def time_to_first_token(model, setup: Setup) -> dict:
+    """Seconds from the prompt to the first greedy token on the host, per prompt length (best of 3 runs, the
+    first warms up), through tinychat.generate.prefill: chunks of 512, the KV cache written as it goes."""
+    from tinychat.generate import prefill
+
+    out = {}
+    longest = max(setup.ttft_prompts)
+    cache = model.make_cache(longest + 16)
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for length in setup.ttft_prompts:
+            prompt = torch.randint(3, setup.shape["vocab_size"], (length,), generator=gen).tolist()
+            best = float("inf")
+            for _ in range(3):
+                cache.reset()
+                setup.sync()
+                t0 = time.perf_counter()
+                logits, _ = prefill(model, cache, prompt)
+                int(logits.argmax(-1)[0])
+                best = min(best, time.perf_counter() - t0)
+            out[str(length)] = round(best, 4)
+            log(f"time to first token, {length}-token prompt: {best * 1e3:.1f} ms")
+    del cache
+    return out
 
 
 def run_hf(setup: Setup) -> dict:
@@ -344,13 +460,26 @@ def run_hf(setup: Setup) -> dict:
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=setup.new_tokens, min_new_tokens=setup.new_tokens,
                              stopping_criteria=transformers.StoppingCriteriaList([Stamp()]), **kwargs)
+        first_token_s, memory = stamps[0] - t0, setup.memory()
+        ttft = {}
+        for length in setup.ttft_prompts:  # prefill-bound: one forward over the prompt, one greedy token
+            long_ids = torch.randint(3, shape["vocab_size"], (1, length), generator=gen).to(setup.device)
+            best = float("inf")
+            for _ in range(3):  # the first run warms up
+                setup.sync()
+                t1 = time.perf_counter()
+                first = model.generate(long_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+                int(first[0, -1])
+                best = min(best, time.perf_counter() - t1)
+            ttft[str(length)] = round(best, 4)
+            log(f"transformers time to first token, {length}-token prompt: {best * 1e3:.1f} ms")
     n = out.shape[1] - setup.prompt
     decode_s = stamps[-1] - stamps[0]
     result = {"variant": "hf", "decode_tok_s": round((len(stamps) - 1) / decode_s, 1),
-              "ms_per_token": round(1e3 * decode_s / (len(stamps) - 1), 3), "ttft_s": round(stamps[0] - t0, 4),
-              "new_tokens": n, "weights_gib": round(weights / 2**30, 2), **setup.memory(), "build_s": round(build_s, 1),
+              "ms_per_token": round(1e3 * decode_s / (len(stamps) - 1), 3), "ttft_s": round(first_token_s, 4),
+              "new_tokens": n, "weights_gib": round(weights / 2**30, 2), **memory, "build_s": round(build_s, 1),
               "transformers": transformers.__version__,
-              "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+              "attn_implementation": getattr(model.config, "_attn_implementation", None), "ttft": ttft}
     log(json.dumps(result))
     return result
 
@@ -473,7 +602,7 @@ def stage_tests(args) -> dict:
 def stage_report(args) -> dict:
     out = args.out
     data = {}
-    for name in ("env", "compile", "gemv", "e2e_w4a16", "e2e_w4a16_eager", "e2e_fp16", "e2e_hf", "tests"):
+    for name in ("env", "compile", "gemv", "gemm", "e2e_w4a16", "e2e_w4a16_eager", "e2e_fp16", "e2e_hf", "tests"):
         path = out / f"{name}.json"
         if path.exists():
             data[name] = json.loads(path.read_text())
@@ -511,6 +640,17 @@ def stage_report(args) -> dict:
         lines += ["", "| attention context | splits | us | % copy BW |", "|---|---|---|---|"]
         lines += [f"| {a['context']} | {a['splits']} | {a['us']} | {a['pct_copy_bw']} |" for a in g.get("attention", [])]
         lines.append("")
+    if "gemm" in data:
+        g = data["gemm"]
+        lines += [f"## W4A16 GEMM vs torch fp16 (cuBLAS), group {g['group']}; ratio = fp16 time / ours (> 1: faster)",
+                  "", "| shape | in x out | M | config (grid) | us | TFLOPS | fp16 us | fp16 TFLOPS | ratio | "
+                  "dequant+cuBLAS us | rel err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in g["rows"]:
+            lines.append(f"| {r['shape']} | {r['in']}x{r['out']} | {r['m']} | {r['config']} {tuple(r['grid'])} | "
+                         f"{r['us']} | {r['tflops']} | {r['fp16_us']} | {r['fp16_tflops']} | {r['fp16_over_ours']} | "
+                         f"{r['dequant_mm_us']} | {r['rel_err']:.2e}{'' if r['pass'] else ' FAIL'} |")
+        lines += ["", f"Dequantize + cuBLAS beats the GEMM on every shape from M = {g['dequant_crossover_m']}"
+                  " (None: never)." + (f" FAILED: {', '.join(g['failed'])}" if g["failed"] else ""), ""]
     e2e = [data[k] for k in ("e2e_w4a16", "e2e_w4a16_eager", "e2e_fp16", "e2e_hf") if k in data]
     if e2e:
         hf = data.get("e2e_hf", {}).get("decode_tok_s")
@@ -521,6 +661,15 @@ def stage_report(args) -> dict:
             ratio = f"{r['decode_tok_s'] / hf:.2f}x" if hf and r.get("decode_tok_s") else "-"
             lines.append(f"| {r['variant']} | {r.get('decode_tok_s')} | {r.get('ms_per_token')} | {ratio} | "
                          f"{r.get('ttft_s')} | {r.get('weights_gib')} | {r.get('peak_gib')} |")
+        timed = [(r["variant"], r["ttft"]) for r in e2e if r.get("ttft")]
+        if "e2e_w4a16" in data and data["e2e_w4a16"].get("ttft_dequant_cublas"):
+            timed.insert(1, ("w4a16 (dequant+cuBLAS)", data["e2e_w4a16"]["ttft_dequant_cublas"]))
+        if timed:
+            lengths = list(timed[0][1])
+            lines += ["", "Time to first token, seconds (prefill + first greedy token; ours in chunks of 512):", "",
+                      "| variant | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+                      "|---|" + "---|" * len(lengths)]
+            lines += [f"| {v} | " + " | ".join(str(t.get(n, "-")) for n in lengths) + " |" for v, t in timed]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(data, indent=2, default=str))
     print("\n".join(lines))
@@ -529,7 +678,7 @@ def stage_report(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["env", "compile", "tests", "gemv", "e2e", "report"])
+    parser.add_argument("stage", choices=["env", "compile", "tests", "gemv", "gemm", "e2e", "report"])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_results"))
     parser.add_argument("--variant", choices=["w4a16", "w4a16_eager", "fp16", "hf"], default="w4a16")
     parser.add_argument("--smoke", action="store_true", help="e2e only: a tiny model on the CPU (tests this script)")
@@ -555,6 +704,10 @@ def main(argv=None) -> int:
         write(args.out, "compile", stage_compile(args))
     elif args.stage == "gemv":
         write(args.out, "gemv", stage_gemv(args))
+    elif args.stage == "gemm":
+        data = stage_gemm(args)
+        write(args.out, "gemm", data)
+        return 1 if data["failed"] else 0
     elif args.variant == "hf":
         write(args.out, "e2e_hf", run_hf(Setup(smoke=False)))
     else:

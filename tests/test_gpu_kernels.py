@@ -77,9 +77,106 @@ def test_awq_linear_takes_the_cuda_path():
     layer = AWQLinear(qweight, qzeros, scales, g, dtype=torch.float16, device="cuda")
     assert layer.path == "cuda"
     w = pack.awq_to_dequant(qweight, qzeros, scales, g).cuda()
-    for t in (1, 7, 33):  # GEMV kernel, then the dequantize-and-matmul path
+    for t in (1, 7, 33, 300):  # GEMV kernel, then the tensor-core GEMM
         x = torch.randn(1, t, k, device="cuda").half()
         assert rel(layer(x), x.float() @ w.T) <= TOL
+
+
+# ---- the prefill GEMM (cuda/gemm_w4a16.cu) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("k,n", [(k, n) for k, n, _ in LLAMA7B] + [(576, 960), (1536, 576)])
+@pytest.mark.parametrize("m", [9, 16, 64, 100, 256, 1024])
+def test_gemm_matches_reference(k, n, m):
+    g = 128 if k % 128 == 0 else 64
+    qweight_t, scales_zeros = random_gemv_layout(k, n, g)
+    x = torch.randn(m, k, device="cuda").half()
+    got = cuda_ops._launch_gemm(x, qweight_t, scales_zeros, g)
+    want = reference.gemm_w4a16(x.float(), qweight_t, scales_zeros, g)
+    assert got.shape == want.shape
+    assert rel(got, want) <= TOL, (m, rel(got, want))
+
+
+@pytest.mark.parametrize("name", list(cuda_ops.GEMM_CONFIGS))
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_gemm_every_config_group_and_split(name, g):
+    """Each tile configuration on a ragged shape (partial M, N and K tiles) with and without split-K, bias."""
+    cfg = cuda_ops.GEMM_CONFIGS[name]
+    k, n = 1152 + 32 * (g == 32), 4096 + 8
+    qweight_t, scales_zeros = random_gemv_layout(k, n, g)
+    bias = torch.randn(n, device="cuda").half()
+    for m in (max(9, cfg.bm - 5), cfg.bm + 3):
+        x = torch.randn(1, m, k, device="cuda").half()
+        want = reference.gemm_w4a16(x.float(), qweight_t, scales_zeros, g, bias.float())
+        for splits in (1, 3, None):
+            got = cuda_ops._launch_gemm(x, qweight_t, scales_zeros, g, bias, name, splits)
+            assert got.shape == want.shape and rel(got, want) <= TOL, (m, splits, rel(got, want))
+
+
+def test_gemm_split_k_is_deterministic_and_leaves_counters_zeroed():
+    qweight_t, scales_zeros = random_gemv_layout(4096, 4096, 128)
+    x = torch.randn(16, 4096, device="cuda").half()
+    first = cuda_ops._launch_gemm(x, qweight_t, scales_zeros, 128, None, "m16", 8)
+    for _ in range(5):
+        assert torch.equal(cuda_ops._launch_gemm(x, qweight_t, scales_zeros, 128, None, "m16", 8), first)
+    torch.cuda.synchronize()
+    for buf in cuda_ops._gemm_counters.values():
+        assert not buf.any()
+
+
+def test_gemm_replays_in_a_cuda_graph():
+    qweight_t, scales_zeros = random_gemv_layout(4096, 4096, 128)
+    x = torch.randn(32, 4096, device="cuda").half()
+    want = cuda_ops._launch_gemm(x, qweight_t, scales_zeros, 128, None, "m32", 4)  # allocates the counters
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_ops._launch_gemm(x, qweight_t, scales_zeros, 128, None, "m32", 4)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+
+
+def test_dequant_kernel_is_exact():
+    qweight_t, scales_zeros = random_gemv_layout(4096, 1000, 64)
+    assert torch.equal(cuda_ops._launch_dequant(qweight_t, scales_zeros, 64),
+                       reference.dequant_w4a16(qweight_t, scales_zeros, 64))
+
+
+def test_gemm_dispatch_and_dequant_threshold():
+    qweight_t, scales_zeros = random_gemv_layout(1024, 512, 128)
+    x = torch.randn(200, 1024, device="cuda").half()
+    want = reference.gemm_w4a16(x.float(), qweight_t, scales_zeros, 128)
+    assert cuda_ops.gemm_supported(x, qweight_t, 128)
+    assert rel(cuda_ops.gemm_w4a16(x, qweight_t, scales_zeros, 128), want) <= TOL
+    os.environ["TINYCHAT_GEMM_DEQUANT_MIN_M"] = "128"
+    try:
+        assert rel(cuda_ops.gemm_w4a16(x, qweight_t, scales_zeros, 128), want) <= TOL
+    finally:
+        del os.environ["TINYCHAT_GEMM_DEQUANT_MIN_M"]
+    assert kernels.check_report().get("dequant_w4a16") == "ok"
+
+
+def test_chunked_prefill_matches_one_pass():
+    """A 300-token prompt prefilled in chunks of 64 (GEMM tiles m64 and the ragged last chunk, SDPA with the
+    cache-offset mask) gives the one-pass logits and cache, and the model with the same weights dequantized."""
+    from tinychat.generate import prefill
+
+    model = tiny_model(64)
+    assert model.model.layers[0].mlp.down_proj.path == "cuda"
+    prompt = torch.randint(0, 512, (300,)).tolist()
+    with torch.inference_mode():
+        one, chunked = model.make_cache(320), model.make_cache(320)
+        want, _ = prefill(model, one, prompt, chunk=512)
+        got, _ = prefill(model, chunked, prompt, chunk=64)
+        assert rel(got, want) <= TOL
+        assert rel(chunked.keys[2][:, :, :300], one.keys[2][:, :, :300]) <= TOL
+        assert rel(chunked.values[2][:, :, :300], one.values[2][:, :, :300]) <= TOL
+        for layer in model.model.layers:  # the same weights through torch's dequantize-and-matmul
+            for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                w = lin.dequantized_weight()
+                lin.forward = lambda x, w=w: torch.nn.functional.linear(x, w)
+        dense = model(torch.tensor([prompt], device="cuda"))[:, -1]
+        assert rel(got, dense) <= TOL
 
 
 @pytest.mark.parametrize("hidden,rows", [(4096, 1), (4096, 8), (576, 3), (8192, 2), (5120, 1)])
@@ -164,6 +261,9 @@ def test_every_self_check_passes():
     assert kernels.verified("rmsnorm_residual", lambda: cuda_ops._check_add_rmsnorm(device))
     assert kernels.verified("rope_kv_write", lambda: cuda_ops._check_rope_kv(device))
     assert kernels.verified("silu_mul", lambda: cuda_ops._check_silu_mul(device))
+    for name in cuda_ops.GEMM_CONFIGS:
+        assert kernels.verified(f"gemm_w4a16_{name}", lambda: cuda_ops._check_gemm(name, device))
+    assert kernels.verified("dequant_w4a16", lambda: cuda_ops._check_dequant(device))
     assert all(v == "ok" for v in kernels.check_report().values()), kernels.check_report()
 
 
