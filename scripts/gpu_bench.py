@@ -295,14 +295,62 @@ def stage_gemm(args) -> dict:
             log(json.dumps(row))
         layers = w16 = None
         torch.cuda.empty_cache()
+    attention = _prefill_attention_bench()
     # the smallest M from which dequantize + cuBLAS beat the GEMM on every shape (a candidate default for
     # TINYCHAT_GEMM_DEQUANT_MIN_M), or None
     crossover = next((m for m in GEMM_TOKENS if all(r["dequant_mm_us"] < r["us"] for r in rows if r["m"] >= m)), None)
     failed = [f"{r['shape']} M={r['m']}" for r in rows if not r["pass"]]
-    result = {"group": GROUP, "rows": rows, "dequant_crossover_m": crossover, "failed": failed}
+    result = {"group": GROUP, "rows": rows, "dequant_crossover_m": crossover, "failed": failed,
+              "prefill_attention": attention}
     if failed:
         log(f"FAILED (relative error > 1e-2): {failed}")
     return result
+
+
+def _prefill_attention_bench() -> list[dict]:
+    """Prefill attention of one 512-token chunk (tinychat.generate.PREFILL_CHUNK) after `offset` cached tokens,
+    as the model runs it (SDPA: is_causal at offset 0, else the boolean mask of models.llama.attention_mask)
+    and with torch's lower-right causal bias (flash/efficient kernels without a materialised mask), to decide
+    whether chunked prefill needs more than SDPA. Llama-2-7B (MHA) and Llama-3-8B (GQA 32/8) heads."""
+    from tinychat.models.llama import attention_mask
+
+    F = torch.nn.functional
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+    except ImportError:
+        causal_lower_right = None
+
+    def timed(fn, iters=20):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+
+    rows, t, d = [], 512, 128
+    for label, hq, hkv in (("llama2-7b", 32, 32), ("llama3-8b", 32, 8)):
+        for offset in (0, 1536, 3584):
+            q = torch.randn(1, hq, t, d, device="cuda").half()
+            k, v = (torch.randn(1, hkv, offset + t, d, device="cuda").half() for _ in range(2))
+            gqa = hq != hkv
+            mask = attention_mask(t, offset, None, "cuda") if offset else None
+            model_way = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,  # noqa: E731
+                                                               enable_gqa=gqa)
+            row = {"heads": label, "chunk": t, "offset": offset, "model_us": round(timed(model_way) * 1e6, 1)}
+            if causal_lower_right is not None:
+                bias = causal_lower_right(t, offset + t)
+                lower = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)  # noqa: E731
+                row["lower_right_us"] = round(timed(lower) * 1e6, 1)
+                row["rel_diff"] = round(float((model_way().float() - lower().float()).norm() / model_way().float().norm()), 6)
+            flops = 4 * hq * t * (offset + t / 2) * d
+            row["model_tflops"] = round(flops / (row["model_us"] * 1e-6) / 1e12, 1)
+            rows.append(row)
+            log(json.dumps(row))
+    return rows
 
 
 # ---- end to end ---------------------------------------------------------------------------------------
@@ -651,6 +699,13 @@ def stage_report(args) -> dict:
                          f"{r['dequant_mm_us']} | {r['rel_err']:.2e}{'' if r['pass'] else ' FAIL'} |")
         lines += ["", f"Dequantize + cuBLAS beats the GEMM on every shape from M = {g['dequant_crossover_m']}"
                   " (None: never)." + (f" FAILED: {', '.join(g['failed'])}" if g["failed"] else ""), ""]
+        if g.get("prefill_attention"):
+            lines += ["Prefill attention, one 512-token chunk after `offset` cached tokens (SDPA as the model calls it"
+                      " vs torch's lower-right causal bias):", "",
+                      "| heads | offset | model us | model TFLOPS | lower-right us | rel diff |", "|---|---|---|---|---|---|"]
+            lines += [f"| {a['heads']} | {a['offset']} | {a['model_us']} | {a['model_tflops']} | "
+                      f"{a.get('lower_right_us', '-')} | {a.get('rel_diff', '-')} |" for a in g["prefill_attention"]]
+            lines.append("")
     e2e = [data[k] for k in ("e2e_w4a16", "e2e_w4a16_eager", "e2e_fp16", "e2e_hf") if k in data]
     if e2e:
         hf = data.get("e2e_hf", {}).get("decode_tok_s")
