@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -14,19 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import TinychatError
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from .memory import peak_rss_bytes
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -58,12 +45,10 @@ def run_once(model, prompt_len: int, gen: int, seed: int) -> dict:
 def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
     from .engine import load_engine_from_args
 
-    rss_before = rss_bytes()
     t0 = time.perf_counter()
     engine = load_engine_from_args(args, quiet=True)
     load_s = time.perf_counter() - t0
     model = engine.model
-    rss_loaded = rss_bytes() - rss_before
     if prompt_len < 1 or gen < 2 or runs < 1:
         raise TinychatError("--prompt-len must be >= 1, --gen >= 2 and --runs >= 1")
     run_once(model, min(prompt_len, 16), 4, seed=0)  # warm-up: first calls allocate and pick kernels
@@ -73,7 +58,7 @@ def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
         "model": args.model, "path": str(engine.path), "precision": args.precision,
         "dtype": str(model.dtype).split(".")[-1], "device": args.device, "int8_head": not args.full_head, "threads": torch.get_num_threads(), "prompt_len": prompt_len, "gen": gen,
         "runs": runs, "load_s": load_s, "weight_bytes": weight_bytes(model),
-        "rss_model_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(),
+        "rss_model_bytes": engine.model_rss_bytes, "peak_rss_bytes": peak_rss_bytes(),
     })
     if model.device.type == "cuda":
         row["peak_device_bytes"] = torch.cuda.max_memory_allocated()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .hub import resolve_model
+from .memory import anon_rss_bytes
 from .loader import load_model
 from .tokenizer import Tokenizer
 
@@ -18,6 +19,7 @@ class Engine:
     model: object
     tokenizer: Tokenizer
     path: Path
+    model_rss_bytes: int = 0  # resident anonymous memory that loading the model added (host)
 
     def encode_chat(self, messages: list[dict], use_template: bool = True) -> list[int]:
         """Token ids of a conversation, ready for generation of the assistant's reply."""
@@ -53,10 +55,12 @@ def load_engine(name: str, precision: str = "w4a16", dtype: str = "auto", device
     tokenizer = Tokenizer.from_dir(path)
     # 4-bit on CPU: the int8 head halves the biggest per-token read (the GGUF ships this table as Q8_0).
     int8_head = full_head is False and device == "cpu" and is_quantized(path)
+    rss_before = anon_rss_bytes()
     model = load_model(path, dtype=dtype, device=device, int8_head=int8_head)
+    model_rss = anon_rss_bytes() - rss_before
     if not quiet:
         print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return Engine(model, tokenizer, path)
+    return Engine(model, tokenizer, path, model_rss)
 
 
 def load_engine_from_args(args, quiet: bool = False) -> Engine:

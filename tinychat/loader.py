@@ -145,4 +145,20 @@ def load_model(path: str | Path, dtype="fp32", device="cpu", int8_head: bool = F
         from .quant.int8 import use_int8_head
 
         use_int8_head(model)
+    release_free_memory()
     return model
+
+
+def release_free_memory() -> None:
+    """Hand the heap freed by loading back to the OS.
+
+    Converting and repacking allocate large temporaries; glibc raises its mmap threshold after freeing
+    big blocks, so later ones land on the heap and stay resident after being freed (hundreds of MB for
+    the 4-bit repack). malloc_trim returns them. Elsewhere than glibc this does nothing.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

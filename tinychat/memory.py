@@ -1,0 +1,31 @@
+"""Resident memory of this process (Linux /proc and getrusage; zeros where unavailable)."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def anon_rss_bytes() -> int:
+    """Resident anonymous memory (RssAnon): tensors and heap, without the code pages of libraries,
+    which torch pages in lazily the first time a kernel runs and any torch program pays."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss_bytes()
