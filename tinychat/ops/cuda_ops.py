@@ -309,9 +309,9 @@ def gemm_launch_plan(m: int, n: int, k: int, name: str, sms: int, splits: int | 
     """(grid, tiles_per_split) for one GEMM launch.
 
     Grid x = M tiles, y = N tiles, z = K splits. Split-K only where the tile grid has fewer blocks than
-    two per SM (small M and narrow N, where the GEMM is bandwidth-bound and needs every SM streaming
-    weights), each split at least GEMM_MIN_TILES_PER_SPLIT k tiles, and the fp32 partials (written and
-    read once, mostly in L2) at most half the weight bytes: splits <= K / (16 M).
+    two per SM (small M or narrow N: every SM should be streaming weights or running tensor cores), each
+    split at least GEMM_MIN_TILES_PER_SPLIT k tiles, and the fp32 partials (written once, read once by the
+    last block, mostly within L2) at most twice the int4 weight bytes: splits * M * N * 4 <= N * K.
     """
     cfg = GEMM_CONFIGS[name]
     m_tiles, n_tiles, k_tiles = -(-m // cfg.bm), -(-n // cfg.bn), -(-k // cfg.bk)
@@ -319,7 +319,7 @@ def gemm_launch_plan(m: int, n: int, k: int, name: str, sms: int, splits: int | 
         blocks = m_tiles * n_tiles
         splits = 1
         if blocks < 2 * sms:
-            splits = min(-(-2 * sms // blocks), k_tiles // GEMM_MIN_TILES_PER_SPLIT, k // (16 * m), GEMM_MAX_SPLITS)
+            splits = min(-(-2 * sms // blocks), k_tiles // GEMM_MIN_TILES_PER_SPLIT, k // (4 * m), GEMM_MAX_SPLITS)
     splits = max(1, min(splits, k_tiles))
     per = -(-k_tiles // splits)
     splits = -(-k_tiles // per)  # no empty split
