@@ -338,12 +338,16 @@ def _sm_count(device) -> int:
     return sms
 
 
-def _counters(device, tiles: int) -> torch.Tensor:
+def _counters(device, tiles: int, allocate: bool = True) -> torch.Tensor | None:
     """Split-K arrival counters: zeroed once, and every launch leaves them zeroed again (the last block of a
-    tile resets its counter). One buffer per device; launches on it are stream-ordered."""
+    tile resets its counter). One buffer per device, shared by every split GEMM on it (captured graphs
+    included), so split GEMMs must not run concurrently on two streams of one device (tinychat never does).
+    allocate=False (inside a CUDA graph capture): None unless a big enough buffer exists already."""
     key = (device.type, device.index)
     buf = _gemm_counters.get(key)
     if buf is None or buf.numel() < tiles:
+        if not allocate:
+            return None
         buf = _gemm_counters[key] = torch.zeros(max(1024, 1 << (tiles - 1).bit_length()), dtype=torch.int32,
                                                 device=device)
     return buf
@@ -357,14 +361,15 @@ def _launch_gemm(x, qweight_t, scales_zeros, group_size, bias=None, name=None, s
     if m == 0:
         return y
     grid, per = gemm_launch_plan(m, n, k, name, _sm_count(x.device), splits)
-    if grid[2] > 1 and x.is_cuda and torch.cuda.is_current_stream_capturing():
-        have = _gemm_counters.get((x.device.type, x.device.index))
-        if have is None or have.numel() < grid[0] * grid[1]:  # never allocate the counters inside a capture
-            grid, per = gemm_launch_plan(m, n, k, name, 1, splits=1)
     ws = counters = None
     if grid[2] > 1:
-        ws = torch.empty(grid[2], m, n, dtype=torch.float32, device=x.device)
-        counters = _counters(x.device, grid[0] * grid[1])
+        # inside a CUDA graph capture the counters must exist already (they outlive the graph's pool)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        counters = _counters(x.device, grid[0] * grid[1], allocate=not capturing)
+        if counters is None:
+            grid, per = gemm_launch_plan(m, n, k, name, 1, splits=1)
+        else:
+            ws = torch.empty(grid[2], m, n, dtype=torch.float32, device=x.device)
     group_shift = int(math.log2(group_size)) - 5
     kernels.launch("gemm_w4a16.cu", f"gemm_w4a16_{name}", grid, (GEMM_THREADS,),
                    (ptr(x), ptr(qweight_t), ptr(scales_zeros), ptr(bias), ptr(y), ptr(ws), ptr(counters), i32(m),
