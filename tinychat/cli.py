@@ -55,13 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     register_generate(subparsers)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"tinychat.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"tinychat.{name}":
-                continue  # front end not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"tinychat.{name}").register(subparsers)
     return parser
 
 
