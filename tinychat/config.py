@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,43 @@ from .errors import TinychatError
 
 # model_type values served by tinychat/models/llama.py (SmolLM, Mistral, Qwen2 are LLaMA-shaped).
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+# The JSON type each known field must have: config.json comes from strangers, and a wrong type must be a
+# one-line error here rather than a TypeError deep in the model.
+_INT, _NUMBER, _BOOL, _STR, _DICT, _IDS = "an integer", "a number", "true or false", "a string", "an object", \
+    "a token id or a list of token ids"
+_FIELD_TYPES = {
+    "model_type": _STR, "hidden_act": _STR,
+    "vocab_size": _INT, "hidden_size": _INT, "intermediate_size": _INT, "num_hidden_layers": _INT,
+    "num_attention_heads": _INT, "num_key_value_heads": _INT, "head_dim": _INT, "max_position_embeddings": _INT,
+    "sliding_window": _INT, "bos_token_id": _INT, "eos_token_id": _IDS,
+    "rms_norm_eps": _NUMBER, "rope_theta": _NUMBER,
+    "tie_word_embeddings": _BOOL, "attention_bias": _BOOL, "mlp_bias": _BOOL,
+    "rope_scaling": _DICT, "rope_parameters": _DICT, "quantization_config": _DICT,
+}
+
+
+_REQUIRED = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _has_type(value, kind: str) -> bool:
+    if kind == _INT:
+        return _is_int(value)
+    if kind == _NUMBER:
+        return _is_int(value) or isinstance(value, float)
+    if kind == _IDS:
+        return _is_int(value) or (isinstance(value, list) and all(_is_int(v) for v in value))
+    return isinstance(value, {_BOOL: bool, _STR: str, _DICT: dict}[kind])
+
+
+def _short(value) -> str:
+    return reprlib.repr(value)
 
 
 @dataclass
@@ -77,14 +116,40 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise TinychatError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
-        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
-            raise TinychatError("config.json: rms_norm_eps and rope_theta must be positive")
+        for name in ("rms_norm_eps", "rope_theta"):  # rope_theta may come from rope_parameters
+            value = getattr(self, name)
+            if not (_has_type(value, _NUMBER) and 0 < value < math.inf):
+                raise TinychatError(f"config.json: {name} must be a positive finite number, got {_short(value)}")
         if self.mlp_bias:
             raise TinychatError("config.json: mlp_bias=true is not supported")
         if self.hidden_act not in ("silu", "swish"):
             raise TinychatError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only silu)")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise TinychatError(f"config.json: sliding_window must be a positive integer, got {self.sliding_window!r}")
+        if not _is_int(self.max_position_embeddings) or self.max_position_embeddings <= 0:
+            raise TinychatError("config.json: max_position_embeddings must be a positive integer, "
+                                f"got {_short(self.max_position_embeddings)}")
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        if not isinstance(scaling, dict):
+            raise TinychatError(f"config.json: rope_scaling must be an object or null, got {_short(scaling)}")
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise TinychatError(f"config.json: rope_scaling type {_short(kind)} is not supported "
+                                f"(only {', '.join(ROPE_TYPES)})")
+        needed = {"linear": ("factor",),
+                  "llama3": ("factor", "original_max_position_embeddings")}.get(kind, ())
+        for key in needed + ("low_freq_factor", "high_freq_factor"):
+            value = scaling.get(key)
+            if (key in needed or value is not None) and not (_has_type(value, _NUMBER) and value > 0):
+                raise TinychatError(f"config.json: rope_scaling {key} must be a positive number for "
+                                    f"{kind!r} scaling, got {_short(value)}")
+        if kind == "llama3" and not scaling.get("high_freq_factor", 4.0) > scaling.get("low_freq_factor", 1.0):
+            raise TinychatError("config.json: rope_scaling high_freq_factor must be greater than low_freq_factor")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -94,16 +159,23 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise TinychatError(f"config.json: expected a JSON object, got {type(d).__name__}; "
+                                "re-download the model's config.json")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in d.items() if k in names}
+        # A null for a field with a default means the default (HF writes e.g. "sliding_window": null).
+        known = {k: v for k, v in d.items() if k in names and not (v is None and k not in _REQUIRED)}
+        for k, v in known.items():
+            if k in _FIELD_TYPES and not _has_type(v, _FIELD_TYPES[k]):
+                raise TinychatError(f"config.json: {k} must be {_FIELD_TYPES[k]}, got {_short(v)}")
         # `extra` keeps the raw dict so fields can tell "absent" from "default" (head_dim, use_sliding_window).
         extra = {k: v for k, v in d.items() if k not in names}
         if "head_dim" in d and d["head_dim"] is not None:
             extra["head_dim"] = d["head_dim"]
-        missing = [n for n in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads") if n not in known]
+        missing = [n for n in _REQUIRED if n not in known]
         if missing:
-            raise TinychatError(f"config.json: missing required field(s) {', '.join(missing)}")
+            raise TinychatError(f"config.json: missing required field(s) {', '.join(missing)}; "
+                                "is this a LLaMA-family Hugging Face config? re-download it")
         return cls(**known, extra=extra)
 
     @classmethod
@@ -113,7 +185,8 @@ class ModelConfig:
         if not path.exists():
             raise TinychatError(f"{path}: no such model directory; give a model directory or a known model name")
         if not cfg.is_file():
-            raise TinychatError(f"{path}: no config.json in this directory; is it a Hugging Face model directory?")
+            raise TinychatError(f"{path}: no config.json in this directory; give a Hugging Face model directory "
+                                "(config.json, *.safetensors and tokenizer files)")
         try:
             d = json.loads(cfg.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
