@@ -79,6 +79,12 @@ def fused_state_dict(read, config: ModelConfig, dtype: torch.dtype, device: torc
             raise TinychatError(f"tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shapes[name]}")
         if not t.is_floating_point():
             raise TinychatError(f"tensor {name!r} has dtype {t.dtype}, expected a floating point type")
+        # One pass over each tensor as it is read (cheap next to the read itself): a NaN or inf weight
+        # would otherwise show up only as garbage text much later.
+        if not torch.isfinite(t).all():
+            kind = "NaN" if torch.isnan(t).any() else "inf"
+            raise TinychatError(f"tensor {name!r} contains {kind} values; the checkpoint is corrupt, "
+                                "re-download or re-export it")
         return t.to(device=device, dtype=dtype)
 
     state = {}
