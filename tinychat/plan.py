@@ -334,7 +334,8 @@ def load_shape(name: str) -> tuple[ModelConfig, str, tuple[str, ...], int | None
     if file is None:
         stems = sorted({f.stem for f in shapes.values()})
         known = ", ".join(stems) if stems else f"none: {SHAPES_DIR} is missing"
-        raise TinychatError(f"--model {name!r}: not a model directory or a known model name (known: {known})")
+        raise TinychatError(f"--model {name!r}: not a model directory or a known model name; give a directory "
+                            f"holding config.json or one of: {known}")
     try:
         d = json.loads(file.read_text())
     except (OSError, ValueError) as e:
