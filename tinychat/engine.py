@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelConfig
+from .errors import TinychatError
 from .hub import resolve_model
 from .memory import anon_rss_bytes
 from .loader import load_model
@@ -45,6 +46,15 @@ def is_quantized(path: Path) -> bool:
     return bool(ModelConfig.from_dir(path).quantization_config)
 
 
+def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig, path: Path) -> None:
+    """Token ids index the embedding, so a tokenizer with more tokens than its rows belongs to another model
+    (more rows than tokens is normal: embeddings are often padded)."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TinychatError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but config.json vocab_size "
+                            f"(the embedding's rows) is {config.vocab_size}; the tokenizer files belong to another "
+                            "model, copy the model's own tokenizer files there")
+
+
 def load_engine(name: str, precision: str = "w4a16", dtype: str = "auto", device: str = "cpu",
                 quiet: bool = False, full_head: bool = False) -> Engine:
     t0 = time.perf_counter()
@@ -53,6 +63,7 @@ def load_engine(name: str, precision: str = "w4a16", dtype: str = "auto", device
     if not quiet:
         print(f"loading {path} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
     tokenizer = Tokenizer.from_dir(path)
+    check_tokenizer_fits(tokenizer, ModelConfig.from_dir(path), path)
     # 4-bit on CPU: the int8 head halves the biggest per-token read (the GGUF ships this table as Q8_0).
     int8_head = full_head is False and device == "cpu" and is_quantized(path)
     rss_before = anon_rss_bytes()
