@@ -46,10 +46,10 @@ def read_text(path: str | Path) -> str:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise TinychatError(f"--data {path}: not UTF-8 text") from None
+        raise TinychatError(f"--data {path}: not UTF-8 text; give a plain text file") from None
     text = "\n".join(lines)
     if not text.strip():
-        raise TinychatError(f"--data {path}: the file has no text")
+        raise TinychatError(f"--data {path}: the file has no text; give a file with text to score")
     return text
 
 
@@ -60,7 +60,8 @@ def make_windows(ids, seqlen: int, max_tokens: int | None = None) -> torch.Tenso
     ids = torch.as_tensor(ids, dtype=torch.int64).flatten()
     if max_tokens is not None:
         if max_tokens < seqlen:
-            raise TinychatError(f"--max-tokens {max_tokens} is less than one window of --seqlen {seqlen}")
+            raise TinychatError(f"--max-tokens {max_tokens} is less than one window of --seqlen {seqlen}; "
+                                "raise --max-tokens or lower --seqlen")
         ids = ids[:max_tokens]
     n = ids.numel() // seqlen
     if n == 0:
@@ -100,6 +101,7 @@ def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto",
                   duo_scaling: bool = False, progress: bool = True):
     """(model, tokenizer, label): the checkpoint as it is, or fake-quantized in memory."""
     from .config import ModelConfig
+    from .engine import check_tokenizer_fits
     from .hub import resolve_model
     from .loader import load_model, parse_device, parse_dtype
     from .tokenizer import Tokenizer
@@ -107,6 +109,7 @@ def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto",
     path = resolve_model(model_name, "fp16" if fake_quant else precision)
     config = ModelConfig.from_dir(path)
     tokenizer = Tokenizer.from_dir(path)
+    check_tokenizer_fits(tokenizer, config, path)
     if dtype == "auto":
         # CPU: fp32 for full-precision and fake-quantized weights, bf16 for the int4 kernel of real AWQ.
         dtype = "fp16" if device.startswith("cuda") else "bf16" if config.quantization_config and not fake_quant \
@@ -192,5 +195,7 @@ def run_ppl(args) -> int:
         record = {**asdict(result), "model": args.model, "data": str(args.data), "fake_quant": args.fake_quant,
                   "w_bit": args.w_bit if args.fake_quant else None,
                   "group_size": args.group_size if args.fake_quant else None}
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        from .atomic import write_text
+
+        write_text(args.json, json.dumps(record, indent=2) + "\n", "--json")
     return 0
