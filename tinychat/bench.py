@@ -45,12 +45,16 @@ def run_once(model, prompt_len: int, gen: int, seed: int) -> dict:
 def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
     from .engine import load_engine_from_args
 
+    if prompt_len < 1 or gen < 2 or runs < 1:
+        raise TinychatError("--prompt-len must be >= 1, --gen >= 2 and --runs >= 1")
     t0 = time.perf_counter()
     engine = load_engine_from_args(args, quiet=True)
     load_s = time.perf_counter() - t0
     model = engine.model
-    if prompt_len < 1 or gen < 2 or runs < 1:
-        raise TinychatError("--prompt-len must be >= 1, --gen >= 2 and --runs >= 1")
+    context = model.config.max_position_embeddings
+    if prompt_len + gen > context:
+        raise TinychatError(f"--prompt-len {prompt_len} + --gen {gen} exceed the model's context of {context} "
+                            "tokens; lower them")
     run_once(model, min(prompt_len, 16), 4, seed=0)  # warm-up: first calls allocate and pick kernels
     results = [run_once(model, prompt_len, gen, seed=i + 1) for i in range(runs)]
     row = {key: statistics.median(r[key] for r in results) for key in results[0]}
@@ -103,9 +107,8 @@ def run(args) -> int:
     row = benchmark(args, args.prompt_len, args.gen, args.runs)
     print(format_table([row]))
     if args.json:
-        out = Path(args.json)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"machine": machine_info(), "results": [row]}, indent=2))
-        tmp.replace(out)
+        from .atomic import write_text
+
+        out = write_text(args.json, json.dumps({"machine": machine_info(), "results": [row]}, indent=2), "--json")
         print(f"wrote {out}", file=sys.stderr)
     return 0
