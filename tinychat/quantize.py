@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .atomic import write_errors, write_failed
 from .errors import TinychatError
 
 
@@ -83,11 +84,24 @@ def run(args) -> int:
             raise TinychatError("AWQ needs calibration text: pass --calib FILE (plain text or JSONL; or "
                                 "--calib pileval to download it) or --load-search FILE")
         print(f"using the precomputed search results {load_search_file}")
-    summary = quantize(src, Path(args.output) if args.output else None, w_bit=w_bit, group_size=group_size,
-                       method=args.method, calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen,
-                       seed=args.seed, load_search_file=load_search_file, save_search_file=args.save_search,
-                       device=args.device, force=args.force, settings=settings_from_args(args),
-                       progress=not args.quiet)
+    if args.calib and args.method == "awq" and not args.load_search:
+        # Calibration text is tokenized with this tokenizer and fed to the embedding.
+        from .config import ModelConfig
+        from .engine import check_tokenizer_fits
+        from .tokenizer import Tokenizer
+
+        check_tokenizer_fits(Tokenizer.from_dir(src), ModelConfig.from_dir(src), Path(src))
+    try:
+        summary = quantize(src, Path(args.output) if args.output else None, w_bit=w_bit, group_size=group_size,
+                           method=args.method, calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen,
+                           seed=args.seed, load_search_file=load_search_file, save_search_file=args.save_search,
+                           device=args.device, force=args.force, settings=settings_from_args(args),
+                           progress=not args.quiet)
+    except write_errors() as e:
+        # The checkpoint is written to a temporary directory renamed into place, so --output is untouched;
+        # name it rather than the temporary file that failed.
+        where = args.output or args.save_search or getattr(e, "filename", None)
+        raise write_failed(e, where, "free disk space or choose another --output") from None
     print(summary.line())
     if args.save_search:
         print(f"search results saved to {args.save_search}")
