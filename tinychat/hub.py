@@ -75,5 +75,10 @@ def ensure_default_awq(source: Path) -> Path:
     if not DEFAULT_SEARCH.is_file():
         raise TinychatError(f"{DEFAULT_SEARCH}: the default model's AWQ search results are missing from this "
                             "installation; reinstall tinychat or use --precision fp16")
-    quantize_from_search(source, DEFAULT_SEARCH, out, DEFAULT_W_BIT, DEFAULT_GROUP)
+    from .atomic import write_errors, write_failed
+
+    try:
+        quantize_from_search(source, DEFAULT_SEARCH, out, DEFAULT_W_BIT, DEFAULT_GROUP)
+    except write_errors() as e:  # written to a temporary directory first: `out` is not left half-done
+        raise write_failed(e, out, "free disk space, or set TINYCHAT_MODELS to a writable directory") from None
     return out
