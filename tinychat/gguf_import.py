@@ -103,16 +103,21 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tru
     if _is_nonempty_dir(out_dir) and not overwrite:
         raise TinychatError(f"{out_dir} already exists and is not empty; remove it or choose another output dir")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from .atomic import write_errors, write_failed
+
     tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_dir.mkdir()
         _write_model(gguf_path, tmp_dir, progress)
         _move_into_place(tmp_dir, out_dir)
-    except BaseException:
+    except BaseException as e:
         # KeyboardInterrupt included: a half-written dir must never be mistaken for a model.
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(e, write_errors()):  # reading errors are TinychatErrors by now: this is the disk
+            raise write_failed(e, out_dir, "free disk space or choose a writable location "
+                                           "(TINYCHAT_MODELS for the default model)") from None
         raise
     return out_dir
 
@@ -142,21 +147,26 @@ def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
 def _write_model(gguf_path: Path, out_dir: Path, progress: bool) -> None:
     import gguf  # heavy-ish; only the import needs it
 
+    # Everything is read and built before anything is written, so that any failure while reading -- a
+    # corrupt file can break the reader, the metadata, the tensors or the tokenizer in any way -- is
+    # reported as this file's fault, and a failure while writing as the disk's.
     try:
         reader = gguf.GGUFReader(gguf_path)
         meta = _read_metadata(reader)
+        config = _build_config(gguf_path, meta, reader)
+        tensors = _convert_tensors(gguf_path, reader, config, progress)
+        tokenizer_json = _build_tokenizer(gguf_path, meta).to_str(pretty=True)
+        json_files = {"config.json": config, "generation_config.json": _build_generation_config(meta),
+                      "tokenizer_config.json": _build_tokenizer_config(meta)}
     except TinychatError:
         raise
     except Exception as e:
         raise _corrupt(gguf_path, e) from e
 
-    config = _build_config(gguf_path, meta, reader)
-    tensors = _convert_tensors(gguf_path, reader, config, progress)
     _save_weights(tensors, out_dir)
-    _write_json(out_dir / "config.json", config)
-    _write_json(out_dir / "generation_config.json", _build_generation_config(meta))
-    _write_json(out_dir / "tokenizer_config.json", _build_tokenizer_config(meta))
-    _build_tokenizer(gguf_path, meta).save(str(out_dir / "tokenizer.json"))
+    for name, obj in json_files.items():
+        _write_json(out_dir / name, obj)
+    (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
 
 
 def _corrupt(gguf_path: Path, err: BaseException) -> TinychatError:
@@ -218,7 +228,8 @@ def _build_config(gguf_path: Path, meta: dict, reader) -> dict[str, Any]:
 
     hidden = get("embedding_length")
     n_head = get("attention.head_count")
-    head_dim = get("attention.key_length", hidden // n_head)
+    # No division by a zero head count here: ModelConfig says what is wrong with it.
+    head_dim = get("attention.key_length", hidden // n_head if n_head else None)
     tensor_names = {t.name for t in reader.tensors}
     vocab_size = get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))
     config: dict[str, Any] = {
