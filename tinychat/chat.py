@@ -560,11 +560,7 @@ def run_piped(chat: ChatSession, stdin: TextIO, out: TextIO, info: TextIO, whole
     if not text:
         raise TinychatError("--whole-input: stdin was empty; pipe the message in, e.g. `tinychat chat "
                             "--whole-input < question.txt`")
-    try:
-        repl.send(text)
-    except TinychatError as e:
-        repl.say(str(e))
-        return 1
+    repl.send(text)  # one message, one answer: a message that cannot be sent is a usage error (exit 2)
     return 0
 
 

@@ -32,6 +32,8 @@ def run_generate(args) -> int:
     from .generate import stream_generate
 
     params = sampling_from_args(args)
+    if args.max_context is not None and args.max_context < 1:
+        raise TinychatError(f"--max-context must be a positive number of tokens, got {args.max_context}")
     engine = load_engine_from_args(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
