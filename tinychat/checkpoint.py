@@ -47,7 +47,8 @@ class CheckpointReader:
         if not files:
             pickles = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
             hint = (f" (found {', '.join(pickles)}: pickle files can run code and are never loaded; "
-                    "convert them to safetensors first)") if pickles else ""
+                    "convert them to safetensors first)") if pickles else \
+                "; give a directory holding the model's *.safetensors files"
             raise TinychatError(f"{self.path}: no *.safetensors weights{hint}")
         shard_of = {}
         for f in files:
@@ -73,7 +74,8 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.shard_of:
-            raise TinychatError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+            raise TinychatError(f"{self.path}: tensor {name!r} is missing from the checkpoint; "
+                                "re-download the model (or check that config.json belongs to it)")
         file = self.shard_of[name]
         try:
             return self._open(file).get_tensor(name)

@@ -76,7 +76,8 @@ def fused_state_dict(read, config: ModelConfig, dtype: torch.dtype, device: torc
     def load(name: str) -> torch.Tensor:
         t = read(name)
         if tuple(t.shape) != shapes[name]:
-            raise TinychatError(f"tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shapes[name]}")
+            raise TinychatError(f"tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shapes[name]}; "
+                                "the weights and config.json disagree, re-download the model")
         if not t.is_floating_point():
             raise TinychatError(f"tensor {name!r} has dtype {t.dtype}, expected a floating point type")
         placed = t.to(device=device, dtype=dtype)

@@ -250,7 +250,8 @@ class Tokenizer:
         except TinychatError:
             raise
         except Exception as e:
-            raise TinychatError(f"the model's chat template failed on these messages: {type(e).__name__}: {e}") from None
+            raise TinychatError(f"the model's chat template failed on these messages: {type(e).__name__}: {e}; "
+                                "fix chat_template in the model's tokenizer files or use --no-chat-template") from None
 
     def _template(self):
         if self._compiled_template is None:
