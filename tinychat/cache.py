@@ -24,8 +24,15 @@ class KVCache:
         if max_seq <= 0:
             raise TinychatError(f"--max-context must be positive, got {max_seq}")
         shape = (batch, config.num_key_value_heads, max_seq, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        try:
+            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        except (RuntimeError, MemoryError):  # torch's out-of-memory errors (CPU and CUDA) are RuntimeErrors
+            self.keys = self.values = []
+            gb = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * max_seq * config.head_dim \
+                * torch.empty((), dtype=dtype).element_size() / 1e9
+            raise TinychatError(f"--max-context {max_seq}: the KV cache needs {gb:.1f} GB, more than {device} "
+                                "can allocate; lower --max-context") from None
         self.max_seq = max_seq
         self.offset = 0  # number of positions holding valid keys/values
         self.token_ids: list[int] = []  # the tokens those positions came from (batch 1), for prefix reuse
