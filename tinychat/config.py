@@ -15,6 +15,7 @@ from .errors import TinychatError
 # model_type values served by tinychat/models/llama.py (SmolLM, Mistral, Qwen2 are LLaMA-shaped).
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
+MAX_LAYERS, MAX_DIM = 4096, 1 << 24
 
 # The JSON type each known field must have: config.json comes from strangers, and a wrong type must be a
 # one-line error here rather than a TypeError deep in the model.
@@ -104,6 +105,12 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise TinychatError(f"config.json: {name} must be a positive integer, got {value!r}")
+            # Far beyond any real model; a hostile value would otherwise make the loader loop or allocate
+            # for hours before the weights could disagree with it.
+            limit = MAX_LAYERS if name == "num_hidden_layers" else MAX_DIM
+            if value > limit:
+                raise TinychatError(f"config.json: {name} {value} is implausibly large (at most {limit}); "
+                                    "the file is corrupt, re-download it")
         if self.num_attention_heads % self.num_key_value_heads:
             raise TinychatError(
                 f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
