@@ -159,6 +159,8 @@ CONFIG_CASES = {
     "negative_rope_theta": (lambda m: edit_config(m, rope_theta=-1.0), ["rope_theta"]),
     "str_rope_theta": (lambda m: edit_config(m, rope_theta="10000"), ["rope_theta"]),
     "zero_context": (lambda m: edit_config(m, max_position_embeddings=0), ["max_position_embeddings"]),
+    "huge_layers": (lambda m: edit_config(m, num_hidden_layers=10**12), ["num_hidden_layers"]),
+    "huge_vocab": (lambda m: edit_config(m, vocab_size=2**40), ["vocab_size"]),
     "str_tie": (lambda m: edit_config(m, tie_word_embeddings="no"), ["tie_word_embeddings"]),
     "rope_scaling_str": (lambda m: edit_config(m, rope_scaling="linear"), ["rope_scaling"]),
     "rope_scaling_no_factor": (lambda m: edit_config(m, rope_scaling={"rope_type": "linear"}), ["rope_scaling"]),
@@ -390,7 +392,8 @@ def test_prompt_longer_than_model_context_default_cache(base, tmp_path, capsys, 
                                         ("--top-p", "1.5"), ("--top-k", "-1"), ("--min-p", "1"),
                                         ("--min-p", "-0.1"), ("--repetition-penalty", "0"),
                                         ("--repetition-penalty", "inf"), ("--max-tokens", "0"),
-                                        ("--max-context", "0"), ("--max-context", "-5")])
+                                        ("--max-context", "0"), ("--max-context", "-5"),
+                                        ("--max-context", str(10**12))])
 def test_sampling_values(command, flag, value, base, tmp_path, capsys, monkeypatch):
     argv = argv_for(command, base["fp"], tmp_path, base) + [flag, value]
     expect_error(capsys, monkeypatch, argv, flag)
