@@ -40,9 +40,18 @@ class CheckpointReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                return {name: self.path / shard for name, shard in weight_map.items()}
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise TinychatError(f"{index}: not a valid safetensors index ({e}); re-download the model") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise TinychatError(f"{index}: weight_map must map tensor names to shard file names; "
+                                    "re-download the model")
+            # Shards are files of this directory: an index must not point the reader anywhere else.
+            bad = next((v for v in weight_map.values() if v in ("", ".", "..") or Path(v).name != v), None)
+            if bad is not None:
+                raise TinychatError(f"{index}: shard {bad!r} is not a file name in the model directory; "
+                                    "re-download the model")
+            return {name: self.path / shard for name, shard in weight_map.items()}
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             pickles = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
