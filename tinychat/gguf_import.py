@@ -330,7 +330,14 @@ def _convert_tensors(gguf_path: Path, reader, config: dict, progress: bool) -> d
             w = unpermute_qk(w, config["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             w = unpermute_qk(w, config["num_key_value_heads"])
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float16))
+        with np.errstate(over="ignore", invalid="ignore"):
+            w16 = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float16))
+        # NaN/inf (or values past fp16's range) would make a model that only prints garbage; one fp32 sum
+        # finds them (they survive a sum).
+        if not torch.isfinite(w16.sum(dtype=torch.float32)):
+            raise TinychatError(f"{gguf_path}: tensor {t.name!r} holds NaN/inf or values too large for fp16; "
+                                "the file is corrupt, re-download or reinstall it")
+        tensors[name] = w16
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise TinychatError(f"{gguf_path}: GGUF lacks {len(missing)} tensor(s), e.g. {missing[0]}; the file is incomplete")
