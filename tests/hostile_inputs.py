@@ -122,14 +122,35 @@ def gguf_vocab() -> list[str]:
     return GGUF_SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġt", "he"]
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
-    """A tiny llama GGUF (f32 tensors, byte-level BPE tokenizer, chat template) that import_gguf accepts."""
-    import gguf
+def gguf_metadata() -> dict[str, tuple]:
+    """The tiny GGUF's key/values: key -> (value, GGUFValueType[, array item type])."""
+    from gguf import GGUFValueType as T
 
+    s, vocab = GGUF_SHAPE, gguf_vocab()
+    return {
+        "llama.block_count": (s["layers"], T.UINT32),
+        "llama.context_length": (64, T.UINT32),
+        "llama.embedding_length": (s["hidden"], T.UINT32),
+        "llama.feed_forward_length": (s["ffn"], T.UINT32),
+        "llama.attention.head_count": (s["heads"], T.UINT32),
+        "llama.attention.head_count_kv": (s["kv_heads"], T.UINT32),
+        "llama.rope.freq_base": (10000.0, T.FLOAT32),
+        "llama.attention.layer_norm_rms_epsilon": (1e-5, T.FLOAT32),
+        "tokenizer.ggml.model": ("gpt2", T.STRING),
+        "tokenizer.ggml.tokens": (vocab, T.ARRAY, T.STRING),
+        "tokenizer.ggml.token_type": ([3] * len(GGUF_SPECIALS) + [1] * (len(vocab) - len(GGUF_SPECIALS)),
+                                      T.ARRAY, T.INT32),
+        "tokenizer.ggml.merges": (["Ġ t", "h e"], T.ARRAY, T.STRING),
+        "tokenizer.ggml.bos_token_id": (1, T.UINT32),
+        "tokenizer.ggml.eos_token_id": (2, T.UINT32),
+        "tokenizer.chat_template": ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}", T.STRING),
+    }
+
+
+def gguf_tensors(seed: int = 0) -> dict[str, np.ndarray]:
     s = GGUF_SHAPE
-    vocab = gguf_vocab()
-    h, hd = s["hidden"], s["hidden"] // s["heads"]
-    shapes = {"token_embd.weight": (len(vocab), h), "output_norm.weight": (h,)}
+    h, hd, n_vocab = s["hidden"], s["hidden"] // s["heads"], len(gguf_vocab())
+    shapes = {"token_embd.weight": (n_vocab, h), "output_norm.weight": (h,)}
     for i in range(s["layers"]):
         shapes.update({
             f"blk.{i}.attn_norm.weight": (h,), f"blk.{i}.ffn_norm.weight": (h,),
@@ -139,24 +160,20 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
             f"blk.{i}.ffn_down.weight": (h, s["ffn"]),
         })
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(s["layers"])
-    w.add_context_length(64)
-    w.add_embedding_length(h)
-    w.add_feed_forward_length(s["ffn"])
-    w.add_head_count(s["heads"])
-    w.add_head_count_kv(s["kv_heads"])
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(vocab)
-    w.add_token_types([3] * len(GGUF_SPECIALS) + [1] * (len(vocab) - len(GGUF_SPECIALS)))
-    w.add_token_merges(["Ġ t", "h e"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_chat_template("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}")
-    for name, shape in shapes.items():
-        w.add_tensor(name, (0.1 * rng.standard_normal(shape)).astype(np.float32))
+    return {name: (0.1 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
+
+
+def write_tiny_gguf(path: Path, metadata: dict | None = None, tensors: dict | None = None,
+                    arch: str = "llama") -> Path:
+    """A tiny llama GGUF (f32 tensors, byte-level BPE tokenizer, chat template) that import_gguf accepts;
+    `metadata` and `tensors` replace the defaults (gguf_metadata(), gguf_tensors()) when given."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, spec in (gguf_metadata() if metadata is None else metadata).items():
+        w.add_key_value(key, *spec)
+    for name, value in (gguf_tensors() if tensors is None else tensors).items():
+        w.add_tensor(name, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

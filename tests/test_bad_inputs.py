@@ -595,6 +595,30 @@ def test_disk_full_writing_gguf_json(tiny_default_gguf, tmp_path, capsys, monkey
     assert not store.exists() or not any(store.iterdir())
 
 
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "nan_tensor", "not_llama"])
+def test_broken_default_gguf(kind, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    import tinychat.gguf_import as gguf_import
+    from hostile_inputs import gguf_tensors
+
+    path = tmp_path / "default.gguf"
+    if kind == "nan_tensor":
+        tensors = gguf_tensors()
+        tensors["blk.0.ffn_up.weight"][3, 3] = np.nan
+        write_tiny_gguf(path, tensors=tensors)
+    elif kind == "not_llama":
+        write_tiny_gguf(path, arch="gpt2")
+    else:
+        write_tiny_gguf(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3] if kind == "truncated" else data[:64] + os.urandom(len(data) - 64))
+    monkeypatch.setattr(gguf_import, "find_default_gguf", lambda: path)
+    expect_error(capsys, monkeypatch, ["generate", "--precision", "fp16", "--prompt", "hi"], "default.gguf")
+    store = tmp_path / "models-store"
+    assert not store.exists() or not any(store.iterdir())
+
+
 def test_gguf_import_then_generate_works(tiny_default_gguf, tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, monkeypatch, ["generate", "--precision", "fp16", "--prompt", "hi", "--max-tokens", "2"])
     assert code == 0, err
