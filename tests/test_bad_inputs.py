@@ -220,6 +220,13 @@ def _index_missing_shard(model: Path) -> None:
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
+def _index_escapes_directory(model: Path) -> None:
+    names = load_file(str(model / "model.safetensors")).keys()
+    weight_map = {n: "model.safetensors" for n in names}
+    weight_map["model.norm.weight"] = "../elsewhere/model.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
 def _set(name: str, fn):
     def setup(model: Path) -> None:
         def edit(tensors):
@@ -251,6 +258,7 @@ WEIGHT_CASES = {
     "header_offsets_past_end": (_header(json.dumps({"model.norm.weight": {
         "dtype": "F16", "shape": [64], "data_offsets": [0, 1 << 30]}}).encode()), ["model.safetensors"]),
     "index_missing_shard": (_index_missing_shard, ["model-00002-of-00002.safetensors"]),
+    "index_escapes_directory": (_index_escapes_directory, ["model.safetensors.index.json", "../elsewhere"]),
     "index_garbage": (lambda m: (m / "model.safetensors.index.json").write_bytes(b"\x00\xff not json"),
                       ["model.safetensors.index.json"]),
     "missing_tensor": (lambda m: edit_tensors(m, lambda t: t.pop("model.layers.0.mlp.down_proj.weight")),
