@@ -152,9 +152,13 @@ class ModelConfig:
                   "llama3": ("factor", "original_max_position_embeddings")}.get(kind, ())
         for key in needed + ("low_freq_factor", "high_freq_factor"):
             value = scaling.get(key)
-            if (key in needed or value is not None) and not (_has_type(value, _NUMBER) and value > 0):
-                raise TinychatError(f"config.json: rope_scaling {key} must be a positive number for "
-                                    f"{kind!r} scaling, got {_short(value)}")
+            # factor < 1 is what transformers warns about too; a tiny one overflows the frequencies to inf.
+            low = 1 if key == "factor" else 0
+            if (key in needed or value is not None) and not (
+                    _has_type(value, _NUMBER) and low <= value < math.inf and value > 0):
+                what = "a finite number >= 1" if key == "factor" else "a positive finite number"
+                raise TinychatError(f"config.json: rope_scaling {key} must be {what} for {kind!r} scaling, "
+                                    f"got {_short(value)}")
         if kind == "llama3" and not scaling.get("high_freq_factor", 4.0) > scaling.get("low_freq_factor", 1.0):
             raise TinychatError("config.json: rope_scaling high_freq_factor must be greater than low_freq_factor")
 
