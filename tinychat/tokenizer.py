@@ -147,7 +147,10 @@ def _load_chat_template(path: Path, tok_config: dict) -> str | None:
     """The template from chat_template.jinja / chat_template.json (newer transformers) or tokenizer_config."""
     jinja_file = path / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TinychatError(f"{jinja_file}: cannot read the chat template ({e}); re-download it") from None
     template = _read_json(path / "chat_template.json").get("chat_template") or tok_config.get("chat_template")
     if isinstance(template, list):
         # Named templates (e.g. "default", "tool_use"): plain chat wants the default one.
@@ -251,7 +254,8 @@ class Tokenizer:
             raise
         except Exception as e:
             raise TinychatError(f"the model's chat template failed on these messages: {type(e).__name__}: {e}; "
-                                "fix chat_template in the model's tokenizer files or use --no-chat-template") from None
+                                "fix chat_template in the model's tokenizer files (`generate --no-chat-template` "
+                                "skips it)") from None
 
     def _template(self):
         if self._compiled_template is None:
@@ -295,7 +299,8 @@ def _compile_template(source: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
-        raise TinychatError(f"the model's chat template rejected the conversation: {message}")
+        raise TinychatError(f"the model's chat template rejected the conversation: {message} "
+                            "(change the messages; `generate --no-chat-template` skips the template)")
 
     def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                separators: Any = None, sort_keys: bool = False) -> str:
