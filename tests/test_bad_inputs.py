@@ -276,11 +276,16 @@ WEIGHT_CASES = {
     "tokenizer_vocab_exceeds_embedding": (_extra_tokens, ["vocab", "270", "260"]),
     "no_tokenizer": (lambda m: (m / "tokenizer.json").unlink(), ["tokenizer"]),
     "tokenizer_garbage": (lambda m: (m / "tokenizer.json").write_text('{"model": 42}'), ["tokenizer.json"]),
+    "chat_template_binary": (lambda m: (m / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}"),
+                             ["chat_template.jinja"]),
+    "sentencepiece_garbage": (lambda m: ((m / "tokenizer.json").unlink(),
+                                         (m / "tokenizer.model").write_bytes(b"\x08\x96garbage" * 9)),
+                              ["tokenizer.model"]),
     "tokenizer_config_binary": (lambda m: (m / "tokenizer_config.json").write_bytes(b"\xff\x00\xfe"),
                                 ["tokenizer_config.json"]),
 }
 NEEDS_TOKENIZER = {"tokenizer_vocab_exceeds_embedding", "no_tokenizer", "tokenizer_garbage",
-                   "tokenizer_config_binary"}
+                   "tokenizer_config_binary", "chat_template_binary", "sentencepiece_garbage"}
 
 
 @pytest.mark.parametrize("command", LOADING)
