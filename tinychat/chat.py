@@ -128,9 +128,16 @@ class Conversation:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path).expanduser()
+        # Temp file + rename: a full disk must not truncate an earlier save of the same name.
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            path.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
         except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             raise TinychatError(f"cannot write {path} ({e.strerror or e}); pick a writable path") from None
         return path
 
