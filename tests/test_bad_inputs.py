@@ -811,3 +811,25 @@ def test_direct_api_raises_our_error(base, tmp_path):
     _truncate(0.5)(model)
     with pytest.raises(TinychatError, match="model.safetensors"):
         load_model(model)
+
+
+def test_disk_full_chat_save_keeps_the_earlier_file(base, tmp_path, capsys, monkeypatch):
+    saved = tmp_path / "chat.json"
+    code, _, err = run(capsys, monkeypatch, argv_for("chat", base["fp"], tmp_path, base), stdin=f"hi\n/save {saved}\n")
+    assert code == 0 and saved.is_file(), err
+    before = saved.read_bytes()
+    real = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.parent == tmp_path:
+            real(self, "{\"trunc", encoding="utf-8")  # part of the file made it to disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    # Inside the chat a failed /save is a notice and the conversation goes on.
+    code, _, err = run(capsys, monkeypatch, argv_for("chat", base["fp"], tmp_path, base),
+                       stdin=f"hello again\n/save {saved}\n")
+    assert code == 0 and "cannot write" in err and "space" in err and "Traceback" not in err
+    assert saved.read_bytes() == before
+    no_leftovers(tmp_path, {"chat.json"})
