@@ -524,11 +524,12 @@ def test_eval_data_files(kind, base, tmp_path, capsys, monkeypatch):
 # Disk full while writing (simulated: the write raises ENOSPC the way the OS or safetensors reports it)
 
 
-def _enospc(kind: str):
+def _enospc(kind: str, partial: bool = True):
+    """A stand-in for safetensors' save_file(tensors, filename, ...) on a disk that fills up part way."""
     def fail(*args, **kwargs):
         target = kwargs.get("filename", args[1] if len(args) > 1 else None)
-        if target is not None:
-            Path(target).write_bytes(b"half a file")  # the disk filled up part way through
+        if partial and target is not None:
+            Path(target).write_bytes(b"half a file")
         if kind == "oserror":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         from safetensors import SafetensorError
@@ -641,7 +642,7 @@ def test_gguf_import_then_generate_works(tiny_default_gguf, tmp_path, capsys, mo
 def test_disk_full_default_awq(tiny_default_gguf, tmp_path, capsys, monkeypatch):
     import tinychat.quant.quantize as qmod
 
-    monkeypatch.setattr(qmod, "quantize_from_search", _enospc("oserror"))
+    monkeypatch.setattr(qmod, "quantize_from_search", _enospc("oserror", partial=False))
     monkeypatch.setattr("tinychat.hub.DEFAULT_SEARCH", tmp_path / "search.safetensors")
     (tmp_path / "search.safetensors").write_bytes(b"present")
     expect_error(capsys, monkeypatch, ["generate", "--prompt", "hi", "--max-tokens", "2"], "awq")
