@@ -1,6 +1,4 @@
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
 import pytest
