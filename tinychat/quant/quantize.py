@@ -240,6 +240,8 @@ def write_checkpoint(state: dict[str, torch.Tensor], src_dir: Path, out_dir: Pat
             if f.is_file() and f.name not in NOT_COPIED and not f.name.startswith(".") \
                     and not f.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copyfile(f, tmp / f.name)
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors creates its files owner-only; a model directory is for sharing
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             out_dir.rename(old)
@@ -282,6 +284,9 @@ def prepare_model(model, tokenizer_dir: Path, method: str, w_bit: int, group_siz
         return None
     if method != "awq":
         raise TinychatError(f"--method must be awq or rtn, got {method!r}")
+    if load_search_file and calib:
+        raise TinychatError("--calib and --load-search exclude each other: a loaded search needs no "
+                            "calibration text; drop one of them")
     if load_search_file:
         result = load_search(load_search_file, model.config)
         if (result.settings.w_bit, result.settings.group_size) != (w_bit, group_size):

@@ -43,7 +43,9 @@ class SearchResult:
 
 def zoo_dir() -> Path:
     """models/zoo of a source checkout (the committed search results)."""
-    return Path(__file__).resolve().parents[2] / "models" / "zoo"
+    from ..hub import ZOO_DIR
+
+    return ZOO_DIR
 
 
 def zoo_search_path(model_name: str, w_bit: int = 4, group_size: int = 64) -> Path | None:
@@ -77,6 +79,7 @@ def save_search(path: str | Path, result: SearchResult) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        tmp.chmod(0o644)  # safetensors creates files owner-only
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
