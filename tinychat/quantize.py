@@ -55,26 +55,26 @@ def settings_from_args(args):
 def run(args) -> int:
     from pathlib import Path
 
+    from .config import ModelConfig
     from .hub import resolve_model
-    from .quant.quantize import quantize
+    from .quant.quantize import check_quantizable, quantize
     from .quant.search_io import load_search
 
     if args.n_samples <= 0 or args.seqlen <= 0:
         raise TinychatError(f"--n-samples and --seqlen must be positive, got {args.n_samples} and {args.seqlen}")
+    if args.output is not None and not args.output.strip():
+        raise TinychatError("--output is empty; give a directory")
+    src = resolve_model(args.model)
+    config = ModelConfig.from_dir(src)
     w_bit, group_size = args.w_bit, args.group_size
     if args.load_search and (w_bit is None or group_size is None):
-        # The search file knows what it was made for; read just enough of it to fill the defaults.
-        from .config import ModelConfig
-
-        src = resolve_model(args.model)
-        made = load_search(args.load_search, ModelConfig.from_dir(src)).settings
+        # The search file knows what it was made for.
+        made = load_search(args.load_search, config).settings
         w_bit = made.w_bit if w_bit is None else w_bit
         group_size = made.group_size if group_size is None else group_size
     w_bit = 4 if w_bit is None else w_bit
     group_size = 128 if group_size is None else group_size
-    if args.output and args.output.strip() == "":
-        raise TinychatError("--output is empty; give a directory")
-    src = resolve_model(args.model)
+    check_quantizable(config, w_bit, group_size)  # before any hint about calibration
     load_search_file = args.load_search
     if args.method == "awq" and not args.calib and not load_search_file:
         from .quant.search_io import zoo_search_path
@@ -86,11 +86,10 @@ def run(args) -> int:
         print(f"using the precomputed search results {load_search_file}")
     if args.calib and args.method == "awq" and not args.load_search:
         # Calibration text is tokenized with this tokenizer and fed to the embedding.
-        from .config import ModelConfig
         from .engine import check_tokenizer_fits
         from .tokenizer import Tokenizer
 
-        check_tokenizer_fits(Tokenizer.from_dir(src), ModelConfig.from_dir(src), Path(src))
+        check_tokenizer_fits(Tokenizer.from_dir(src), config, Path(src))
     try:
         summary = quantize(src, Path(args.output) if args.output else None, w_bit=w_bit, group_size=group_size,
                            method=args.method, calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen,
