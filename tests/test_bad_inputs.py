@@ -505,6 +505,25 @@ def test_calibration_files(kind, base, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_calibration_file_read_error(base, tmp_path, capsys, monkeypatch):
+    # A file that exists but cannot be read (EIO, a permission the OS enforces): one line, not a traceback.
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text\n")
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.name == calib.name:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    line = expect_error(capsys, monkeypatch, ["quantize", "--model", base["fp"], "--output", tmp_path / "out",
+                                              "--calib", calib, "--group-size", "32", "--n-samples", "2",
+                                              "--seqlen", "16", "--quiet"], "--calib", calib.name)
+    assert os.strerror(errno.EIO) in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["missing", "directory", "binary"])
 def test_eval_fake_quant_calibration_files(kind, base, tmp_path, capsys, monkeypatch):
     calib = _text_file(tmp_path, kind)
@@ -559,9 +578,7 @@ def test_disk_full_quantize_output(kind, existing, base, tmp_path, capsys, monke
     no_leftovers(tmp_path, {"out"} if existing else set())
 
 
-@pytest.mark.parametrize("kind", ["oserror", pytest.param("safetensors", marks=pytest.mark.xfail(
-    reason="search_io.save_search (quantizer owner) cleans its temporary file up on OSError only, "
-           "not on safetensors' SafetensorError"))])
+@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
 def test_disk_full_save_search(kind, base, tmp_path, capsys, monkeypatch):
     import tinychat.quant.search_io as search_io
 

@@ -93,5 +93,13 @@ class CheckpointReader:
         except Exception as e:
             raise TinychatError(f"{file}: cannot read tensor {name!r} ({e}); the file may be truncated") from None
 
+    def header(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype such as "F16") from the shard's header, without reading the data."""
+        if name not in self.shard_of:
+            raise TinychatError(f"{self.path}: tensor {name!r} is missing from the checkpoint; "
+                                "re-download the model (or check that config.json belongs to it)")
+        view = self._open(self.shard_of[name]).get_slice(name)
+        return tuple(view.get_shape()), view.get_dtype()
+
     def close(self) -> None:
         self._handles.clear()

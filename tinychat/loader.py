@@ -65,6 +65,33 @@ FUSED = {
 }
 
 
+def read_checked(read, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """`read(name)` -> the tensor, shape- and dtype-checked, cast and placed, with NaN/inf refused."""
+    t = read(name)
+    check_tensor_meta(name, tuple(t.shape), t.is_floating_point(), t.dtype, shape)
+    placed = t.to(device=device, dtype=dtype)
+    # A NaN or inf weight would otherwise show up only as garbage text much later. One fp32 sum per
+    # tensor, on the device (NaN and inf survive a sum; 2-3x cheaper than isfinite().all() on CPU),
+    # and the exact test only when the sum is not finite.
+    if not torch.isfinite(placed.sum(dtype=torch.float32)) and not torch.isfinite(placed).all():
+        if torch.isfinite(t).all():
+            raise TinychatError(f"tensor {name!r} has values too large for {dtype}; "
+                                "use --dtype fp32 or bf16")
+        kind = "NaN" if torch.isnan(t).any() else "inf"
+        raise TinychatError(f"tensor {name!r} contains {kind} values; the checkpoint is corrupt, "
+                            "re-download or re-export it")
+    return placed
+
+
+def check_tensor_meta(name: str, shape: tuple[int, ...], is_float: bool, dtype, want: tuple[int, ...]) -> None:
+    """The checks a tensor's header allows (before its data is read)."""
+    if shape != want:
+        raise TinychatError(f"tensor {name!r} has shape {shape}, config.json implies {want}; "
+                            "the weights and config.json disagree, re-download the model")
+    if not is_float:
+        raise TinychatError(f"tensor {name!r} has dtype {dtype}, expected a floating point type")
+
+
 def fused_state_dict(read, config: ModelConfig, dtype: torch.dtype, device: torch.device,
                      skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Read every tensor the model needs through `read(name)`, checking shapes, fusing, casting, placing.
@@ -74,24 +101,7 @@ def fused_state_dict(read, config: ModelConfig, dtype: torch.dtype, device: torc
     shapes = expected_shapes(config)
 
     def load(name: str) -> torch.Tensor:
-        t = read(name)
-        if tuple(t.shape) != shapes[name]:
-            raise TinychatError(f"tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shapes[name]}; "
-                                "the weights and config.json disagree, re-download the model")
-        if not t.is_floating_point():
-            raise TinychatError(f"tensor {name!r} has dtype {t.dtype}, expected a floating point type")
-        placed = t.to(device=device, dtype=dtype)
-        # A NaN or inf weight would otherwise show up only as garbage text much later. One fp32 sum per
-        # tensor, on the device (NaN and inf survive a sum; 2-3x cheaper than isfinite().all() on CPU),
-        # and the exact test only when the sum is not finite.
-        if not torch.isfinite(placed.sum(dtype=torch.float32)) and not torch.isfinite(placed).all():
-            if torch.isfinite(t).all():
-                raise TinychatError(f"tensor {name!r} has values too large for {dtype}; "
-                                    "use --dtype fp32 or bf16")
-            kind = "NaN" if torch.isnan(t).any() else "inf"
-            raise TinychatError(f"tensor {name!r} contains {kind} values; the checkpoint is corrupt, "
-                                "re-download or re-export it")
-        return placed
+        return read_checked(read, name, shapes[name], dtype, device)
 
     state = {}
     fused_parts = {f"model.layers.{i}.{part}" for i in range(config.num_hidden_layers)
@@ -104,6 +114,21 @@ def fused_state_dict(read, config: ModelConfig, dtype: torch.dtype, device: torc
         for fused, parts in FUSED.items():
             if p + parts[0] in shapes and p + fused not in skip:
                 state[p + fused] = torch.cat([load(p + part) for part in parts], dim=0)
+    return state
+
+
+def block_state(read, config: ModelConfig, i: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """One decoder block's parameters (names relative to the block), read and fused as fused_state_dict
+    does, so a block built from them holds the same values as the whole model's block i."""
+    p = f"model.layers.{i}."
+    shapes = {k: v for k, v in expected_shapes(config).items() if k.startswith(p)}
+    fused_parts = {p + part for parts in FUSED.values() for part in parts}
+    state = {name[len(p):]: read_checked(read, name, shape, dtype, device)
+             for name, shape in shapes.items() if name not in fused_parts}
+    for fused, parts in FUSED.items():
+        if p + parts[0] in shapes:
+            state[fused] = torch.cat([read_checked(read, p + part, shapes[p + part], dtype, device)
+                                      for part in parts], dim=0)
     return state
 
 

@@ -37,6 +37,9 @@ def read_documents(path: str | Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise TinychatError(f"--calib {path}: not UTF-8 text; give a plain text or JSONL file") from None
+    except OSError as e:  # unreadable: permissions, an I/O error, a file that vanished after the check
+        raise TinychatError(f"--calib {path}: cannot read it ({e.strerror or e}); check the file and its "
+                            "permissions, or give another file") from None
     lines = [line for line in text.splitlines() if line.strip()]
     docs = _jsonl_documents(lines, path) if lines and lines[0].lstrip().startswith("{") else lines
     docs = [d for d in docs if d.strip()]

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
@@ -31,6 +30,7 @@ MODEL_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
               "num_attention_heads", "num_key_value_heads", "head_dim")
 # The settings that change the quantized weights; the loss samples only describe how they were found.
 WEIGHT_SETTINGS = ("w_bit", "group_size", "clip_steps", "max_shrink")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass
@@ -57,8 +57,9 @@ def model_signature(config: ModelConfig) -> dict:
     return {k: getattr(config, k) for k in MODEL_KEYS}
 
 
-def save_search(path: str | Path, result: SearchResult) -> Path:
-    """Write atomically (temporary file, then rename)."""
+def write_search(path: str | Path, result: SearchResult) -> Path:
+    """Write atomically (temporary file, then rename). A failed write (OSError, or safetensors' own error
+    on a full disk) propagates with the temporary file removed and `path` as it was."""
     path = Path(path)
     tensors = {}
     for i, block in enumerate(result.blocks):
@@ -74,78 +75,118 @@ def save_search(path: str | Path, result: SearchResult) -> Path:
         "calibration": json.dumps(result.calibration),
         "num_blocks": str(len(result.blocks)),
     }
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.chmod(0o644)  # safetensors creates files owner-only
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise TinychatError(f"--save-search {path}: cannot write ({e.strerror or e}); check the path") from None
+        raise
     return path
+
+
+def save_search(path: str | Path, result: SearchResult) -> Path:
+    from ..atomic import write_errors, write_failed
+
+    try:
+        return write_search(path, result)
+    except write_errors() as e:
+        raise write_failed(e, f"--save-search {path}", "check the path and free disk space") from None
+
+
+class SearchFile:
+    """A search file opened and checked against a model. Names, shapes and dtypes are checked from the
+    header at once; each block's values are read (and checked) when asked for, so applying a search
+    block by block never holds the whole file."""
+
+    def __init__(self, path: str | Path, config: ModelConfig):
+        from ..checkpoint import _safe_open
+
+        path = self.path = Path(path)
+        if not path.is_file():
+            raise TinychatError(f"--load-search {path}: no such file; give a file written by --save-search")
+        try:
+            self._file = _safe_open(path)
+            meta = self._file.metadata() or {}
+            headers = {k: self._file.get_slice(k) for k in self._file.keys()}
+            headers = {k: (tuple(v.get_shape()), v.get_dtype()) for k, v in headers.items()}
+        except Exception as e:
+            raise TinychatError(f"--load-search {path}: not a safetensors search file ({e}); "
+                                "give a file written by --save-search") from None
+        if meta.get("format") != FORMAT:
+            raise TinychatError(f"--load-search {path}: not a tinychat AWQ search file (format "
+                                f"{meta.get('format')!r}); give a file written by --save-search")
+        if meta.get("version") != str(VERSION):
+            raise TinychatError(f"--load-search {path}: search file version {meta.get('version')} is not "
+                                f"supported (this tinychat reads version {VERSION}); re-run the search")
+        try:
+            names = {f.name for f in dataclasses.fields(SearchSettings)}
+            self.settings = SearchSettings(**{k: v for k, v in json.loads(meta["settings"]).items() if k in names})
+            self.model = json.loads(meta.get("model", "{}"))
+            self.calibration = json.loads(meta.get("calibration", "{}"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TinychatError(f"--load-search {path}: corrupt metadata ({e}); re-run the search") from None
+        mine = model_signature(config)
+        diff = [f"{k}: file {self.model.get(k)!r}, model {v!r}" for k, v in mine.items() if self.model.get(k) != v]
+        if diff:
+            raise TinychatError(f"--load-search {path}: made for a different model ({'; '.join(diff)}); "
+                                "use the search file of this model or run the search")
+        self.num_blocks = config.num_hidden_layers
+        parts, g = block_parts(config), self.settings.group_size
+        prevs = {grp.prev: grp for grp in family_for(config).groups}
+        self.keys_of: list[list[tuple[str, str, str]]] = [[] for _ in range(self.num_blocks)]
+        for key, (shape, dtype) in headers.items():
+            fields = key.split(".", 4)
+            if len(fields) != 5 or fields[0] != "model" or fields[1] != "layers" or not fields[2].isdigit():
+                raise TinychatError(f"--load-search {path}: unexpected tensor {key!r}; re-run the search")
+            i, kind, name = int(fields[2]), fields[3], fields[4]
+            if i >= self.num_blocks:
+                raise TinychatError(f"--load-search {path}: tensor {key!r} is for block {i}, the model has "
+                                    f"{self.num_blocks}")
+            if kind == "scales" and name in prevs:
+                want = (parts[prevs[name].linears[0]].in_features,)
+                if shape != want or dtype not in FLOAT_DTYPES:
+                    raise TinychatError(f"--load-search {path}: {key} must be positive finite {want}; "
+                                        "re-run the search")
+            elif kind == "clip" and name in parts:
+                want = (parts[name].out_features, parts[name].in_features // g)
+                if (shape, dtype) != (want, "U8"):
+                    raise TinychatError(f"--load-search {path}: {key} must be uint8 {want} with values "
+                                        f"<= {self.settings.clip_steps}; re-run the search")
+            else:
+                raise TinychatError(f"--load-search {path}: unexpected tensor {key!r}; re-run the search")
+            self.keys_of[i].append((key, kind, name))
+        self.part_order = list(parts)
+
+    def block(self, i: int) -> BlockSearch:
+        path = self.path
+        block = BlockSearch()
+        for key, kind, name in self.keys_of[i]:
+            try:
+                t = self._file.get_tensor(key)
+            except Exception as e:
+                raise TinychatError(f"--load-search {path}: cannot read {key} ({e}); re-run the search") from None
+            if kind == "scales":
+                if not torch.isfinite(t).all() or (t <= 0).any():
+                    raise TinychatError(f"--load-search {path}: {key} must be positive finite "
+                                        f"{tuple(t.shape)}; re-run the search")
+                block.scales[name] = t.float()
+            else:
+                if t.numel() and int(t.max()) > self.settings.clip_steps:
+                    raise TinychatError(f"--load-search {path}: {key} must be uint8 {tuple(t.shape)} with values "
+                                        f"<= {self.settings.clip_steps}; re-run the search")
+                block.clips[name] = t
+        # Clips apply in the family's part order (their rows never overlap, but keep one canonical order).
+        block.clips = {name: block.clips[name] for name in self.part_order if name in block.clips}
+        return block
 
 
 def load_search(path: str | Path, config: ModelConfig) -> SearchResult:
     """Read and check a search file against the model it is about to be applied to."""
-    path = Path(path)
-    if not path.is_file():
-        raise TinychatError(f"--load-search {path}: no such file; give a file written by --save-search")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise TinychatError(f"--load-search {path}: not a safetensors search file ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise TinychatError(f"--load-search {path}: not a tinychat AWQ search file (format "
-                            f"{meta.get('format')!r}); give a file written by --save-search")
-    if meta.get("version") != str(VERSION):
-        raise TinychatError(f"--load-search {path}: search file version {meta.get('version')} is not "
-                            f"supported (this tinychat reads version {VERSION}); re-run the search")
-    try:
-        names = {f.name for f in dataclasses.fields(SearchSettings)}
-        settings = SearchSettings(**{k: v for k, v in json.loads(meta["settings"]).items() if k in names})
-        model = json.loads(meta.get("model", "{}"))
-        calibration = json.loads(meta.get("calibration", "{}"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise TinychatError(f"--load-search {path}: corrupt metadata ({e}); re-run the search") from None
-    mine = model_signature(config)
-    diff = [f"{k}: file {model.get(k)!r}, model {v!r}" for k, v in mine.items() if model.get(k) != v]
-    if diff:
-        raise TinychatError(f"--load-search {path}: made for a different model ({'; '.join(diff)}); "
-                            "use the search file of this model or run the search")
-    parts = block_parts(config)
-    family = family_for(config)
-    blocks = [BlockSearch() for _ in range(config.num_hidden_layers)]
-    prevs = {grp.prev: grp for grp in family.groups}
-    g = settings.group_size
-    for key, t in tensors.items():
-        fields = key.split(".", 4)
-        if len(fields) != 5 or fields[0] != "model" or fields[1] != "layers" or not fields[2].isdigit():
-            raise TinychatError(f"--load-search {path}: unexpected tensor {key!r}; re-run the search")
-        i, kind, name = int(fields[2]), fields[3], fields[4]
-        if i >= len(blocks):
-            raise TinychatError(f"--load-search {path}: tensor {key!r} is for block {i}, the model has "
-                                f"{len(blocks)}")
-        if kind == "scales" and name in prevs:
-            want = (parts[prevs[name].linears[0]].in_features,)
-            if tuple(t.shape) != want or not torch.isfinite(t).all() or (t <= 0).any():
-                raise TinychatError(f"--load-search {path}: {key} must be positive finite {want}; re-run the search")
-            blocks[i].scales[name] = t.float()
-        elif kind == "clip" and name in parts:
-            want = (parts[name].out_features, parts[name].in_features // g)
-            if tuple(t.shape) != want or t.dtype != torch.uint8 or (t.numel() and int(t.max()) > settings.clip_steps):
-                raise TinychatError(f"--load-search {path}: {key} must be uint8 {want} with values "
-                                    f"<= {settings.clip_steps}; re-run the search")
-            blocks[i].clips[name] = t
-        else:
-            raise TinychatError(f"--load-search {path}: unexpected tensor {key!r}; re-run the search")
-    # Clips apply in the family's part order (their rows never overlap, but keep one canonical order).
-    for block in blocks:
-        block.clips = {name: block.clips[name] for name in parts if name in block.clips}
-    return SearchResult(settings, blocks, calibration, model)
+    f = SearchFile(path, config)
+    return SearchResult(f.settings, [f.block(i) for i in range(f.num_blocks)], f.calibration, f.model)
 
 
 def check_settings(result: SearchResult, w_bit: int | None, group_size: int | None, path) -> None:
