@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -10,6 +11,7 @@ import torch
 
 from .cache import KVCache
 from .errors import TinychatError
+from .models.cpu_decode import cpu_decoder
 from .sampling import SamplingParams, make_logits_processors, make_sampler
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -69,8 +71,9 @@ def prefill(model, cache: KVCache, prompt_ids: list[int], chunk: int = PREFILL_C
 def decode_functions(model, cache: KVCache, sampler: Callable, processors=(), max_tokens: int = 2):
     """(step, sample) for the decode loop: step(token) -> next logits [1, vocab], sample(logits) -> token.
 
-    Eager everywhere (model.forward and the sampler); on a CUDA GPU with tinychat's kernels and an fp16
-    model, a replay of the whole decode step captured as a CUDA graph (tinychat.cuda_graph).
+    On a CUDA GPU with tinychat's kernels and an fp16 model, a replay of the whole decode step captured
+    as a CUDA graph (tinychat.cuda_graph; TINYCHAT_CUDA_GRAPH=0 turns it off); on the CPU at batch 1,
+    tinychat.models.cpu_decode's lean step (TINYCHAT_CPU_DECODE=0 turns it off); otherwise model.forward.
     """
     if model.device.type == "cuda" and max_tokens > 1 and cache.room > 0:
         from .cuda_graph import graph_decoder
@@ -78,6 +81,10 @@ def decode_functions(model, cache: KVCache, sampler: Callable, processors=(), ma
         fns = graph_decoder(model, cache, sampler, processors)
         if fns is not None:
             return fns
+    if os.environ.get("TINYCHAT_CPU_DECODE", "1").strip().lower() not in ("0", "false", "no", "off"):
+        decoder = cpu_decoder(model, cache)
+        if decoder is not None:
+            return decoder, sampler
     return (lambda token: model(token.view(1, 1), cache)[:, -1]), sampler
 
 

@@ -1,7 +1,10 @@
 """AWQLinear: a drop-in for nn.Linear whose weights stay 4-bit in memory; it picks its compute path.
 
 Paths, chosen once at construction from the device, dtype and shape:
-- "int4pack": torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu), weights repacked by pack.py.
+- "int4pack": weights repacked by pack.py for torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu),
+  which runs bf16 activations. That kernel is fast only in bf16: in fp32 it was 1.3x (1 token) to 100x
+  (512 tokens) slower than dequantizing the layer and calling an fp32 matmul (576x3072, 1 thread), so fp32
+  and fp16 models dequantize per call from the same packed tensors (nothing dequantized stays resident).
 - "cuda": fp16 on a GPU with tinychat's CUDA kernels (tinychat.ops): weights repacked once into the GEMV
   layout (pack.awq_to_gemv_layout); 1..8 tokens run the W4A16 GEMV kernel, more tokens the tensor-core W4A16
   GEMM (cuda/gemm_w4a16.cu) on the same tensors; either falls back to dequantize-and-matmul where it cannot run.
@@ -65,7 +68,7 @@ class AWQLinear(nn.Module):
         return pack.awq_to_dequant(self.qweight, self.qzeros, self.scales, self.group_size, dtype=self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path == "int4pack":
+        if self.path == "int4pack" and self.dtype == torch.bfloat16:
             y = pack.int4pack_mm_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
         elif self.path == "cuda" and x.numel() <= 8 * self.in_features:
             from ..ops import gemv_w4a16  # the kernel, or its torch reference where it cannot run
