@@ -332,17 +332,31 @@ class StreamingDetokenizer:
     Each step decodes only a short window: the tokens of the previous delta (context that fixes
     SentencePiece's leading-space handling and BPE byte merging) plus the tokens not yet shown. A delta
     is held back while the window's text ends in U+FFFD, i.e. a multi-byte character is still incomplete.
+
+    SentencePiece (and HF's Metaspace decoder) drop the leading space of a run of text that starts the
+    sequence or follows a special token, so a window cut from the middle of a run would lose spaces the
+    full decode keeps (context "▁" decodes to "", "▁▁" to "", yet "#▁▁" to "#  "). Such windows are decoded
+    behind an anchor token (a plain "a") whose text is then cut off, so they decode as they do in the run.
     """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = False):
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        self._specials = tokenizer.special_token_ids
+        self._anchor, self._anchor_text = self._find_anchor(tokenizer)
         self.reset()
+
+    @staticmethod
+    def _find_anchor(tokenizer) -> tuple[list[int], str]:
+        ids = tokenizer.encode("a", add_special_tokens=False)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        return (ids, text) if text.strip() else ([], "")
 
     def reset(self) -> None:
         self._ids: list[int] = []
         self._prefix_offset = 0  # start of the context tokens (already shown)
         self._read_offset = 0  # start of the tokens not yet shown
+        self._mid_run = False  # the window's first token continues a run of text (the token before is not special)
 
     def add_token(self, token_id: int) -> str:
         self._ids.append(int(token_id))
@@ -358,14 +372,21 @@ class StreamingDetokenizer:
         self.reset()
         return text[len(shown):]
 
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        if not (self._mid_run and self._anchor):
+            return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+        text = self._tokenizer.decode(self._anchor + ids, skip_special_tokens=self._skip_special)
+        return text[len(self._anchor_text):]
+
     def _window_texts(self) -> tuple[str, str]:
-        decode = self._tokenizer.decode
         window = self._ids[self._prefix_offset:]
-        context_len = self._read_offset - self._prefix_offset
-        shown = decode(window[:context_len], skip_special_tokens=self._skip_special) if context_len else ""
-        return shown, decode(window, skip_special_tokens=self._skip_special)
+        return self._decode(window[:self._read_offset - self._prefix_offset]), self._decode(window)
 
     def _advance(self) -> None:
         # Drop tokens older than the context so memory and work per token stay bounded.
+        if self._read_offset:
+            self._mid_run = self._ids[self._read_offset - 1] not in self._specials
         self._ids = self._ids[self._read_offset:]
         self._prefix_offset, self._read_offset = 0, len(self._ids)
