@@ -1,8 +1,12 @@
-"""Small result files written whole or not at all, with a one-line error when the disk says no."""
+"""Result files and directories written whole or not at all, with a one-line error when the disk says no."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import TinychatError
@@ -45,3 +49,36 @@ def write_failed(error: BaseException, where: str | Path, todo: str) -> Tinychat
         start = text.find('message: "')
         reason = text[start + 10:text.find('"', start + 10)] if start >= 0 else text
     return TinychatError(f"{where}: cannot write ({reason}); {todo}")
+
+
+@contextmanager
+def deferred_sigint():
+    """Hold Ctrl-C back until the block ends (then raise KeyboardInterrupt): for the few steps that
+    must not stop half-way, such as swapping a finished directory into place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename the complete directory `tmp` onto `out_dir` (same parent), replacing what was there. Call it
+    inside deferred_sigint(), so that Ctrl-C cannot fall between the two renames."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tinychat: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print("\ntinychat: interrupted", file=sys.stderr)
+        print(f"\ntinychat: {str(e) or 'interrupted'}", file=sys.stderr)  # Interrupted says what was kept
         return 130
 
 

@@ -276,6 +276,21 @@ def _seq_pick(n_seqs: int, count: int) -> torch.Tensor:
     return torch.linspace(0, n_seqs - 1, count).round().long().unique()
 
 
+def forward_chunks(block: nn.Module, hidden: torch.Tensor, run_block: Callable, chunk_seqs: int,
+                   before: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """The block's outputs over hidden [n, T, H], `chunk_seqs` sequences at a time. The statistics pass
+    and a resumed run's replay of finished blocks both come through here, so they give the same bits."""
+    n = hidden.shape[0]
+    out = torch.empty_like(hidden)
+    with torch.no_grad():
+        for lo in range(0, n, chunk_seqs):
+            hi = min(n, lo + chunk_seqs)
+            if before is not None:
+                before(lo, hi)
+            out[lo:hi] = run_block(block, hidden[lo:hi])
+    return out
+
+
 def collect_stats(block: nn.Module, hidden: torch.Tensor, run_block: Callable, family: Family,
                   parts: dict[str, Part], settings: SearchSettings):
     """One full-precision pass of `block` over hidden [n, T, H] -> (stats by input module, samples by
@@ -341,12 +356,11 @@ def collect_stats(block: nn.Module, hidden: torch.Tensor, run_block: Callable, f
         module = block.get_submodule(name)
         handles.append(module.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
         handles.append(module.register_forward_hook(out_hook(name), with_kwargs=True))
-    out = torch.empty_like(hidden)
+    def before(lo, hi):
+        chunk["lo"], chunk["hi"] = lo, hi
+
     try:
-        with torch.no_grad():
-            for lo in range(0, n, settings.chunk_seqs):
-                chunk["lo"], chunk["hi"] = lo, min(n, lo + settings.chunk_seqs)
-                out[lo:chunk["hi"]] = run_block(block, hidden[lo:chunk["hi"]])
+        out = forward_chunks(block, hidden, run_block, settings.chunk_seqs, before)
     finally:
         for h in handles:
             h.remove()
