@@ -559,10 +559,11 @@ def _enospc(kind: str, partial: bool = True):
     return fail
 
 
-@pytest.mark.parametrize("kind", ["oserror", "safetensors"])
+@pytest.mark.parametrize("when", ["first_write", "at_the_end"])
 @pytest.mark.parametrize("existing", [False, True])
-def test_disk_full_quantize_output(kind, existing, base, tmp_path, capsys, monkeypatch):
-    import tinychat.quant.quantize as qmod
+def test_disk_full_quantize_output(when, existing, base, tmp_path, capsys, monkeypatch):
+    import tinychat.quant.shards as shards
+    import tinychat.quant.stream as stream
 
     out = tmp_path / "out"
     argv = ["quantize", "--model", base["fp"], "--output", out, "--method", "rtn", "--group-size", "32", "--quiet"]
@@ -571,11 +572,29 @@ def test_disk_full_quantize_output(kind, existing, base, tmp_path, capsys, monke
         (out / "model.safetensors").write_bytes(b"the previous checkpoint")
         argv.append("--force")
     before = snapshot(out)
-    monkeypatch.setattr(qmod, "save_file", _enospc(kind))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # The shards fill up tensor by tensor (the embeddings first); config.json and the tokenizer files
+    # are written once every block is finished.
+    target = (shards.ShardWriter, "write") if when == "first_write" else (stream, "finish_dir")
+    real = getattr(*target)
+    monkeypatch.setattr(*target, full)
     line = expect_error(capsys, monkeypatch, argv, "out")
     assert "space" in line.lower()
     assert snapshot(out) == before  # the old checkpoint (or nothing) is still there
-    no_leftovers(tmp_path, {"out"} if existing else set())
+    if when == "first_write":
+        no_leftovers(tmp_path, {"out"} if existing else set())
+        return
+    # The finished block is kept beside the output, and the same command with --resume completes.
+    assert "--resume" in line and "after block 1 of 1" in line
+    no_leftovers(tmp_path, {"out", ".out.partial"} if existing else {".out.partial"})
+    monkeypatch.setattr(*target, real)
+    code, _, err = run(capsys, monkeypatch, argv + ["--resume"])
+    assert code == 0, err
+    no_leftovers(tmp_path, {"out"})
+    assert (out / "config.json").is_file() and snapshot(out) != before
 
 
 @pytest.mark.parametrize("kind", ["oserror", "safetensors"])

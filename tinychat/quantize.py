@@ -1,4 +1,7 @@
-"""`tinychat quantize`: full-precision model -> standard AWQ (GEMM) checkpoint directory."""
+"""`tinychat quantize`: full-precision model -> standard AWQ (GEMM) checkpoint directory.
+
+The model streams through one block at a time (tinychat/quant/stream.py); an interrupted run keeps its
+finished blocks beside the output and continues with --resume."""
 
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ def add_quantize_args(p) -> None:
     p.add_argument("--duo-scaling", action="store_true", help="AWQ candidate scales x^a / w^(1-a)")
     p.add_argument("--device", default="cpu", help="where each block is searched: cpu or cuda[:N]")
     p.add_argument("--force", action="store_true", help="replace a non-empty --output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from its first unfinished block")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     adv = p.add_argument_group("search cost (loss samples; statistics always use every calibration token)")
     adv.add_argument("--sample-seqs", type=int, default=None, help="sequences for the attention loss (default 4)")
@@ -58,7 +63,7 @@ def run(args) -> int:
     from .config import ModelConfig
     from .hub import resolve_model
     from .quant.quantize import check_quantizable, quantize
-    from .quant.search_io import load_search
+    from .quant.search_io import SearchFile
 
     if args.n_samples <= 0 or args.seqlen <= 0:
         raise TinychatError(f"--n-samples and --seqlen must be positive, got {args.n_samples} and {args.seqlen}")
@@ -69,7 +74,7 @@ def run(args) -> int:
     w_bit, group_size = args.w_bit, args.group_size
     if args.load_search and (w_bit is None or group_size is None):
         # The search file knows what it was made for.
-        made = load_search(args.load_search, config).settings
+        made = SearchFile(args.load_search, config).settings
         w_bit = made.w_bit if w_bit is None else w_bit
         group_size = made.group_size if group_size is None else group_size
     w_bit = 4 if w_bit is None else w_bit
@@ -95,9 +100,9 @@ def run(args) -> int:
                            method=args.method, calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen,
                            seed=args.seed, load_search_file=load_search_file, save_search_file=args.save_search,
                            device=args.device, force=args.force, settings=settings_from_args(args),
-                           progress=not args.quiet)
+                           progress=not args.quiet, resume=args.resume)
     except write_errors() as e:
-        # The checkpoint is written to a temporary directory renamed into place, so --output is untouched;
+        # The checkpoint is written to a work directory renamed into place, so --output is untouched;
         # name it rather than the temporary file that failed.
         where = args.output or args.save_search or getattr(e, "filename", None)
         raise write_failed(e, where, "free disk space or choose another --output") from None
