@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak host memory (RSS) while loading sharded checkpoints, measured in a fresh subprocess per case.
+"""Peak host memory (RSS) while loading and quantizing sharded checkpoints, in a fresh subprocess per case.
 
 The script writes its own synthetic LLaMA-shaped checkpoints (random weights, no download): a
 full-precision fp16 one split into shards with an index json, and the same shape in the AutoAWQ GEMM
@@ -8,6 +8,12 @@ resets its peak-RSS counter after the imports (/proc/self/clear_refs), so the pe
 
     nice python scripts/bench_memory.py --json bench/memory.json          # the >= 2 GB default
     nice python scripts/bench_memory.py --quick --layers 8 --hidden 512 --ffn 1536 --heads 8 --kv-heads 8 --vocab 4096
+    nice python scripts/bench_memory.py --quantize-only --n-samples 16 --json bench/memory-quantize.json
+
+With --quantize (or --quantize-only) the same fp16 checkpoint goes through `tinychat quantize` (RTN, then
+AWQ with --n-samples x --seqlen calibration tokens) and the peak is set beside the quantizer's design
+terms (one block in fp32, the calibration activations, the search's Gram matrices), with a projection
+for Llama-2-70B.
 
 What "streaming" promises, and what the table checks: the host never holds more than about one shard's
 worth of tensors beyond what stays resident (on the CPU: the model itself; on a GPU: nothing).
@@ -201,6 +207,7 @@ def make_checkpoint(out: Path, config: dict, shards: int = 4, group: int | None 
 
 # --- the parent: run each case in a child, print a table, write JSON -----------------------------
 
+DEFAULT_CALIB = ROOT.parent / "shared" / "data" / "calib" / "c4-sample.txt"
 MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc: every block >= 128 KiB gets its own mapping
 
 
@@ -281,23 +288,108 @@ def projection_70b(rows: list[dict]) -> dict:
     return out
 
 
-# --- quantizer hook -----------------------------------------------------------------------------
-# QUANTIZE HOOK (issue 5, streaming quantizer): peak RSS while quantizing a synthetic 24-layer,
-# hidden-2048 model belongs here once tinychat.quant.quantize has a streaming mode. `quantize_case`
-# looks for a `quantize_streaming` function; until it exists, --quantize reports that it was skipped.
-# To wire it up: make the fp16 checkpoint with make_checkpoint(..., group=None) (the default shape is
-# already 24 layers x hidden 2048), run the quantizer in a child like child_load (warm_up(),
-# reset_peak(), run, proc_status()["VmHWM"]), add a row, and project 70B from one block's fp16 weights
-# + the calibration activations + the embeddings.
+# --- the streaming quantizer ---------------------------------------------------------------------
+# Peak RSS while `tinychat quantize` runs on the synthetic fp16 checkpoint (24 layers x hidden 2048 by
+# default), in a child like child_load, next to what the quantizer holds by design: one block's weights
+# in fp32, the calibration activations (a block's inputs and outputs, fp32), the AWQ search's Gram
+# matrices, and the embeddings (read, written and dropped before the first block).
 
-def quantize_case(workdir: Path) -> dict:
-    try:
-        from tinychat.quant import quantize as q
-    except ImportError:
-        return {"skipped": "tinychat.quant.quantize is not importable"}
-    if not hasattr(q, "quantize_streaming"):
-        return {"skipped": "tinychat.quant.quantize has no streaming mode yet (see QUANTIZE HOOK)"}
-    return {"skipped": "quantize_streaming exists but is not wired in yet (see QUANTIZE HOOK)"}
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer.json (ids 0..255): calibration text for a checkpoint without one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path / "tokenizer.json"))
+
+
+def child_quantize(src: str, out: str, method: str, calib: str | None, n_samples: int, seqlen: int) -> dict:
+    from tinychat.quant.quantize import quantize
+
+    warm_up()
+    before = proc_status()
+    peak_reset = reset_peak()
+    t0 = time.perf_counter()
+    summary = quantize(src, out, w_bit=4, group_size=128, method=method, calib=calib, n_samples=n_samples,
+                       seqlen=seqlen, progress=False)
+    seconds = time.perf_counter() - t0
+    after = proc_status()
+    return {"rss_before": before["VmRSS"], "peak_rss": after["VmHWM"], "rss_after": after["VmRSS"],
+            "peak_reset": peak_reset, "seconds": seconds, "search_seconds": summary.search_seconds,
+            "out_bytes": summary.out_bytes}
+
+
+def measure_quantize(src: Path, out: Path, method: str, calib: Path | None = None, n_samples: int = 0,
+                     seqlen: int = 0, env: dict | None = None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-quantize", str(src), "--out", str(out),
+           "--method", method, "--n-samples", str(n_samples), "--seqlen", str(seqlen)]
+    if calib is not None:
+        cmd += ["--calib", str(calib)]
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child quantize failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def quantizer_terms(config: dict, n_samples: int, seqlen: int) -> dict:
+    """Bytes the streaming quantizer holds by design (fp32 compute, as the search runs)."""
+    h, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    q, kv = h, kv_heads * (h // heads)
+    block = h * (q + 2 * kv) + q * h + 3 * h * ffn  # linear weights of one block
+    # Full Gram matrices of the inputs of q/k/v, o (only without GQA, where v -> o is searched) and down.
+    grams = h * h + (q * q if kv_heads == heads else 0) + ffn * ffn
+    return {"block_fp16_bytes": 2 * block, "block_fp32_bytes": 4 * block,
+            "embedding_fp16_bytes": 2 * vocab * h, "embedding_fp32_bytes": 4 * vocab * h,
+            "activations_bytes": 2 * n_samples * seqlen * h * 4,  # a block's inputs and outputs, fp32
+            "gram_bytes": 4 * grams if n_samples else 0,
+            "largest_linear_weights": max(h * ffn, h * (q + 2 * kv), q * h),  # packed one HF linear at a time
+            "largest_group_fp32_bytes": 4 * 2 * ffn * h,  # gate + up: the biggest scale group searched
+            "model_fp16_bytes": 2 * (block * config["num_hidden_layers"] + 2 * vocab * h)}
+
+
+def quantize_rows(work: Path, fp: dict, config: dict, calib: Path, n_samples: int, seqlen: int) -> list[dict]:
+    src = Path(fp["path"])
+    if not (src / "tokenizer.json").is_file():
+        write_byte_tokenizer(src)
+    rows = []
+    for method, n, t in (("rtn", 0, 0), ("awq", n_samples, seqlen)):
+        out = work / f"quantized-{method}"
+        m = measure_quantize(src, out, method, calib if method == "awq" else None, n, t)
+        shutil.rmtree(out, ignore_errors=True)
+        terms = quantizer_terms(config, n, t)
+        rows.append({"method": method, "n_samples": n, "seqlen": t, "rss_before": m["rss_before"],
+                     "peak_rss": m["peak_rss"], "peak_above_before": m["peak_rss"] - m["rss_before"],
+                     "seconds": m["seconds"], "search_seconds": m["search_seconds"], **terms, "raw": m})
+        print(f"  quantize {method} ({n} x {t} calibration tokens): peak {m['peak_rss'] / GiB:.2f} GiB "
+              f"in {m['seconds']:.0f} s", file=sys.stderr)
+    return rows
+
+
+def projection_70b_quantize(rows: list[dict], n_samples: int = 128, seqlen: int = 512) -> dict:
+    """Llama-2-70B through the streaming AWQ quantizer at the default 128 x 512 calibration tokens: the
+    design terms, plus the search's scratch measured on the synthetic model in units of its biggest
+    scale group (gate + up in fp32: the candidate weights, their fake-quantized image, the loss's copy)."""
+    from tinychat.plan import SHAPES_DIR
+
+    raw = json.loads((SHAPES_DIR / "llama-2-70b.json").read_text())
+    terms = quantizer_terms(raw, n_samples, seqlen)
+    out = {"model": "llama-2-70b", "n_samples": n_samples, "seqlen": seqlen, **terms}
+    awq = [r for r in rows if r["method"] == "awq"]
+    if awq:
+        r = awq[0]
+        designed = r["block_fp32_bytes"] + r["activations_bytes"] + r["gram_bytes"]
+        groups = max(r["peak_above_before"] - designed, 0) / r["largest_group_fp32_bytes"]
+        scratch = int(groups * terms["largest_group_fp32_bytes"])
+        out.update({"rss_before": r["rss_before"], "search_scratch_in_groups": groups,
+                    "search_scratch_bytes": scratch,
+                    "peak_rss_awq": r["rss_before"] + terms["block_fp32_bytes"] + terms["activations_bytes"]
+                    + terms["gram_bytes"] + scratch})
+    return out
 
 
 def print_table(rows: list[dict]) -> None:
@@ -330,6 +422,29 @@ def print_projection(proj: dict) -> None:
           f"{proj['peak_host_rss_gpu_load_mmap_reader'] / GiB:.1f} GiB (every shard stays mapped)")
 
 
+def print_quantize(rows: list[dict], proj: dict) -> None:
+    r0 = rows[0]
+    print(f"\nstreaming quantizer (GiB): whole model fp16 {r0['model_fp16_bytes'] / GiB:.3f}; one block "
+          f"fp16 {r0['block_fp16_bytes'] / GiB:.3f}, fp32 {r0['block_fp32_bytes'] / GiB:.3f}; embeddings fp16 "
+          f"{r0['embedding_fp16_bytes'] / GiB:.3f}, fp32 {r0['embedding_fp32_bytes'] / GiB:.3f}")
+    head = f"{'method':<6} {'calibration':>11} {'activations':>11} {'grams':>6} {'before':>6} {'peak':>6} {'peak-before':>11} {'sec':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        calib = f"{r['n_samples']} x {r['seqlen']}" if r["n_samples"] else "-"
+        grams = r["gram_bytes"] if r["n_samples"] else 0
+        print(f"{r['method']:<6} {calib:>11} {r['activations_bytes'] / GiB:11.3f} {grams / GiB:6.3f} "
+              f"{r['rss_before'] / GiB:6.3f} {r['peak_rss'] / GiB:6.3f} {r['peak_above_before'] / GiB:11.3f} "
+              f"{r['seconds']:6.0f}")
+    if "peak_rss_awq" in proj:
+        print(f"Llama-2-70B through the AWQ quantizer at {proj['n_samples']} x {proj['seqlen']} tokens: peak RSS "
+              f"~{proj['peak_rss_awq'] / GiB:.1f} GiB = imports {proj['rss_before'] / GiB:.2f} + one block fp32 "
+              f"{proj['block_fp32_bytes'] / GiB:.2f} + activations {proj['activations_bytes'] / GiB:.2f} + Grams "
+              f"{proj['gram_bytes'] / GiB:.2f} + search scratch {proj['search_scratch_bytes'] / GiB:.2f} "
+              f"({proj['search_scratch_in_groups']:.1f} x gate+up fp32, as measured); the whole model in fp16 is "
+              f"{proj['model_fp16_bytes'] / GiB:.0f} GiB")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=2048)
@@ -345,13 +460,25 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in a temp dir")
     ap.add_argument("--quick", action="store_true",
                     help="only the default reader and malloc (skip the comparison rows)")
-    ap.add_argument("--quantize", action="store_true", help="also measure the streaming quantizer (hook)")
+    ap.add_argument("--quantize", action="store_true", help="also measure the streaming quantizer (RTN, AWQ)")
+    ap.add_argument("--quantize-only", action="store_true", help="only the quantizer (no load rows)")
+    ap.add_argument("--n-samples", type=int, default=16, help="AWQ calibration sequences (default 16; "
+                    "the quantizer's own default is 128)")
+    ap.add_argument("--seqlen", type=int, default=512, help="AWQ calibration tokens per sequence")
+    ap.add_argument("--calib", default=str(DEFAULT_CALIB), help="AWQ calibration text (default: %(default)s)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--child-load", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="fp16", help=argparse.SUPPRESS)
     ap.add_argument("--reader-backend", choices=["pread", "mmap"], default="pread", help=argparse.SUPPRESS)
+    ap.add_argument("--child-quantize", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="rtn", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.child_quantize:
+        print(json.dumps(child_quantize(args.child_quantize, args.out, args.method,
+                                        args.calib if args.method == "awq" else None, args.n_samples, args.seqlen)))
+        return 0
     if args.child_load:
         if args.reader_backend == "mmap":  # the reader as it was before issue 5, for comparison
             import tinychat.checkpoint as checkpoint
@@ -365,12 +492,15 @@ def main(argv=None) -> int:
 
     config = llama_config(args.hidden, args.ffn, args.layers, args.heads, args.kv_heads, args.vocab)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tinychat-bench-memory-"))
-    rows = []
+    rows, quant, awq = [], [], None
     try:
         fp = make_checkpoint(work / "fp16", config, args.shards)
-        awq = make_checkpoint(work / "awq", config, args.shards, group=args.group_size)
-        print(f"checkpoints in {work}: fp16 {fp['bytes'] / GiB:.2f} GiB in {fp['shards']} shards, "
-              f"AWQ {awq['bytes'] / GiB:.2f} GiB in {awq['shards']} shards", file=sys.stderr)
+        print(f"checkpoints in {work}: fp16 {fp['bytes'] / GiB:.2f} GiB in {fp['shards']} shards", file=sys.stderr)
+        if args.quantize or args.quantize_only:
+            quant = quantize_rows(work, fp, config, Path(args.calib), args.n_samples, args.seqlen)
+        if not args.quantize_only:
+            awq = make_checkpoint(work / "awq", config, args.shards, group=args.group_size)
+            print(f"AWQ checkpoint: {awq['bytes'] / GiB:.2f} GiB in {awq['shards']} shards", file=sys.stderr)
         low = "fp16" if args.device.startswith("cuda") else "bf16"
         # (checkpoint, dtype, reader backend, extra environment)
         cases = [(fp, "fp16", "pread", None), (fp, low, "pread", None), (fp, low, "mmap", None),
@@ -378,21 +508,23 @@ def main(argv=None) -> int:
                  (awq, low, "pread", MALLOC_FIXED)]
         if args.quick:
             cases = [c for c in cases if c[2] == "pread" and c[3] is None]
-        for ckpt, dtype, reader, env in cases:
+        for ckpt, dtype, reader, env in cases if awq else []:
             m = measure_load(Path(ckpt["path"]), dtype, args.device, env, reader)
             malloc = "mmap>128K" if env else "default"
             rows.append(summarize(ckpt, dtype, args.device, m, reader, malloc))
             print(f"  {ckpt['format']} -> {dtype} {args.device} ({reader} reader, malloc {malloc}): "
                   f"peak {m['peak_rss'] / GiB:.2f} GiB in {m['seconds']:.1f} s", file=sys.stderr)
-        quant = quantize_case(work) if args.quantize else {"skipped": "not requested (--quantize)"}
     finally:
         if not args.workdir and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    print_table(rows)
+    if rows:
+        print_table(rows)
     proj = projection_70b(rows)
     print_projection(proj)
-    print(f"quantizer: {quant.get('skipped', quant)}")
+    quant_proj = projection_70b_quantize(quant)
+    if quant:
+        print_quantize(quant, quant_proj)
     if args.json:
         import platform
 
@@ -402,7 +534,7 @@ def main(argv=None) -> int:
                   "python": platform.python_version(), "torch": torch.__version__,
                   "command": " ".join(["python", "scripts/bench_memory.py"] + sys.argv[1:]),
                   "config": config, "checkpoints": {"fp16": fp, "awq": awq}, "loads": rows,
-                  "projection_70b": proj, "quantize": quant}
+                  "projection_70b": proj, "quantize": quant, "projection_70b_quantize": quant_proj}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -325,3 +325,16 @@ def test_real_sigint_to_a_quantizing_process(tmp_path, calib_file, capsys):
     assert cli(capsys, *argv, "--resume")[0] == 0
     assert cli(capsys, *awq_args(src, tmp_path / "ref", calib_file))[0] == 0
     assert files(out) == files(tmp_path / "ref") and not work.exists()
+
+
+def test_packing_in_column_chunks_gives_the_same_bits(src, monkeypatch):
+    from tinychat.quant import quantize as qmod
+    from tinychat.quant.awq import block_parts
+
+    model = fp32_model(src)
+    parts = block_parts(model.config)
+    whole = qmod.pack_block(model.model.layers[1], 1, parts, 4, 32)
+    monkeypatch.setattr(qmod, "PACK_CHUNK_WEIGHTS", 1)  # one group of 32 columns at a time
+    assert len(qmod._column_chunks((128, 64), 32)) == 2
+    chunked = qmod.pack_block(model.model.layers[1], 1, parts, 4, 32)
+    assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)

@@ -163,3 +163,54 @@ def test_synthetic_checkpoint_is_sharded_with_an_index(checkpoints):
     reader = CheckpointReader(path)
     assert len(set(reader.shard_of.values())) == 4
     assert sum(math.prod(reader.get(n).shape) * 2 for n in reader.keys()) == ckpt["bytes"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The quantizer streams too: one block at a time from the shards, never the whole model
+
+
+SMALL = bench.llama_config(hidden=128, ffn=256, layers=4, heads=4, kv_heads=4, vocab=512)
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_quantizer_holds_one_block_and_reads_each_tensor_once(method, tmp_path, monkeypatch):
+    from tinychat.quant import stream
+    from tinychat.quant.quantize import quantize
+
+    ckpt = bench.make_checkpoint(tmp_path / "fp16", SMALL, shards=4)
+    bench.write_byte_tokenizer(tmp_path / "fp16")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("streaming quantization reads one block at a time.\n" * 40)
+    readers, blocks = [], []
+    monkeypatch.setattr(stream, "CheckpointReader", lambda path: readers.append(CountingReader(path)) or readers[-1])
+    read_block = stream.read_block
+
+    def one_block_at_a_time(reader, config, i):
+        gc.collect()
+        assert not [b for b in blocks if b() is not None], f"block {i} read while an earlier block is alive"
+        layer = read_block(reader, config, i)
+        blocks.append(weakref.ref(layer))
+        return layer
+
+    monkeypatch.setattr(stream, "read_block", one_block_at_a_time)
+    quantize(ckpt["path"], tmp_path / "out", group_size=128, method=method, calib=calib if method == "awq" else None,
+             n_samples=2, seqlen=64, progress=False)
+    reader = readers[0]
+    assert set(reader.reads) == set(reader.keys()) and set(reader.reads.values()) == {1}
+    assert len(blocks) == SMALL["num_hidden_layers"]
+    # Tensors from the checkpoint alive at once: one (converted to fp32 or written, then dropped).
+    biggest = max(bench.spec_bytes(shape, dtype) for _, shape, dtype in bench.tensor_specs(SMALL, None))
+    assert reader.peak <= biggest
+
+
+def test_peak_rss_of_quantizing_is_one_block_not_the_model(checkpoints):
+    # RTN of the 8-layer, 62 MB fp16 checkpoint: the whole-model quantizer held the fp32 model (124 MB)
+    # before packing it; streaming holds one block in fp32 (13.6 MB) and the packing scratch of its biggest
+    # linear (int64 nibbles: ~36 bytes a weight), whatever the number of blocks (38 MiB measured).
+    src = Path(checkpoints["fp16"]["path"])
+    m = bench.measure_quantize(src, src.parent / "quantized", "rtn", env=bench.MALLOC_FIXED)
+    terms = bench.quantizer_terms(CONFIG, 0, 0)
+    transient = m["peak_rss"] - m["rss_before"]
+    model_fp32 = 2 * terms["model_fp16_bytes"]
+    assert transient <= terms["block_fp32_bytes"] + 36 * terms["largest_linear_weights"] + 16 * MiB, (transient, terms)
+    assert transient < model_fp32 / 2, (transient, model_fp32)

@@ -65,8 +65,9 @@ FUSED = {
 }
 
 
-def read_checked(read, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """`read(name)` -> the tensor, shape- and dtype-checked, cast and placed, with NaN/inf refused."""
+def read_checked(read, name: str, shape: tuple[int, ...], dtype: torch.dtype | None, device) -> torch.Tensor:
+    """`read(name)` -> the tensor, shape- and dtype-checked, cast (None: kept as stored) and placed, with
+    NaN/inf refused."""
     t = read(name)
     check_tensor_meta(name, tuple(t.shape), t.is_floating_point(), t.dtype, shape)
     placed = t.to(device=device, dtype=dtype)

@@ -193,15 +193,32 @@ def pack_block(layer, i: int, parts: dict, w_bit: int, group_size: int) -> dict[
         state[p + norm + ".weight"] = layer.get_submodule(norm).weight.data.to(fp16)
     for name, part in parts.items():
         module = layer.get_submodule(part.module)
-        w = module.weight.data[part.rows].float()
-        q, scales, zeros = quantize_rtn(w, w_bit, group_size, name=p + name + ".weight")
-        qweight, qzeros, scales16 = quantized_to_awq(q, zeros, scales)
-        state[p + name + ".qweight"] = qweight
-        state[p + name + ".qzeros"] = qzeros
-        state[p + name + ".scales"] = scales16
+        w = module.weight.data[part.rows]
+        packed = [_pack_columns(w[:, lo:hi], w_bit, group_size, p + name + ".weight")
+                  for lo, hi in _column_chunks(w.shape, group_size)]
+        for k, suffix in enumerate((".qweight", ".qzeros", ".scales")):
+            state[p + name + suffix] = torch.cat([c[k] for c in packed]) if len(packed) > 1 else packed[0][k]
         if module.bias is not None:
             state[p + name + ".bias"] = module.bias.data[part.rows].to(fp16)
     return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+# Input columns quantized and packed at once: every group is rounded and every int32 word packed on its
+# own, so chunks give the same bits, and the int64 packing scratch (~30 bytes a weight) stays bounded
+# (for a 70B gate_proj, unchunked, it would be 7 GB).
+PACK_CHUNK_WEIGHTS = 1 << 22
+
+
+def _column_chunks(shape, group_size: int) -> list[tuple[int, int]]:
+    out_f, in_f = shape
+    step = max(group_size, PACK_CHUNK_WEIGHTS // max(out_f, 1) // group_size * group_size)
+    return [(lo, min(in_f, lo + step)) for lo in range(0, in_f, step)]
+
+
+def _pack_columns(w: torch.Tensor, w_bit: int, group_size: int, name: str):
+    """Input columns w [out, k] (whole groups) -> (qweight [k, out/8], qzeros, scales), AutoAWQ GEMM."""
+    q, scales, zeros = quantize_rtn(w.float(), w_bit, group_size, name=name)
+    return quantized_to_awq(q, zeros, scales)
 
 
 def checkpoint_specs(config: ModelConfig, w_bit: int, group_size: int) -> list[Spec]:

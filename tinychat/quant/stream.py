@@ -131,16 +131,18 @@ def read_block(reader: CheckpointReader, config: ModelConfig, i: int):
 
 def write_edges(reader: CheckpointReader, config: ModelConfig, writer: ShardWriter | None,
                 ids: torch.Tensor | None) -> torch.Tensor | None:
-    """Write the embeddings, final norm and lm_head (fp32 as read for the model, then fp16, as the
-    in-memory path does); return the calibration tokens' embeddings (fp32) when there are tokens."""
+    """Write the embeddings, final norm and lm_head in fp16; return the calibration tokens' embeddings
+    (fp32) when there are tokens. The values are the in-memory path's (source -> fp32 model -> fp16),
+    without an fp32 copy of the embedding: an fp16 source is written as read, and the embedding rows
+    are looked up before they are widened."""
     shapes = expected_shapes(config)
     hidden = None
     for name in edge_names(config):
-        t = read_checked(reader.get, name, shapes[name], torch.float32, torch.device("cpu"))
+        t = read_checked(reader.get, name, shapes[name], None, torch.device("cpu"))  # as stored, checked
         if writer is not None:
-            writer.write(name, t.to(torch.float16).contiguous())
+            writer.write(name, t if t.dtype == torch.float16 else t.float().to(torch.float16))
         if name == "model.embed_tokens.weight" and ids is not None:
-            hidden = F.embedding(ids, t)
+            hidden = F.embedding(ids, t).float()
         del t
     return hidden
 
