@@ -15,7 +15,9 @@ Classes (the test that covers each):
   unreadable calibration / evaluation text ............................. test_calibration_files, test_eval_data_files
   disk full while writing (simulated ENOSPC) ........................... test_disk_full_*
   SIGINT during the GGUF import ........................................ test_sigint_during_gguf_import
-  SIGINT during quantization, --resume ................................. tests/test_quantize_cli.py (quantizer owner)
+  SIGINT during quantization, --resume ................................. tests/test_quantize_resume.py:
+      test_real_sigint_to_a_quantizing_process, test_ctrl_c_after_block_k_then_resume_is_identical,
+      test_resume_with_other_settings_is_refused (disk full mid-run: test_disk_full_quantize_output)
   fuzzed safetensors/GGUF/config.json/detokenizer ...................... tests/test_fuzz.py
   code in a model directory (pickle, auto_map, chat template) .......... test_never_runs_code_*
 """

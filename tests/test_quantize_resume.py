@@ -338,3 +338,16 @@ def test_packing_in_column_chunks_gives_the_same_bits(src, monkeypatch):
     assert len(qmod._column_chunks((128, 64), 32)) == 2
     chunked = qmod.pack_block(model.model.layers[1], 1, parts, 4, 32)
     assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
+
+
+@pytest.mark.parametrize("damage", ["shard", "search"])
+def test_resume_from_a_damaged_work_dir_fails_cleanly(damage, src, tmp_path, calib_file, capsys, monkeypatch):
+    work = interrupted_run(src, tmp_path, calib_file, capsys, monkeypatch)
+    target = work / "checkpoint" / "model.safetensors" if damage == "shard" else work / "search" / "block-00000.safetensors"
+    target.write_bytes(target.read_bytes()[:100])
+    code, err = cli(capsys, *awq_args(src, tmp_path / "out", calib_file, "--resume"))
+    assert code == 2
+    line = one_error(err)
+    assert "damaged" in line if damage == "shard" else "unreadable" in line
+    assert "without --resume" in line and not work.exists() and not (tmp_path / "out").exists()
+    assert cli(capsys, *awq_args(src, tmp_path / "out", calib_file))[0] == 0

@@ -197,18 +197,19 @@ class Stepper:
         return SearchResult(self.settings, [BlockSearch() for _ in range(i)] + [block],
                             model=model_signature(self.config))
 
+    def saved_search(self, i: int) -> SearchFile:
+        try:
+            return SearchFile(self.work.search_file(i), self.config)
+        except TinychatError as e:
+            raise TinychatError(f"{self.work.path}: the saved search of block {i} is unreadable ({e}), so "
+                                "the work was removed; run the command again without --resume") from None
+
     def search_result(self, calibration: dict) -> SearchResult:
         """The whole search, for --save-search: from the finished blocks' files, or the loaded file."""
         if self.search_file is not None:
             f = self.search_file
             return SearchResult(f.settings, [f.block(i) for i in range(f.num_blocks)], f.calibration, f.model)
-        blocks = []
-        for i in range(self.config.num_hidden_layers):
-            try:
-                blocks.append(SearchFile(self.work.search_file(i), self.config).block(i))
-            except TinychatError as e:
-                raise TinychatError(f"{self.work.path}: the saved search of block {i} is unreadable ({e}); "
-                                    f"delete {self.work.path} and run again") from None
+        blocks = [self.saved_search(i).block(i) for i in range(self.config.num_hidden_layers)]
         return SearchResult(self.settings, blocks, calibration=calibration, model=model_signature(self.config))
 
 
@@ -248,10 +249,13 @@ def _run_blocks(job: Job, config: ModelConfig, reader: CheckpointReader, work: W
             writer = ShardWriter(work.checkpoint, checkpoint_specs(config, job.w_bit, job.group_size),
                                  job.shard_bytes, resume=work.done > 0)
         except (ValueError, FileNotFoundError) as e:
-            raise TinychatError(f"{work.path}: the partly written checkpoint is damaged ({e}); delete "
-                                f"{work.path} and run again") from None
+            raise TinychatError(f"{work.path}: the partly written checkpoint is damaged ({e}), so the work "
+                                "was removed; run the command again without --resume") from None
     stepper = Stepper(job, config, reader, work, writer, settings, search_file)
     total = config.num_hidden_layers
+    if settings is not None:
+        for i in range(work.done):  # a damaged work directory fails now, not after the remaining blocks
+            stepper.saved_search(i)
     try:
         with torch.no_grad():
             hidden = write_edges(reader, config, writer, ids)
