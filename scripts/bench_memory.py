@@ -213,13 +213,18 @@ MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc: every block >= 128
 
 def measure_load(path: Path, dtype: str, device: str, env: dict | None = None, reader: str = "pread") -> dict:
     """Load `path` in a fresh interpreter (extra environment `env`) and return the child's measurements."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-load", str(path), "--dtype", dtype,
-           "--device", device, "--reader-backend", reader]
+    return run_child(["--child-load", str(path), "--dtype", dtype, "--device", device, "--reader-backend", reader],
+                     env, "load")
+
+
+def run_child(args: list[str], env: dict | None, what: str) -> dict:
+    """This script in a fresh interpreter with `args` (and extra environment `env`): its JSON line."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     env = dict(os.environ, **(env or {}))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"child load failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"child {what} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -323,16 +328,9 @@ def child_quantize(src: str, out: str, method: str, calib: str | None, n_samples
 
 def measure_quantize(src: Path, out: Path, method: str, calib: Path | None = None, n_samples: int = 0,
                      seqlen: int = 0, env: dict | None = None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-quantize", str(src), "--out", str(out),
-           "--method", method, "--n-samples", str(n_samples), "--seqlen", str(seqlen)]
-    if calib is not None:
-        cmd += ["--calib", str(calib)]
-    env = dict(os.environ, **(env or {}))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child quantize failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = ["--child-quantize", str(src), "--out", str(out), "--method", method, "--n-samples", str(n_samples),
+            "--seqlen", str(seqlen)]
+    return run_child(args + (["--calib", str(calib)] if calib is not None else []), env, "quantize")
 
 
 def quantizer_terms(config: dict, n_samples: int, seqlen: int) -> dict:

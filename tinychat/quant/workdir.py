@@ -95,25 +95,29 @@ class WorkDir:
             return cls._create(path, meta)
         if resume:
             if not (path / "run.json").is_file():
-                raise TinychatError(f"--resume: nothing to resume ({path} does not exist: no interrupted run "
-                                    "of this command); run it without --resume")
+                raise TinychatError(f"--resume: nothing to resume (no interrupted run of this command at {path}); "
+                                    "run it without --resume")
             lock = _lock(path)
-            old = _read_run(path)
-            diffs = differences(old, meta)
-            if diffs:
+            try:
+                old = _read_run(path)
+                diffs = differences(old, meta)
+                if diffs:
+                    raise TinychatError(f"--resume: this command differs from the interrupted run kept in {path}: "
+                                        f"{'; '.join(diffs)}; rerun it as it was, or delete {path} to start over")
+            except BaseException:
                 _unlock(lock)
-                raise TinychatError(f"--resume: this command differs from the interrupted run kept in {path}: "
-                                    f"{'; '.join(diffs)}; rerun it as it was, or delete {path} to start over")
+                raise
             return cls(path, old, int(old["done"]), lock)
         if path.exists():
             lock = _lock(path)
-            done = int(_read_run(path).get("done", 0)) if (path / "run.json").is_file() else 0
-            if done > 0:
+            try:
+                done = int(_read_run(path)["done"]) if (path / "run.json").is_file() else 0
+            finally:
                 _unlock(lock)
-                total = meta["num_blocks"]
-                raise TinychatError(f"an interrupted run of this command kept {done} of {total} finished blocks "
-                                    f"in {path}; add --resume to continue it, or delete {path} to start over")
-            _unlock(lock)
+            if done > 0:
+                raise TinychatError(f"an interrupted run writing this output kept {done} of {meta['num_blocks']} "
+                                    f"finished blocks in {path}; add --resume to continue it, or delete {path} to "
+                                    "start over")
             shutil.rmtree(path)  # nothing finished there: nothing to lose
         return cls._create(path, meta)
 
