@@ -311,19 +311,23 @@ def write_byte_tokenizer(path: Path) -> None:
 
 
 def child_quantize(src: str, out: str, method: str, calib: str | None, n_samples: int, seqlen: int) -> dict:
-    from tinychat.quant.quantize import quantize
+    """method "rtn-whole-model": the quantizer as it was before streaming (the whole fp32 model loaded)."""
+    from tinychat.quant.quantize import awq_state_dict, load_fp_model, quantize, write_checkpoint
 
     warm_up()
     before = proc_status()
     peak_reset = reset_peak()
     t0 = time.perf_counter()
-    summary = quantize(src, out, w_bit=4, group_size=128, method=method, calib=calib, n_samples=n_samples,
-                       seqlen=seqlen, progress=False)
+    if method == "rtn-whole-model":
+        write_checkpoint(awq_state_dict(load_fp_model(Path(src)), 4, 128), Path(src), Path(out), 4, 128)
+        search_seconds = 0.0
+    else:
+        search_seconds = quantize(src, out, w_bit=4, group_size=128, method=method, calib=calib,
+                                  n_samples=n_samples, seqlen=seqlen, progress=False).search_seconds
     seconds = time.perf_counter() - t0
     after = proc_status()
     return {"rss_before": before["VmRSS"], "peak_rss": after["VmHWM"], "rss_after": after["VmRSS"],
-            "peak_reset": peak_reset, "seconds": seconds, "search_seconds": summary.search_seconds,
-            "out_bytes": summary.out_bytes}
+            "peak_reset": peak_reset, "seconds": seconds, "search_seconds": search_seconds}
 
 
 def measure_quantize(src: Path, out: Path, method: str, calib: Path | None = None, n_samples: int = 0,
@@ -355,7 +359,7 @@ def quantize_rows(work: Path, fp: dict, config: dict, calib: Path, n_samples: in
     if not (src / "tokenizer.json").is_file():
         write_byte_tokenizer(src)
     rows = []
-    for method, n, t in (("rtn", 0, 0), ("awq", n_samples, seqlen)):
+    for method, n, t in (("rtn-whole-model", 0, 0), ("rtn", 0, 0), ("awq", n_samples, seqlen)):
         out = work / f"quantized-{method}"
         m = measure_quantize(src, out, method, calib if method == "awq" else None, n, t)
         shutil.rmtree(out, ignore_errors=True)
@@ -425,13 +429,13 @@ def print_quantize(rows: list[dict], proj: dict) -> None:
     print(f"\nstreaming quantizer (GiB): whole model fp16 {r0['model_fp16_bytes'] / GiB:.3f}; one block "
           f"fp16 {r0['block_fp16_bytes'] / GiB:.3f}, fp32 {r0['block_fp32_bytes'] / GiB:.3f}; embeddings fp16 "
           f"{r0['embedding_fp16_bytes'] / GiB:.3f}, fp32 {r0['embedding_fp32_bytes'] / GiB:.3f}")
-    head = f"{'method':<6} {'calibration':>11} {'activations':>11} {'grams':>6} {'before':>6} {'peak':>6} {'peak-before':>11} {'sec':>6}"
+    head = f"{'method':<15} {'calibration':>11} {'activations':>11} {'grams':>6} {'before':>6} {'peak':>6} {'peak-before':>11} {'sec':>6}"
     print(head)
     print("-" * len(head))
     for r in rows:
         calib = f"{r['n_samples']} x {r['seqlen']}" if r["n_samples"] else "-"
         grams = r["gram_bytes"] if r["n_samples"] else 0
-        print(f"{r['method']:<6} {calib:>11} {r['activations_bytes'] / GiB:11.3f} {grams / GiB:6.3f} "
+        print(f"{r['method']:<15} {calib:>11} {r['activations_bytes'] / GiB:11.3f} {grams / GiB:6.3f} "
               f"{r['rss_before'] / GiB:6.3f} {r['peak_rss'] / GiB:6.3f} {r['peak_above_before'] / GiB:11.3f} "
               f"{r['seconds']:6.0f}")
     if "peak_rss_awq" in proj:

@@ -351,3 +351,21 @@ def test_resume_from_a_damaged_work_dir_fails_cleanly(damage, src, tmp_path, cal
     assert "damaged" in line if damage == "shard" else "unreadable" in line
     assert "without --resume" in line and not work.exists() and not (tmp_path / "out").exists()
     assert cli(capsys, *awq_args(src, tmp_path / "out", calib_file))[0] == 0
+
+
+def test_search_only_run_resumes_beside_the_search_file(src, tmp_path, calib_file, capsys, monkeypatch):
+    def argv(search):
+        return ["quantize", "--model", src, "--w-bit", 3, "--group-size", 32, "--calib", calib_file,
+                "--n-samples", 4, "--seqlen", 32, "--save-search", search, "--quiet"]
+
+    assert cli(capsys, *argv(tmp_path / "ref.safetensors"))[0] == 0
+    search = tmp_path / "w3.safetensors"
+    interrupt_after(monkeypatch, "search_block", 3)
+    code, err = cli(capsys, *argv(search))
+    assert code == 130 and f"after block 3 of {LAYERS}" in err
+    assert (tmp_path / ".w3.safetensors.partial" / "run.json").is_file() and not search.exists()
+    searched = count_calls(monkeypatch, "search_block")
+    assert cli(capsys, *argv(search), "--resume")[0] == 0
+    assert len(searched) == 1
+    same_search(search, tmp_path / "ref.safetensors", fp32_model(src).config)
+    assert not (tmp_path / ".w3.safetensors.partial").exists()
