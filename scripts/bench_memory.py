@@ -378,9 +378,22 @@ def projection_70b_quantize(rows: list[dict], n_samples: int = 128, seqlen: int 
     scale group (gate + up in fp32: the candidate weights, their fake-quantized image, the loss's copy)."""
     from tinychat.plan import SHAPES_DIR
 
+    from tinychat.quant.quantize import PACK_CHUNK_WEIGHTS
+
     raw = json.loads((SHAPES_DIR / "llama-2-70b.json").read_text())
     terms = quantizer_terms(raw, n_samples, seqlen)
     out = {"model": "llama-2-70b", "n_samples": n_samples, "seqlen": seqlen, **terms}
+
+    def rtn_formula(t: dict) -> int:
+        # one block in fp32, its gate and up parts beside their fused copy while it is read, the packing
+        # scratch of one column chunk (int64 nibbles and fp32 temporaries: ~36 bytes a weight)
+        return t["block_fp32_bytes"] + t["largest_group_fp32_bytes"] + 36 * PACK_CHUNK_WEIGHTS
+
+    rtn = [r for r in rows if r["method"] == "rtn"]
+    if rtn:
+        r = rtn[0]
+        residual = max(r["peak_above_before"] - rtn_formula(r), 0)  # allocator and edges, taken as fixed
+        out.update({"rtn_residual_bytes": residual, "peak_rss_rtn": r["rss_before"] + rtn_formula(terms) + residual})
     awq = [r for r in rows if r["method"] == "awq"]
     if awq:
         r = awq[0]
@@ -438,6 +451,10 @@ def print_quantize(rows: list[dict], proj: dict) -> None:
         print(f"{r['method']:<15} {calib:>11} {r['activations_bytes'] / GiB:11.3f} {grams / GiB:6.3f} "
               f"{r['rss_before'] / GiB:6.3f} {r['peak_rss'] / GiB:6.3f} {r['peak_above_before'] / GiB:11.3f} "
               f"{r['seconds']:6.0f}")
+    if "peak_rss_rtn" in proj:
+        print(f"Llama-2-70B through RTN (or --load-search): peak RSS ~{proj['peak_rss_rtn'] / GiB:.1f} GiB "
+              f"(one block fp32 {proj['block_fp32_bytes'] / GiB:.2f} + gate/up read {proj['largest_group_fp32_bytes'] / GiB:.2f} "
+              f"+ packing scratch + imports and allocator as measured)")
     if "peak_rss_awq" in proj:
         print(f"Llama-2-70B through the AWQ quantizer at {proj['n_samples']} x {proj['seqlen']} tokens: peak RSS "
               f"~{proj['peak_rss_awq'] / GiB:.1f} GiB = imports {proj['rss_before'] / GiB:.2f} + one block fp32 "

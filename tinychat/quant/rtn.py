@@ -72,7 +72,9 @@ def _quantize_groups(wg: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.T
     # The floor keeps constant groups (max == min) from dividing by zero.
     scales = (hi - lo).clamp(min=1e-5) / maxq
     zeros = (-torch.round(lo / scales)).clamp(0, maxq)
-    q = (torch.round(wg / scales) + zeros).clamp(0, maxq)
+    # In place on one temporary: the AWQ search calls this on a 70B gate+up group (1.75 GiB in fp32)
+    # 40 times, and every extra temporary is another 1.75 GiB at its peak. Same bits as out of place.
+    q = (wg / scales).round_().add_(zeros).clamp_(0, maxq)
     return q, scales, zeros
 
 
@@ -116,7 +118,7 @@ def fake_quantize(
         limit = clip_max.float().reshape(wg.shape[0], wg.shape[1], 1)
         wg = torch.maximum(torch.minimum(wg, limit), -limit)
     q, scales, zeros = _quantize_groups(wg, maxq)
-    return ((q - zeros) * scales).reshape(w.shape).to(w.dtype)
+    return q.sub_(zeros).mul_(scales).reshape(w.shape).to(w.dtype)
 
 
 def dequantize(
