@@ -204,8 +204,8 @@ def pack_block(layer, i: int, parts: dict, w_bit: int, group_size: int) -> dict[
 
 
 # Input columns quantized and packed at once: every group is rounded and every int32 word packed on its
-# own, so chunks give the same bits, and the int64 packing scratch (~30 bytes a weight) stays bounded
-# (for a 70B gate_proj, unchunked, it would be 7 GB).
+# own, so chunks give the same bits, and the packing scratch (int64 nibbles and fp32 temporaries, ~36
+# bytes a weight) stays bounded: unchunked, a 70B gate_proj would need 8 GB of it.
 PACK_CHUNK_WEIGHTS = 1 << 22
 
 
