@@ -25,7 +25,7 @@ from ..quant.qlinear import AWQLinear
 
 def _linear_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """x [1, in] -> y [1, out] for one linear, skipping the module call where we know what it does."""
-    if isinstance(module, AWQLinear) and module.path == "int4pack" and module.dtype == torch.bfloat16:
+    if isinstance(module, AWQLinear) and module.runs_int4_kernel:
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         packed, group, scales_zeros, bias = module.packed, module.group_size, module.scales_and_zeros, module.bias
         if bias is None:

@@ -67,8 +67,13 @@ class AWQLinear(nn.Module):
             return pack.gemv_layout_dequant(self.qweight_t, self.scales_zeros, self.group_size, dtype=self.dtype)
         return pack.awq_to_dequant(self.qweight, self.qzeros, self.scales, self.group_size, dtype=self.dtype)
 
+    @property
+    def runs_int4_kernel(self) -> bool:
+        """Whether forward calls torch's CPU int4 kernel (int4pack layout, bf16 activations)."""
+        return self.path == "int4pack" and self.dtype == torch.bfloat16
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path == "int4pack" and self.dtype == torch.bfloat16:
+        if self.runs_int4_kernel:
             y = pack.int4pack_mm_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
         elif self.path == "cuda" and x.numel() <= 8 * self.in_features:
             from ..ops import gemv_w4a16  # the kernel, or its torch reference where it cannot run
