@@ -1,8 +1,8 @@
 // Decode attention over the KV cache (one new token per sequence), split along the sequence.
 //
 //   q        [B, Hq, D] fp16 (already rotated)
-//   k_cache, v_cache [B, Hkv, S, D] fp16; keys 0 .. L-1 are valid, L = *pos + 1 (device memory, so a
-//            captured graph replays at any length); with a sliding window only keys >= L - window count
+//   k_cache, v_cache [B, Hkv, S, D] fp16; keys 0 .. L-1 of row b are valid, L = positions[b] + 1 (int64, device
+//            memory, so a captured graph replays at any length); with a sliding window only keys >= L - window count
 //   GQA: query head h reads kv head h / G, G = Hq / Hkv (torch's enable_gqa / repeat_interleave).
 //
 // Kernel 1 (attn_decode_d{D}_g{GMAX}), grid (n_splits, Hkv, B), 128 threads: split p takes a contiguous
@@ -22,7 +22,7 @@ template <int D, int GMAX>
 __device__ __forceinline__ void attn_partial(const f16* __restrict__ q, const f16* __restrict__ k_cache,
                                              const f16* __restrict__ v_cache, float* __restrict__ part_o,
                                              float* __restrict__ part_ml, f16* __restrict__ out,
-                                             const int* __restrict__ pos_ptr, int n_heads, int n_kv,
+                                             const long long* __restrict__ positions, int n_heads, int n_kv,
                                              int max_seq, int n_splits, int window, float scale_log2) {
     constexpr int LPR = D / 8;                 // lanes per key row
     constexpr int RPI = ATTN_THREADS / LPR;    // key rows in flight per step
@@ -34,7 +34,7 @@ __device__ __forceinline__ void attn_partial(const f16* __restrict__ q, const f1
     const int tid = threadIdx.x, rg = tid / LPR, li = tid % LPR;
     const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int G = n_heads / n_kv;
-    const int L = *pos_ptr + 1;
+    const int L = (int)positions[b] + 1;
     const int start = window > 0 && L > window ? L - window : 0;
     const int per = (L - start + n_splits - 1) / n_splits;
     const int t0 = start + split * per;
@@ -177,9 +177,9 @@ __device__ __forceinline__ void attn_partial(const f16* __restrict__ q, const f1
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_d##D##_g##GMAX(                 \
         const f16* __restrict__ q, const f16* __restrict__ k_cache, const f16* __restrict__ v_cache,       \
         float* __restrict__ part_o, float* __restrict__ part_ml, f16* __restrict__ out,                    \
-        const int* __restrict__ pos_ptr, int n_heads, int n_kv, int max_seq, int n_splits, int window,     \
+        const long long* __restrict__ positions, int n_heads, int n_kv, int max_seq, int n_splits, int window,\
         float scale_log2) {                                                                                \
-        attn_partial<D, GMAX>(q, k_cache, v_cache, part_o, part_ml, out, pos_ptr, n_heads, n_kv, max_seq,  \
+        attn_partial<D, GMAX>(q, k_cache, v_cache, part_o, part_ml, out, positions, n_heads, n_kv, max_seq,\
                               n_splits, window, scale_log2);                                               \
     }
 

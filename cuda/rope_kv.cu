@@ -1,10 +1,12 @@
 // RoPE (HF rotate-half convention) fused with the KV-cache write, for T new tokens per sequence.
 //   qkv      [B*T, (Hq + 2 Hkv) * D]  fused projection output (q heads, then k heads, then v heads)
 //   q_out    [B*T, Hq, D]             rotated queries
-//   k_cache, v_cache [B, Hkv, S, D]   rotated k and plain v written at position *pos + t
-//   cos_t, sin_t [S, D/2]             fp16 tables made by torch exactly as the model computes them
-//                                     (positions.float() * inv_freq, .cos()/.sin(), cast to fp16)
-// The position comes from device memory so a captured CUDA graph replays at the right offset.
+//   k_cache, v_cache [B, Hkv, S, D]   rotated k and plain v written at position positions[b*T + t]
+//   cos_r, sin_r [B*T, D]             fp16 rows per token from ops.reference.rope_cos_sin (fp32 angles,
+//                                     cast after cos/sin): cos_r = [cos | cos], sin_r = [-sin | sin];
+//                                     the kernel reads cos from the first half and sin from the second
+//   positions [B*T]                   int64, in device memory so a captured CUDA graph replays at the
+//                                     right offset
 // Rounds op by op like torch: x1*cos + (-x2)*sin and x2*cos + x1*sin, each product and the sum in fp16.
 // grid (Hq + Hkv, B*T), block D/2: thread i rotates the pair (i, i + D/2) of one head.
 
@@ -12,14 +14,14 @@
 
 extern "C" __global__ void __launch_bounds__(128)
     rope_kv_write(const f16* __restrict__ qkv, f16* __restrict__ q_out, f16* __restrict__ k_cache,
-                  f16* __restrict__ v_cache, const f16* __restrict__ cos_t, const f16* __restrict__ sin_t,
-                  const int* __restrict__ pos_ptr, int T, int n_heads, int n_kv, int head_dim, int max_seq) {
-    const int bt = blockIdx.y, b = bt / T, t = bt - b * T;
-    const int pos = *pos_ptr + t;
+                  f16* __restrict__ v_cache, const f16* __restrict__ cos_r, const f16* __restrict__ sin_r,
+                  const long long* __restrict__ positions, int T, int n_heads, int n_kv, int head_dim, int max_seq) {
+    const int bt = blockIdx.y, b = bt / T;
+    const int pos = (int)positions[bt];
     const int half = head_dim >> 1, i = threadIdx.x;
     const int head = blockIdx.x;
     const f16* row = qkv + (size_t)bt * (n_heads + 2 * n_kv) * head_dim;
-    const f16 c = cos_t[(size_t)pos * half + i], s = sin_t[(size_t)pos * half + i];
+    const f16 c = cos_r[(size_t)bt * head_dim + i], s = sin_r[(size_t)bt * head_dim + half + i];
 
     const f16* src;
     f16* dst;

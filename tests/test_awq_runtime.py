@@ -105,7 +105,7 @@ def test_bf16_fast_path_close_to_twin(tmp_path):
     awq_dir, twin_dir = write_awq_twins(tmp_path, 64)
     ours = load_model(awq_dir, dtype="bf16")
     twin = load_model(twin_dir, dtype="fp32")
-    assert ours.model.layers[0].mlp.down_proj.path == "int4pack"
+    assert ours.model.layers[0].mlp.down_proj.implementation == "cpu-int4"
     ids = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
         got, expected = ours(ids).float(), twin(ids)

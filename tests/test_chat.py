@@ -82,7 +82,7 @@ def recording_stream(log, stream_fn=stream_generate):
 
 def canned_stream(reply="Sure."):
     """A stream that answers without the model, for tests about everything but generation."""
-    def stream(model, tokenizer, ids, params, cache, stop_strings=()):
+    def stream(model, tokenizer, ids, params, cache, stop_strings=(), decoder=None):
         stats = GenerationStats(prompt_tokens=len(ids), prefilled_tokens=len(ids), generated_tokens=2)
         yield GenerationResponse(reply[:2], 0, None, stats)
         yield GenerationResponse(reply[2:], 2, "stop", stats)

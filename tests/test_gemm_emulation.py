@@ -395,9 +395,8 @@ def test_awq_linear_cuda_path_sends_prefill_to_the_gemm(gen, monkeypatch):
 
     k, n, g = 128, 64, 32
     qweight, qzeros, scales = random_awq(k, n, g)
-    layer = AWQLinear(qweight, qzeros, scales, g, dtype=torch.float32)
-    layer.path = "cuda"
-    layer.qweight_t, layer.scales_zeros = pack.awq_to_gemv_layout(qweight, qzeros, scales, g)
+    layer = AWQLinear(qweight, qzeros, scales, g, dtype=torch.float32, implementation="cuda")
+    assert layer.implementation == "cuda"
     calls = []
     monkeypatch.setattr(ops, "gemv_w4a16", lambda *a, **kw: calls.append("gemv") or reference.gemv_w4a16(*a, **kw))
     monkeypatch.setattr(ops, "gemm_w4a16", lambda *a, **kw: calls.append("gemm") or reference.gemm_w4a16(*a, **kw))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tinychat.cache import KVCache
 from tinychat.config import ModelConfig
-from tinychat.cuda_graph import decode_forward
+from tinychat.cuda_graph import StaticStep
 from tinychat.models.llama import MLP, LlamaForCausalLM, RMSNorm, RotaryEmbedding
 from tinychat.ops import cuda_ops, reference
 from tinychat.quant import pack
@@ -123,17 +123,24 @@ def test_gemv_silu_reference_matches_the_mlp(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_add_rmsnorm_matches_rmsnorm_module(gen, dtype):
-    norm = RMSNorm(320, 1e-5)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(320))
-    norm = norm.to(dtype)
+def test_add_rmsnorm_matches_hf_formula(gen, dtype):
+    """HF's LlamaRMSNorm: normalise in fp32, cast back, then multiply by the weight."""
+    weight = (1 + 0.1 * torch.randn(320)).to(dtype)
     x, delta = torch.randn(3, 320).to(dtype), torch.randn(3, 320).to(dtype)
-    out, h = reference.add_rmsnorm(x, norm.weight, 1e-5, delta)
+
+    def hf(h):
+        hf32 = h.float()
+        return weight * (hf32 * torch.rsqrt(hf32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+
+    out, h = reference.add_rmsnorm(x, weight, 1e-5, delta)
     assert torch.equal(h, x + delta)
-    assert rel(out, norm(x + delta)) < (1e-6 if dtype == torch.float32 else 1e-3)
-    out, h = reference.add_rmsnorm(x, norm.weight, 1e-5)
-    assert h is x and rel(out, norm(x)) < (1e-6 if dtype == torch.float32 else 1e-3)
+    assert rel(out, hf(x + delta)) < (1e-6 if dtype == torch.float32 else 1e-3)
+    out, h = reference.add_rmsnorm(x, weight, 1e-5)
+    assert h is x and rel(out, hf(x)) < (1e-6 if dtype == torch.float32 else 1e-3)
+    norm = RMSNorm(320, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    assert torch.equal(norm(x), reference.add_rmsnorm(x, weight, 1e-5)[0])
 
 
 def small_config(**extra):
@@ -142,40 +149,58 @@ def small_config(**extra):
     return ModelConfig(**{**base, **extra})
 
 
+def hf_rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rope_kv_write_matches_rotary_and_cache(gen, dtype):
+def test_rope_kv_write_matches_hf_rotation_and_cache_write(gen, dtype):
+    """Against HF's formulation (full-width cos/sin tables, q * cos + rotate_half(q) * sin), with two
+    sequences at different positions, as continuous batching decodes them."""
     config = small_config(rope_theta=50000.0)
     rotary = RotaryEmbedding(config)
     b, t, hq, hkv, d = 2, 3, 4, 2, config.head_dim
-    cache = KVCache(config, 40, batch=b, dtype=dtype)
-    for layer in range(2):
-        cache.keys[layer].normal_()
-        cache.values[layer].normal_()
-    cache.offset = 11
-    ours_k, ours_v = cache.keys[0].clone(), cache.values[0].clone()
+    k_cache, v_cache = torch.randn(b, hkv, 40, d).to(dtype), torch.randn(b, hkv, 40, d).to(dtype)
+    positions = torch.tensor([[11, 12, 13], [30, 31, 32]])
     qkv = torch.randn(b, t, (hq + 2 * hkv) * d).to(dtype)
-    # the model's path (Attention.forward): split, view, rotate, cache.update
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-    q, k, v = (z.view(b, t, -1, d).transpose(1, 2) for z in (q, k, v))
-    positions = torch.arange(cache.offset, cache.offset + t)
-    q_model, k_model = rotary(q, k, positions)
-    cache.update(0, k_model, v)
-    cos, sin = reference.rope_tables(rotary.inv_freq, 40, dtype)
-    q_ref = reference.rope_kv_write(qkv, cos, sin, torch.tensor([11], dtype=torch.int32), ours_k, ours_v, hq, hkv, d)
-    assert torch.equal(q_ref.transpose(1, 2), q_model)
-    assert torch.equal(ours_k, cache.keys[0]) and torch.equal(ours_v, cache.values[0])
+    q, k, v = (z.view(b, t, -1, d) for z in (q, k, v))
+    freqs = positions.float()[..., None] * rotary.inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    want_q, want_k = q * cos + hf_rotate_half(q) * sin, k * cos + hf_rotate_half(k) * sin
+    want_kc, want_vc = k_cache.clone(), v_cache.clone()
+    for row in range(b):
+        want_kc[row, :, positions[row]] = want_k[row].transpose(0, 1)
+        want_vc[row, :, positions[row]] = v[row].transpose(0, 1)
+    got_q = reference.rope_kv_write(qkv, *rotary(positions, dtype), positions, k_cache, v_cache, hq, hkv, d)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(k_cache, want_kc) and torch.equal(v_cache, want_vc)
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_decode_attention_matches_sdpa_over_the_valid_cache(gen, window):
-    b, hq, hkv, d, s, pos = 2, 6, 2, 32, 24, 13
+def test_decode_attention_matches_sdpa_over_each_rows_valid_cache(gen, window):
+    b, hq, hkv, d, s = 2, 6, 2, 32, 24
+    positions = torch.tensor([13, 20])
     q = torch.randn(b, hq, d)
     k_cache, v_cache = torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
-    got = reference.decode_attention(q, k_cache, v_cache, torch.tensor([pos], dtype=torch.int32), window)
-    lo = max(0, pos + 1 - window) if window else 0  # the model's mask: keys > pos - window
-    want = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, lo:pos + 1], v_cache[:, :, lo:pos + 1],
-                                          enable_gqa=True)[:, :, 0]
-    assert rel(got, want) < 1e-6
+    got = reference.decode_attention(q, k_cache, v_cache, positions, window)
+    for row, pos in enumerate(positions.tolist()):
+        lo = max(0, pos + 1 - window) if window else 0  # the model's mask: keys > pos - window
+        want = F.scaled_dot_product_attention(q[row:row + 1, :, None], k_cache[row:row + 1, :, lo:pos + 1],
+                                              v_cache[row:row + 1, :, lo:pos + 1], enable_gqa=True)[:, :, 0]
+        assert rel(got[row:row + 1], want) < 1e-6
+
+
+def test_decode_attention_upcasts_low_precision_to_fp32(gen):
+    """bf16 caches attend in fp32 (the rule that keeps the CPU decode fast on every vendor)."""
+    q = torch.randn(1, 6, 64).bfloat16()
+    k_cache, v_cache = torch.randn(1, 2, 30, 64).bfloat16(), torch.randn(1, 2, 30, 64).bfloat16()
+    got = reference.decode_attention(q, k_cache, v_cache, torch.tensor([20]))
+    want = F.scaled_dot_product_attention(q.float()[:, :, None], k_cache[:, :, :21].float(),
+                                          v_cache[:, :, :21].float(), enable_gqa=True)[:, :, 0]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
 
 
 # ---- the fused decode forward of the CUDA graph, on the CPU through the reference ops ----------------
@@ -198,28 +223,63 @@ def random_model(config, awq_group=None, dtype=torch.float32):
     return model.to(dtype).eval()
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "mistral-window", "qwen2-bias", "awq-g32", "tied-mha"])
-def test_decode_forward_equals_model_forward(gen, variant):
-    extra, group = {
-        "llama-gqa": ({}, None),
-        "mistral-window": (dict(model_type="mistral", sliding_window=6), None),
-        "qwen2-bias": (dict(model_type="qwen2"), None),
-        "awq-g32": ({}, 32),
-        "tied-mha": (dict(num_key_value_heads=4, tie_word_embeddings=True), None),
-    }[variant]
+VARIANTS = {
+    "llama-gqa": ({}, None),
+    "mistral-window": (dict(model_type="mistral", sliding_window=6), None),
+    "qwen2-bias": (dict(model_type="qwen2"), None),
+    "awq-g32": ({}, 32),
+    "tied-mha": (dict(num_key_value_heads=4, tie_word_embeddings=True), None),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_captured_step_equals_model_forward(gen, variant):
+    """The code a CUDA graph captures (StaticStep: model.decode_step on static buffers), run eagerly on the
+    CPU with the CPU ops, against forward(token, cache)."""
+    extra, group = VARIANTS[variant]
     config = small_config(**extra)
     model = random_model(config, group)
     cache = model.make_cache(32)
     with torch.inference_mode():
         model(torch.randint(0, config.vocab_size, (1, 9)), cache)
-        keys, values = [k.clone() for k in cache.keys], [v.clone() for v in cache.values]
-        token = torch.randint(0, config.vocab_size, (1, 1))
-        cos, sin = reference.rope_tables(model.rotary.inv_freq, cache.max_seq, model.dtype)
-        got = decode_forward(model, keys, values, token, torch.tensor([cache.offset], dtype=torch.int32), cos, sin)
-        want = model(token, cache)[:, -1]
-    assert rel(got, want) < 1e-5
-    for a, b in zip(keys + values, cache.keys + cache.values):
-        assert rel(a, b) < 1e-6
+        static = StaticStep(model, model.make_cache(32))
+        for ours, theirs in zip(static.storage.keys + static.storage.values, cache.keys + cache.values):
+            ours.copy_(theirs)
+        for _ in range(3):  # a few steps, some past the sliding window
+            token = torch.randint(0, config.vocab_size, (1,))
+            static.tokens.copy_(token)
+            static.positions.fill_(cache.offset)
+            got = static()
+            want = model(token.view(1, 1), cache)[:, -1]
+            assert rel(got, want) < 1e-5
+    for a, b in zip(static.storage.keys + static.storage.values, cache.keys + cache.values):
+        assert rel(a[:, :, :cache.offset], b[:, :, :cache.offset]) < 1e-6
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "mistral-window", "awq-g32"])
+def test_batched_decode_step_rows_at_different_positions(gen, variant):
+    """decode_step over a batch whose sequences sit at different positions (continuous batching) gives each
+    row what decoding it alone gives."""
+    extra, group = VARIANTS[variant]
+    config = small_config(**extra)
+    model = random_model(config, group)
+    lengths = [5, 11]
+    prompts = [torch.randint(0, config.vocab_size, (1, n)) for n in lengths]
+    batch = model.make_cache(24, batch=2)
+    with torch.inference_mode():
+        singles = []
+        for row, prompt in enumerate(prompts):
+            single = model.make_cache(24)
+            model(prompt, single)
+            singles.append(single)
+            for layer in range(config.num_hidden_layers):
+                batch.keys[layer][row] = single.keys[layer][0]
+                batch.values[layer][row] = single.values[layer][0]
+        tokens = torch.randint(0, config.vocab_size, (2,))
+        got = model.decode_step(tokens, torch.tensor(lengths), batch)
+        for row in range(2):
+            want = model(tokens[row].view(1, 1), singles[row])[:, -1]
+            assert rel(got[row:row + 1], want) < 1e-5
 
 
 # ---- NumPy emulation of cuda/gemv_w4a16.cu --------------------------------------------------------
@@ -457,8 +517,8 @@ def test_emulated_attention_matches_reference(gen, d, group, n_kv, seq, pos, win
     q = torch.randn(b, n_kv * group, d).half()
     k_cache, v_cache = (torch.randn(b, n_kv, seq, d) * 2).half(), torch.randn(b, n_kv, seq, d).half()
     got = emulate_attention(q, k_cache, v_cache, pos, window, splits)
-    want = reference.decode_attention(q.double(), k_cache.double(), v_cache.double(),
-                                      torch.tensor([pos], dtype=torch.int32), window)
+    want = reference.decode_attention(q.double(), k_cache.double(), v_cache.double(), torch.tensor([pos] * b),
+                                      window)
     assert rel(got, want) < 1e-10
 
 
@@ -474,8 +534,9 @@ def test_attention_splits_are_static_per_cache_shape(monkeypatch):
 
 # ---- NumPy emulation of cuda/rope_kv.cu, cuda/rmsnorm.cu, cuda/silu_mul.cu --------------------------
 
-def emulate_rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, d):
-    """rope_kv_write over its grid (Hq + Hkv, B*T) x D/2 threads, flat indices as in the kernel."""
+def emulate_rope_kv(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, d):
+    """rope_kv_write over its grid (Hq + Hkv, B*T) x D/2 threads, flat indices as in the kernel: cos/sin
+    rows [B*T, D] (cos from the first half, the positive sin from the second), positions [B*T]."""
     b_sz, t_len, _ = qkv.shape
     max_seq = k_cache.shape[2]
     src_all = qkv.numpy().astype(np.float64).reshape(-1)
@@ -486,11 +547,11 @@ def emulate_rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, d):
     r16 = np.float16
     for bt in range(b_sz * t_len):
         b, t = bt // t_len, bt % t_len
-        p = pos + t
+        p = int(positions.reshape(-1)[bt])
         row = bt * (n_heads + 2 * n_kv) * d
         for head in range(n_heads + n_kv):
             for i in range(half):
-                c, s = cs[p * half + i], sn[p * half + i]
+                c, s = cs[bt * d + i], sn[bt * d + half + i]
                 if head < n_heads:
                     src, dst, buf = row + head * d, (bt * n_heads + head) * d, q_out
                 else:
@@ -507,14 +568,15 @@ def emulate_rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, d):
 
 
 def test_emulated_rope_kv_matches_reference(gen):
-    b, t, hq, hkv, d, s, pos = 2, 2, 4, 2, 16, 12, 7
+    b, t, hq, hkv, d, s = 2, 2, 4, 2, 16, 12
     qkv = torch.randn(b, t, (hq + 2 * hkv) * d).half()
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-    cos, sin = reference.rope_tables(inv_freq, s, torch.float16)
+    positions = torch.tensor([[7, 8], [3, 4]])
+    cos, sin = reference.rope_cos_sin(inv_freq, positions, torch.float16)
     k_cache, v_cache = torch.randn(b, hkv, s, d).half(), torch.randn(b, hkv, s, d).half()
-    q_e, k_e, v_e = emulate_rope_kv(qkv, cos, sin, pos, k_cache, v_cache, hq, hkv, d)
+    q_e, k_e, v_e = emulate_rope_kv(qkv, cos, sin, positions, k_cache, v_cache, hq, hkv, d)
     k_r, v_r = k_cache.clone(), v_cache.clone()
-    q_r = reference.rope_kv_write(qkv, cos, sin, torch.tensor([pos], dtype=torch.int32), k_r, v_r, hq, hkv, d)
+    q_r = reference.rope_kv_write(qkv, cos, sin, positions, k_r, v_r, hq, hkv, d)
     assert torch.equal(v_e, v_r)
     # fp16 op by op: the only freedom is torch's CPU add rounding through fp32 first (1 ulp at most)
     for got, want in ((q_e, q_r), (k_e, k_r)):
@@ -729,13 +791,12 @@ def test_launchers_pass_what_each_kernel_declares(fake_cupy):
             cuda_ops._launch_gemv(torch.randn(m, 1024).to(h), qweight_t, scales_zeros, 128, None, silu)
     cuda_ops._launch_silu_mul(torch.randn(2, 64).to(h))
     cuda_ops._launch_add_rmsnorm(torch.randn(2, 64).to(h), torch.randn(64).to(h), 1e-5, torch.randn(2, 64).to(h))
-    cos, sin = torch.zeros(16, 32).to(h), torch.zeros(16, 32).to(h)
-    cache = torch.zeros(1, 2, 16, 64).to(h)
-    cuda_ops._launch_rope_kv(torch.randn(1, 1, 8 * 64).to(h), cos, sin, torch.tensor([3], dtype=torch.int32),
-                             cache, cache.clone(), 4, 2, 64)
+    cos, sin = torch.rand(1, 1, 64).to(h), torch.rand(1, 1, 64).to(h)
+    cache = torch.rand(1, 2, 16, 64).to(h)
+    cuda_ops._launch_rope_kv(torch.randn(1, 1, 8 * 64).to(h), cos, sin, torch.tensor([[3]]), cache, cache.clone(),
+                             4, 2, 64)
     for splits in (1, 4):
-        cuda_ops._launch_attention(torch.randn(1, 4, 64).to(h), cache, cache, torch.tensor([3], dtype=torch.int32),
-                                   None, splits)
+        cuda_ops._launch_attention(torch.randn(1, 4, 64).to(h), cache, cache, torch.tensor([3]), None, splits)
     launched = {entry[0] for entry in fake_cupy.launches}
     assert {"gemv_w4a16_m1", "gemv_w4a16_silu_m8", "silu_mul", "rmsnorm_residual", "rope_kv_write",
             "attn_decode_d64_g2", "attn_combine"} <= launched
@@ -757,8 +818,8 @@ def test_graph_decoder_protocol(monkeypatch):
         logits = torch.zeros(1, 5)
         sampler_graphs = []
 
-        def __call__(self, token, skip_copy=False):
-            calls.append(("replay", int(token.view(-1)[0]), skip_copy))
+        def replay(self, token, position):
+            calls.append(("replay", None if token is None else int(token.view(-1)[0]), position))
             return self.logits
 
     class FakeSamplerGraph:
@@ -771,7 +832,7 @@ def test_graph_decoder_protocol(monkeypatch):
 
     dec = FakeDecode()
     monkeypatch.setattr(cuda_graph, "unsupported_reason", lambda model, cache: None)
-    monkeypatch.setattr(cuda_graph, "decode_graph", lambda model, cache: dec)
+    monkeypatch.setattr(cuda_graph.GraphDecoder, "graph_for", lambda self, model, cache: dec)
     monkeypatch.setattr(cuda_graph, "SamplerGraph", FakeSamplerGraph)
     model = torch.nn.Module()
 
@@ -779,17 +840,18 @@ def test_graph_decoder_protocol(monkeypatch):
         calls.append(("eager-sample",))
         return torch.tensor([3])
 
-    step, sample = cuda_graph.graph_decoder(model, None, sampler)
+    decoder = cuda_graph.GraphDecoder()
+    step, sample = decoder.bind(model, None, sampler)
     token = sample(torch.ones(1, 5))          # prefill logits: the real sampler
-    logits = step(token)                      # copies the eager token in, replays both graphs
+    logits = step(token, 10)                  # copies the eager token in, replays both graphs
     token2 = sample(logits)                   # the graph's token, no sampler call
-    step(token2)                              # no copy: the graph already wrote it
+    step(token2, 11)                          # no copy: the graph already wrote it
     assert token2 is dec.sampler_graphs[0][1].token
-    assert calls == [("eager-sample",), ("replay", 3, False), ("sample-graph",), ("replay", 7, True),
+    assert calls == [("eager-sample",), ("replay", 3, 10), ("sample-graph",), ("replay", None, 11),
                      ("sample-graph",)]
     assert sample(logits * 2) is not None and calls[-1] == ("eager-sample",)  # processed logits
     # with processors nothing is sampled in the graph
-    step, sample = cuda_graph.graph_decoder(model, None, sampler, processors=[lambda h, x: x])
+    step, sample = decoder.bind(model, None, sampler, processors=[lambda h, x: x])
     calls.clear()
-    sample(step(torch.tensor([4])))
-    assert calls == [("replay", 4, False), ("eager-sample",)]
+    sample(step(torch.tensor([4]), 12))
+    assert calls == [("replay", 4, 12), ("eager-sample",)]

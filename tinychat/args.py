@@ -20,6 +20,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     parser.add_argument("--full-head", action="store_true",
                         help="keep the lm_head in full precision (4-bit models on CPU use an int8 head)")
+    parser.add_argument("--decode", default="auto", choices=["auto", "graph", "eager"],
+                        help="decode step: CUDA graphs where the model and device allow (auto, graph) or "
+                             "eager calls (eager); the CPU always decodes eagerly")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:

@@ -26,7 +26,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def run_once(model, prompt_len: int, gen: int, seed: int) -> dict:
+def run_once(model, prompt_len: int, gen: int, seed: int, decoder=None) -> dict:
     from .generate import GenerationStats, generate_step
     from .sampling import greedy
 
@@ -34,7 +34,7 @@ def run_once(model, prompt_len: int, gen: int, seed: int) -> dict:
     prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=gen_ids).tolist()
     cache = model.make_cache(prompt_len + gen + 1)
     stats = GenerationStats()
-    for _ in generate_step(model, prompt, cache, greedy, max_tokens=gen, stats=stats):
+    for _ in generate_step(model, prompt, cache, greedy, max_tokens=gen, stats=stats, decoder=decoder):
         pass  # EOS is ignored: every run decodes exactly `gen` tokens
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -55,8 +55,8 @@ def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
     if prompt_len + gen > context:
         raise TinychatError(f"--prompt-len {prompt_len} + --gen {gen} exceed the model's context of {context} "
                             "tokens; lower them")
-    run_once(model, min(prompt_len, 16), 4, seed=0)  # warm-up: first calls allocate and pick kernels
-    results = [run_once(model, prompt_len, gen, seed=i + 1) for i in range(runs)]
+    run_once(model, min(prompt_len, 16), 4, seed=0, decoder=engine.decoder)  # warm-up: allocations, kernels
+    results = [run_once(model, prompt_len, gen, seed=i + 1, decoder=engine.decoder) for i in range(runs)]
     row = {key: statistics.median(r[key] for r in results) for key in results[0]}
     row.update({
         "model": args.model, "path": str(engine.path), "precision": args.precision,

@@ -48,18 +48,16 @@ class KVCache:
                 "use a shorter prompt or a larger --max-context"
             )
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [batch, kv_heads, T, head_dim] at the current offset; return all valid keys/values."""
-        end = self.offset + k.shape[2]
-        self.keys[layer][:, :, self.offset:end] = k
-        self.values[layer][:, :, self.offset:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
     def advance(self, token_ids: torch.Tensor) -> None:
         """Called by the model once all layers wrote their keys for `token_ids` [batch, T]."""
         self.offset += token_ids.shape[1]
         if token_ids.shape[0] == 1:
             self.token_ids.extend(token_ids[0].tolist())
+
+    def append(self, token_id: int) -> None:
+        """Count one decoded token (batch 1) whose keys/values a decode step wrote at the offset."""
+        self.offset += 1
+        self.token_ids.append(token_id)
 
     def trim(self, n: int) -> None:
         """Forget the last n positions (their slots are overwritten by the next forward)."""

@@ -240,7 +240,8 @@ class ChatSession:
 
         pieces: list[str] = []
         response = None
-        stream = self.stream_fn(self.engine.model, self.engine.tokenizer, ids, self.params, self.cache)
+        stream = self.stream_fn(self.engine.model, self.engine.tokenizer, ids, self.params, self.cache,
+                                decoder=self.engine.decoder)
         try:
             for response in stream:
                 if response.text:

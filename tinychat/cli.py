@@ -9,7 +9,7 @@ from .errors import TinychatError
 
 # Each module exposes register(subparsers) that adds its subcommand and sets `func` on the parser.
 # Imports stay inside main() so `import tinychat.cli` is cheap and never needs a GPU.
-COMMAND_MODULES = ("chat", "quantize", "evaluate", "bench", "plan")
+COMMAND_MODULES = ("chat", "quantize_cmd", "evaluate", "bench", "plan")
 
 
 def register_generate(subparsers) -> None:
@@ -41,7 +41,8 @@ def run_generate(args) -> int:
     cache = engine.model.make_cache(args.max_context)
     cache.check_room(len(ids))
     response = None
-    for response in stream_generate(engine.model, engine.tokenizer, ids, params, cache, args.stop):
+    for response in stream_generate(engine.model, engine.tokenizer, ids, params, cache, args.stop,
+                                    decoder=engine.decoder):
         sys.stdout.write(response.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ModelConfig
 from .errors import TinychatError
+from .generate import make_decoder
 from .hub import resolve_model
 from .memory import anon_rss_bytes
 from .loader import load_model
@@ -21,6 +22,7 @@ class Engine:
     tokenizer: Tokenizer
     path: Path
     model_rss_bytes: int = 0  # resident anonymous memory that loading the model added (host)
+    decoder: object = field(default_factory=make_decoder)  # the decode step's implementation (and its graphs)
 
     def encode_chat(self, messages: list[dict], use_template: bool = True) -> list[int]:
         """Token ids of a conversation, ready for generation of the assistant's reply."""
@@ -56,8 +58,9 @@ def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig, path: Path) 
 
 
 def load_engine(name: str, precision: str = "w4a16", dtype: str = "auto", device: str = "cpu",
-                quiet: bool = False, full_head: bool = False) -> Engine:
+                quiet: bool = False, full_head: bool = False, decode: str = "auto") -> Engine:
     t0 = time.perf_counter()
+    decoder = make_decoder(decode)
     path = resolve_model(name, precision)
     dtype = compute_dtype(path, precision, dtype, device)
     if not quiet:
@@ -71,9 +74,10 @@ def load_engine(name: str, precision: str = "w4a16", dtype: str = "auto", device
     model_rss = anon_rss_bytes() - rss_before
     if not quiet:
         print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return Engine(model, tokenizer, path, model_rss)
+    return Engine(model, tokenizer, path, model_rss, decoder)
 
 
 def load_engine_from_args(args, quiet: bool = False) -> Engine:
     """load_engine with the flags of tinychat.args.add_model_args."""
-    return load_engine(args.model, args.precision, args.dtype, args.device, quiet=quiet, full_head=args.full_head)
+    return load_engine(args.model, args.precision, args.dtype, args.device, quiet=quiet, full_head=args.full_head,
+                       decode=args.decode)

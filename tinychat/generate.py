@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -11,7 +10,6 @@ import torch
 
 from .cache import KVCache
 from .errors import TinychatError
-from .models.cpu_decode import cpu_decoder
 from .sampling import SamplingParams, make_logits_processors, make_sampler
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -68,32 +66,45 @@ def prefill(model, cache: KVCache, prompt_ids: list[int], chunk: int = PREFILL_C
     return logits[:, -1], new.shape[1]
 
 
-def decode_functions(model, cache: KVCache, sampler: Callable, processors=(), max_tokens: int = 2):
-    """(step, sample) for the decode loop: step(token) -> next logits [1, vocab], sample(logits) -> token.
+class EagerDecoder:
+    """model.decode_step called eagerly, one token at a time: the CPU, or a GPU without graphs."""
 
-    On a CUDA GPU with tinychat's kernels and an fp16 model, a replay of the whole decode step captured
-    as a CUDA graph (tinychat.cuda_graph; TINYCHAT_CUDA_GRAPH=0 turns it off); on the CPU at batch 1,
-    tinychat.models.cpu_decode's lean step (TINYCHAT_CPU_DECODE=0 turns it off); otherwise model.forward.
-    """
-    if model.device.type == "cuda" and max_tokens > 1 and cache.room > 0:
-        from .cuda_graph import graph_decoder
+    lookahead = False  # on the CPU nothing runs while Python works: queueing ahead only wastes a step at the end
 
-        fns = graph_decoder(model, cache, sampler, processors)
-        if fns is not None:
-            return fns
-    if os.environ.get("TINYCHAT_CPU_DECODE", "1").strip().lower() not in ("0", "false", "no", "off"):
-        decoder = cpu_decoder(model, cache)
-        if decoder is not None:
-            return decoder, sampler
-    return (lambda token: model(token.view(1, 1), cache)[:, -1]), sampler
+    def bind(self, model, cache: KVCache, sampler: Callable, processors=()) -> tuple[Callable, Callable]:
+        device = model.device
+
+        def step(token: torch.Tensor, position: int) -> torch.Tensor:
+            positions = torch.full((1,), position, dtype=torch.long, device=device)
+            return model.decode_step(token.view(1), positions, cache)
+
+        return step, sampler
+
+
+DECODE_CHOICES = ("auto", "graph", "eager")
+
+
+def make_decoder(kind: str = "auto"):
+    """The decode implementation for --decode: "graph" replays CUDA graphs where the model and cache
+    allow it (and decodes eagerly elsewhere), "eager" never captures, "auto" is "graph"."""
+    if kind not in DECODE_CHOICES:
+        raise TinychatError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {kind!r}")
+    if kind == "eager":
+        return EagerDecoder()
+    from .cuda_graph import GraphDecoder
+
+    return GraphDecoder()
 
 
 def generate_step(model, prompt_ids: list[int], cache: KVCache, sampler: Callable,
                   processors: list[Callable] = (), max_tokens: int = 256,
-                  stats: GenerationStats | None = None) -> Iterator[int]:
+                  stats: GenerationStats | None = None, decoder=None) -> Iterator[int]:
     """Yield sampled token ids one at a time; stops after max_tokens or when the cache is full.
 
+    decoder: EagerDecoder (the default) or a GraphDecoder (tinychat.cuda_graph), whose graphs it keeps.
     The cache ends holding the prompt and every yielded token except the last (which was never fed back).
+    The host reads each token once (its id is yielded); with a lookahead decoder the next step is queued
+    on the device before that read, so the device computes while the caller handles the token.
     """
     if not prompt_ids:
         raise TinychatError("the prompt is empty; give some text")
@@ -102,24 +113,33 @@ def generate_step(model, prompt_ids: list[int], cache: KVCache, sampler: Callabl
     t0 = time.perf_counter()
     with torch.inference_mode():
         logits, stats.prefilled_tokens = prefill(model, cache, prompt_ids)
-        step, sample = decode_functions(model, cache, sampler, processors, max_tokens)
+        decoder = decoder if decoder is not None else EagerDecoder()
+        bound = decoder.bind(model, cache, sampler, processors) if max_tokens > 1 else None
+        if bound is None:
+            decoder = EagerDecoder()
+            bound = decoder.bind(model, cache, sampler, processors)
+        step, sample = bound
+        ahead = decoder.lookahead and not processors  # processors need each token's id before the next step
         history = torch.tensor([prompt_ids], device=model.device) if processors else None
         for n in range(max_tokens):
             for process in processors:
                 logits = process(history, logits)
             token = sample(logits)
-            token_id = int(token[0])
+            more = n + 1 < max_tokens and cache.room > 0
+            queued = step(token, cache.offset) if more and ahead else None  # written past the offset until kept
+            token_id = int(token[0])  # the one host sync per token
             if n == 0:
                 stats.prefill_seconds = time.perf_counter() - t0
                 t0 = time.perf_counter()
             stats.generated_tokens = n + 1
             stats.decode_seconds = time.perf_counter() - t0
             yield token_id
-            if n + 1 == max_tokens or cache.room == 0:
+            if not more:
                 return
             if processors:
                 history = torch.cat([history, token.view(1, 1)], dim=1)
-            logits = step(token)
+            logits = queued if queued is not None else step(token, cache.offset)
+            cache.append(token_id)
 
 
 class StopStringMatcher:
@@ -153,7 +173,8 @@ class StopStringMatcher:
 
 
 def stream_generate(model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                    cache: KVCache | None = None, stop_strings: list[str] = ()) -> Iterator[GenerationResponse]:
+                    cache: KVCache | None = None, stop_strings: list[str] = (),
+                    decoder=None) -> Iterator[GenerationResponse]:
     """Yield text deltas as tokens arrive; the last response carries the finish reason and final stats."""
     params.validate()
     cache = cache if cache is not None else model.make_cache()
@@ -162,7 +183,7 @@ def stream_generate(model, tokenizer: Tokenizer, prompt_ids: list[int], params: 
     matcher = StopStringMatcher(list(stop_strings))
     eos = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
     steps = generate_step(model, prompt_ids, cache, make_sampler(params), make_logits_processors(params),
-                          params.max_tokens, stats)
+                          params.max_tokens, stats, decoder)
     for token in steps:
         if token in eos:
             yield GenerationResponse(matcher.feed(detok.finalize())[0] + matcher.flush(), token, "stop", stats)

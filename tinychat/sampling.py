@@ -157,30 +157,44 @@ def make_sampler(params: SamplingParams) -> Sampler:
     if params.temperature == 0:
         return greedy
 
-    temperature, top_k, top_p, min_p, seed = (
-        params.temperature, params.top_k, params.top_p, params.min_p, params.seed)
-    if seed is None:
-        seed = secrets.randbits(63)  # not torch's global RNG: building a sampler must not move it
-    # One generator per device, made on first use there, so a sampler built before the model is
-    # placed still draws on the device the logits live on.
-    generators: dict[torch.device, torch.Generator] = {}
+    return RandomSampler(params)
 
-    def sample(logits: Tensor) -> Tensor:
-        generator = generators.get(logits.device)
-        if generator is None:
-            generator = torch.Generator(device=logits.device)
-            generator.manual_seed(seed)
-            generators[logits.device] = generator
-        logits = apply_temperature(logits, temperature)
-        if top_k > 0:
-            logits = apply_top_k(logits, top_k)
-        if top_p < 1.0:
-            logits = apply_top_p(logits, top_p)
-        if min_p > 0.0:
-            logits = apply_min_p(logits, min_p)
+
+class RandomSampler:
+    """logits [batch, vocab] -> token ids [batch] drawn after temperature, top-k, top-p and min-p.
+
+    It draws from its own generator, one per device, made on first use there (so a sampler built before
+    the model is placed draws on the device the logits live on); `generator(device)` hands it out so a
+    CUDA graph that captures the sampler can register its state.
+    """
+
+    def __init__(self, params: SamplingParams):
+        self.temperature, self.top_k, self.top_p, self.min_p = params.temperature, params.top_k, params.top_p, \
+            params.min_p
+        # not torch's global RNG: building a sampler must not move it
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must share one generator
+            device = torch.device("cuda", torch.cuda.current_device())
+        found = self._generators.get(device)
+        if found is None:
+            found = self._generators[device] = torch.Generator(device=device)
+            found.manual_seed(self.seed)
+        return found
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        generator = self.generator(logits.device)
+        logits = apply_temperature(logits, self.temperature)
+        if self.top_k > 0:
+            logits = apply_top_k(logits, self.top_k)
+        if self.top_p < 1.0:
+            logits = apply_top_p(logits, self.top_p)
+        if self.min_p > 0.0:
+            logits = apply_min_p(logits, self.min_p)
         return categorical(logits, generator)
-
-    return sample
 
 
 def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:

@@ -2,6 +2,12 @@
 
 Attribute names follow Hugging Face (`model.layers.N.self_attn...`) except that q/k/v and gate/up are
 fused into `qkv_proj` and `gate_up_proj`; the loader builds those from the HF tensors.
+
+The math is written once, in `LlamaForCausalLM.run(input_ids, positions, cache)`, against tinychat.ops:
+prompts, chunked prefill and decode all go through it, on every device. Positions are a device tensor
+and the cache is written by index, so `decode_step` (run with one token per sequence) is what the CUDA
+graph captures (tinychat.cuda_graph) and what the CPU runs eagerly; `forward(input_ids, cache)` is the
+convenience that reads the positions off the cache and advances it.
 """
 
 from __future__ import annotations
@@ -9,13 +15,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..cache import KVCache
 from ..config import ModelConfig
-
-
+from ..quant.qlinear import AWQLinear
 # Default cache length: a Llama-3 128k context would preallocate gigabytes that a chat rarely uses.
 DEFAULT_MAX_CONTEXT = 8192
 
@@ -27,9 +32,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, exactly as HF does, so low-precision runs agree.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-        return self.weight * normed.to(x.dtype)
+        return ops.add_rmsnorm(x, self.weight, self.eps)[0]
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta): the residual add fused in front of the norm (one kernel on a GPU)."""
+        return ops.add_rmsnorm(x, self.weight, self.eps, delta)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -58,43 +65,38 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in HF's rotate-half convention; angles computed per call in fp32 as HF does (no position cap)."""
+    """RoPE in HF's rotate-half convention: the inverse frequencies, and the tables for given positions."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self._last = None  # (positions, dtype, cos, sin): every layer of one forward shares the tables
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        last = self._last
-        if last is not None and last[0] is positions and last[1] == dtype:
-            return last[2], last[3]
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [T, head_dim], broadcast over batch and heads
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        self._last = (positions, dtype, cos, sin)
-        return cos, sin
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        cos, sin = self.tables(positions, q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rope_cos_sin(self.inv_freq, positions, dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+class Step:
+    """What every layer of one `run` needs besides its input, built once: the positions [B or 1, T],
+    their rope tables, and where keys/values go (the cache's layers, or scratch buffers without one)."""
+
+    def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                 window: int | None):
+        self.positions, self.cos, self.sin, self.cache, self.window = positions, cos, sin, cache, window
+
+    def kv(self, layer: int, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device) -> tuple:
+        if self.cache is not None:
+            return self.cache.keys[layer], self.cache.values[layer]
+        # No cache: this call's tokens only, at positions 0..T-1 (batch-agnostic, so the quantizer can
+        # replay a layer on a subset of the sequences it was captured with)
+        shape = (batch, n_kv, self.positions.shape[-1], head_dim)
+        return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
 
-def attention_mask(q_len: int, offset: int, window: int | None, device) -> torch.Tensor | None:
-    """Boolean [q_len, offset + q_len] mask (True = attend), or None when plain full attention is right."""
-    if q_len == 1 and (window is None or offset < window):
-        return None  # one new token sees every cached position
-    q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
-    k_pos = torch.arange(offset + q_len, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= k_pos > q_pos - window
-    return mask
+def sequence_step(config: ModelConfig, rotary: RotaryEmbedding, seqlen: int, dtype: torch.dtype, device) -> Step:
+    """The Step of whole sequences of `seqlen` tokens without a cache (the quantizer runs blocks on these)."""
+    positions = torch.arange(seqlen, device=device).unsqueeze(0)
+    cos, sin = rotary(positions, dtype)
+    return Step(positions, cos, sin, None, config.sliding_window)
 
 
 class Attention(nn.Module):
@@ -109,19 +111,18 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
-    def forward(self, x, rope: RotaryEmbedding, positions, mask, cache: KVCache | None):
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rope(q, k, positions)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        causal = mask is None and t > 1  # no cache prefix and no window: SDPA's causal path is fastest
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.q_size))
+        qkv = self.qkv_proj(x)
+        keys, values = step.kv(self.layer_idx, b, self.n_kv_heads, self.head_dim, qkv.dtype, qkv.device)
+        q = ops.rope_kv_write(qkv, step.cos, step.sin, step.positions, keys, values,
+                              self.n_heads, self.n_kv_heads, self.head_dim)
+        if t == 1:  # one new token per sequence: the decode kernel, over each row's own length
+            out = ops.decode_attention(q.view(b, self.n_heads, self.head_dim), keys, values,
+                                       step.positions.expand(b, 1).reshape(b), step.window)
+        else:
+            out = ops.attention(q, keys, values, step.positions, step.window)
+        return self.o_proj(out.reshape(b, t, self.q_size))
 
 
 class MLP(nn.Module):
@@ -131,9 +132,10 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.gate_up_proj, AWQLinear):  # its strategy may fuse SiLU-and-multiply into the GEMV
+            return self.down_proj(self.gate_up_proj.forward_silu_mul(x))
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -144,9 +146,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, positions, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), rope, positions, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        normed, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), step))
+        return h + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
@@ -168,26 +170,40 @@ class LlamaForCausalLM(nn.Module):
         with torch.device("cpu"):  # inv_freq is computed, never loaded: keep it off the meta device
             self.rotary = RotaryEmbedding(config)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                return_hidden: bool = False) -> torch.Tensor:
-        """input_ids [batch, T] -> logits [batch, T or 1, vocab]. With a cache, positions continue from it."""
-        t = input_ids.shape[1]
-        offset = cache.offset if cache is not None else 0
-        if cache is not None:
-            cache.check_room(t)
-        positions = torch.arange(offset, offset + t, device=input_ids.device)
-        mask = attention_mask(t, offset, self.config.sliding_window, input_ids.device)
-        if mask is not None and offset == 0 and self.config.sliding_window is None:
-            mask = None  # plain causal prefill
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+            last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
+        """The model's math: input_ids [B, T] at positions [B or 1, T] (int64, on the model's device) ->
+        logits [B, T or 1, vocab] (or the final hidden states). Keys/values are written into `cache` at
+        those positions (without a cache, positions must be 0..T-1); the cache's bookkeeping (offset,
+        token ids) is the caller's, so this can be captured as a CUDA graph."""
+        cos, sin = self.rotary(positions, self.dtype)
+        step = Step(positions, cos, sin, cache, self.config.sliding_window)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            h = layer(h, self.rotary, positions, mask, cache)
-        if cache is not None:
-            cache.advance(input_ids)
+            h = layer(h, step)
         if last_only:
             h = h[:, -1:]
         h = self.model.norm(h)
         return h if return_hidden else self.lm_head(h)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per sequence: tokens [B] at positions [B] (device tensors) -> logits [B, vocab]."""
+        return self.run(tokens.view(-1, 1), positions.view(-1, 1), cache)[:, 0]
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids [batch, T] -> logits [batch, T or 1, vocab]. With a cache, positions continue from its
+        offset and the cache advances past these tokens."""
+        t = input_ids.shape[1]
+        offset = 0
+        if cache is not None:
+            cache.check_room(t)
+            offset = cache.offset
+        positions = torch.arange(offset, offset + t, device=input_ids.device).unsqueeze(0)
+        out = self.run(input_ids, positions, cache, last_only, return_hidden)
+        if cache is not None:
+            cache.advance(input_ids)
+        return out
 
     def make_cache(self, max_seq: int | None = None, batch: int = 1) -> KVCache:
         """A cache for up to max_seq positions (default: the model's context, at most DEFAULT_MAX_CONTEXT)."""

@@ -10,7 +10,9 @@ path: a non-contiguous input takes the reference path).
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -167,11 +169,17 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 # ---- RoPE + KV-cache write ------------------------------------------------------------------------
 
-def _launch_rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim):
+def _per_token(t: torch.Tensor, b: int) -> torch.Tensor:
+    """[1 or B, T, ...] -> contiguous [B, T, ...]: the kernel reads one row per (sequence, token)."""
+    return (t if t.shape[0] == b else t.expand(b, *t.shape[1:])).contiguous()
+
+
+def _launch_rope_kv(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim):
     b, t, _ = qkv.shape
     q = torch.empty(b, t, n_heads, head_dim, dtype=torch.float16, device=qkv.device)
+    cos, sin, positions = _per_token(cos, b), _per_token(sin, b), _per_token(positions, b)
     kernels.launch("rope_kv.cu", "rope_kv_write", (n_heads + n_kv, b * t), (head_dim // 2,),
-                   (ptr(qkv), ptr(q), ptr(k_cache), ptr(v_cache), ptr(cos), ptr(sin), ptr(pos), i32(t),
+                   (ptr(qkv), ptr(q), ptr(k_cache), ptr(v_cache), ptr(cos), ptr(sin), ptr(positions), i32(t),
                     i32(n_heads), i32(n_kv), i32(head_dim), i32(k_cache.shape[2])), device=qkv.device)
     return q
 
@@ -180,26 +188,26 @@ def _check_rope_kv(device) -> float:
     b, t, hq, hkv, d, s = 2, 2, 4, 2, 64, 40
     qkv = _randn(b, t, (hq + 2 * hkv) * d, device=device)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device).float() / d))
-    cos, sin = reference.rope_tables(inv_freq, s, torch.float16)
-    pos = torch.tensor([17], dtype=torch.int32, device=device)
+    positions = torch.tensor([[17, 18], [30, 31]], device=device)
+    cos, sin = reference.rope_cos_sin(inv_freq, positions, torch.float16)
     k_cache, v_cache = _randn(b, hkv, s, d, device=device), _randn(b, hkv, s, d, device=device)
     caches = [k_cache, v_cache, k_cache.clone(), v_cache.clone()]
-    got = _launch_rope_kv(qkv, cos, sin, pos, caches[0], caches[1], hq, hkv, d)
-    want = reference.rope_kv_write(qkv, cos, sin, pos, caches[2], caches[3], hq, hkv, d)
+    got = _launch_rope_kv(qkv, cos, sin, positions, caches[0], caches[1], hq, hkv, d)
+    want = reference.rope_kv_write(qkv, cos, sin, positions, caches[2], caches[3], hq, hkv, d)
     return max(kernels.relative_error(got, want), kernels.relative_error(caches[0], caches[2]),
                kernels.relative_error(caches[1], caches[3]))
 
 
-def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int,
                   head_dim: int) -> torch.Tensor:
-    """Rotated q [B, T, Hq, D]; k (rotated) and v written into the caches at pos .. pos+T-1."""
-    if (_fast(qkv, cos, sin, k_cache, v_cache) and pos.is_cuda and pos.dtype == torch.int32
+    """Rotated q [B, T, Hq, D]; k (rotated) and v written into the caches at positions [B or 1, T]."""
+    if (_fast(qkv, cos, sin, k_cache, v_cache) and positions.is_cuda and positions.dtype == torch.int64
             and head_dim % 2 == 0 and head_dim // 2 <= 128 and qkv.dim() == 3
-            and qkv.shape[-1] == (n_heads + 2 * n_kv) * head_dim and cos.shape[-1] == head_dim // 2
+            and qkv.shape[-1] == (n_heads + 2 * n_kv) * head_dim and cos.shape[-1] == head_dim
             and kernels.verified("rope_kv_write", lambda: _check_rope_kv(qkv.device))):
-        return _launch_rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
-    return reference.rope_kv_write(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
+        return _launch_rope_kv(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim)
+    return reference.rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim)
 
 
 # ---- decode attention -----------------------------------------------------------------------------
@@ -219,7 +227,7 @@ def _attn_variant(head_dim: int, group: int) -> str | None:
     return None if gmax is None else f"attn_decode_d{head_dim}_g{gmax}"
 
 
-def _launch_attention(q, k_cache, v_cache, pos, window, n_splits):
+def _launch_attention(q, k_cache, v_cache, positions, window, n_splits):
     b, n_heads, d = q.shape
     n_kv, seq = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty(b, n_heads, d, dtype=torch.float16, device=q.device)
@@ -230,7 +238,7 @@ def _launch_attention(q, k_cache, v_cache, pos, window, n_splits):
         part_o = part_ml = None
     name = _attn_variant(d, n_heads // n_kv)
     kernels.launch("decode_attention.cu", name, (n_splits, n_kv, b), (128,),
-                   (ptr(q), ptr(k_cache), ptr(v_cache), ptr(part_o), ptr(part_ml), ptr(out), ptr(pos),
+                   (ptr(q), ptr(k_cache), ptr(v_cache), ptr(part_o), ptr(part_ml), ptr(out), ptr(positions),
                     i32(n_heads), i32(n_kv), i32(seq), i32(n_splits), i32(window or 0), f32(LOG2E / math.sqrt(d))),
                    device=q.device)
     if n_splits > 1:
@@ -247,24 +255,25 @@ def _check_attention(head_dim: int, group: int, device) -> float:
         q = _randn(b, n_heads, head_dim, device=device)
         k_cache = _randn(b, n_kv, seq, head_dim, device=device, scale=2.0)
         v_cache = _randn(b, n_kv, seq, head_dim, device=device)
-        p = torch.tensor([pos], dtype=torch.int32, device=device)
+        p = torch.tensor([pos - i for i in range(b)], device=device)  # rows at different lengths
         got = _launch_attention(q, k_cache, v_cache, p, window, splits)
         want = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), p, window)
         worst = max(worst, kernels.relative_error(got, want))
     return worst
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      window: int | None = None, n_splits: int | None = None) -> torch.Tensor:
-    """One token's attention over cache positions 0..pos (q [B, Hq, D] -> [B, Hq, D])."""
+    """One token's attention per sequence over cache positions 0..positions[b] (q [B, Hq, D] -> [B, Hq, D])."""
     b, n_heads, d = q.shape
     n_kv = k_cache.shape[1]
     name = _attn_variant(d, n_heads // n_kv) if n_heads % n_kv == 0 else None
-    if (name is not None and _fast(q, k_cache, v_cache) and pos.is_cuda and pos.dtype == torch.int32
+    if (name is not None and _fast(q, k_cache, v_cache) and positions.is_cuda and positions.dtype == torch.int64
+            and positions.numel() == b and positions.is_contiguous()
             and kernels.verified(name, lambda: _check_attention(d, n_heads // n_kv, q.device))):
         splits = n_splits or attention_splits(b, n_kv, k_cache.shape[2], q.device)
-        return _launch_attention(q, k_cache, v_cache, pos, window, splits)
-    return reference.decode_attention(q, k_cache, v_cache, pos, window)
+        return _launch_attention(q, k_cache, v_cache, positions, window, splits)
+    return reference.decode_attention(q, k_cache, v_cache, positions, window)
 
 
 # ---- W4A16 GEMM (prefill, M > 8) ------------------------------------------------------------------
@@ -432,12 +441,11 @@ def gemm_supported(x: torch.Tensor, qweight_t: torch.Tensor, group_size: int) ->
     return kernels.verified(f"gemm_w4a16_{name}", lambda: _check_gemm(name, x.device))
 
 
+@functools.cache
 def gemm_dequant_min_tokens() -> int | None:
     """From how many tokens gemm_w4a16 dequantizes the weight to fp16 and calls torch's matmul instead of
     running the W4A16 GEMM: TINYCHAT_GEMM_DEQUANT_MIN_M, unset = never. The cost is a transient fp16 copy
-    of the layer's weight (180 MB for Llama-2-7B's gate_up_proj); scripts/gpu_bench.py gemm measures both."""
-    import os
-
+    of the layer's weight (180 MB for Llama-2-7B's gate_up_proj). Read once per process."""
     value = os.environ.get("TINYCHAT_GEMM_DEQUANT_MIN_M", "").strip()
     return int(value) if value else None
 

@@ -1,12 +1,13 @@
-"""Torch reference ops, one per CUDA kernel, with the kernels' exact signatures.
+"""The torch implementation of every op: the model's math, written once.
 
-They are the fallback wherever a kernel is unavailable or failed its self-check, the ground truth the
-kernels are tested against, and they run on any device (CPU included). Each one computes what the
-model's own modules compute (tinychat/models/llama.py, tinychat/quant/qlinear.py), in the same dtype and
-order of rounding; tests/test_ops_reference.py holds them to that.
+tinychat/models call these through tinychat.ops, which runs the CUDA kernel where one applies and this
+code everywhere else (the CPU, other GPUs, shapes a kernel refuses). They are also the ground truth the
+kernels are tested against.
 
-All of them are safe to capture in a CUDA graph: shapes are static and positions are device tensors
-(`pos`: int32 [1], the cache position of the first new token), never Python ints read from the GPU.
+Positions are int64 device tensors ([B, T], or [1, T] shared by every row), never Python ints, so a
+decode step built from these ops can be captured in a CUDA graph. The CPU implementations may read a
+position back to slice the cache (a CPU tensor costs nothing to read); nothing that runs on a GPU does
+inside a decode step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 
 from ..quant import pack
 
+
+# ---- linear algebra on the GEMV layout (the CUDA strategy's weights) ---------------------------------
 
 def gemv_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
                bias: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
@@ -30,8 +33,7 @@ def gemv_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scales_zeros: torch.Ten
 
 def gemm_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The prefill GEMM (cuda/gemm_w4a16.cu): x [..., in] @ W.T (+ bias), W from the GEMV layout; the same
-    math as the GEMV, for any number of rows."""
+    """The prefill GEMM (cuda/gemm_w4a16.cu): the same math as the GEMV, for any number of rows."""
     return gemv_w4a16(x, qweight_t, scales_zeros, group_size, bias)
 
 
@@ -39,6 +41,8 @@ def dequant_w4a16(qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_siz
     """W [out, in] fp16 from the GEMV layout (cuda/gemm_w4a16.cu dequant_w4a16)."""
     return pack.gemv_layout_dequant(qweight_t, scales_zeros, group_size, dtype=torch.float16)
 
+
+# ---- elementwise -----------------------------------------------------------------------------------
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dim."""
@@ -48,60 +52,117 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                 delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rmsnorm(h), h) with h = x + delta (or x): the residual add fused in front of the norm."""
+    """(rmsnorm(h) * weight, h) with h = x + delta (or x): the residual add fused in front of the norm.
+
+    Normalised in fp32 and cast back before the weight multiplies, exactly as HF's LlamaRMSNorm, so
+    low-precision runs agree with it.
+    """
     h = x if delta is None else x + delta
-    hf = h.float()
-    normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(h.dtype), h
+    return weight * F.rms_norm(h.float(), (h.shape[-1],), None, eps).to(h.dtype), h
 
 
-def rope_tables(inv_freq: torch.Tensor, positions: int, dtype: torch.dtype,
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [positions, head_dim/2] in `dtype`, computed exactly as RotaryEmbedding does per call
-    (fp32 angles positions.float() * inv_freq, cast after cos/sin); the second half of each row repeats
-    the first, so only the first half is kept."""
-    device = device if device is not None else inv_freq.device
-    pos = torch.arange(positions, device=device)
-    freqs = pos.float()[:, None] * inv_freq.to(device=device, dtype=torch.float32)[None, :]
-    return freqs.cos().to(dtype).contiguous(), freqs.sin().to(dtype).contiguous()
+# ---- rotary embedding --------------------------------------------------------------------------------
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation for `positions`: (cos, signed_sin), each [*positions.shape, head_dim] in `dtype`.
+
+    Angles in fp32 (positions * inv_freq), cast after cos/sin, as HF computes them; cos = [c | c] as HF's
+    table, signed_sin = [-s | s]: HF's rotate_half(x) = cat(-x2, x1) is roll(x, D/2) with its first half
+    negated, so the sign lives in the table and the rotation is x * cos + roll(x, D/2) * signed_sin,
+    equal to HF's x * cos + rotate_half(x) * sin bit for bit (negation is exact). Built once per forward.
+    """
+    freqs = positions.float().unsqueeze(-1) * inv_freq.to(device=positions.device, dtype=torch.float32)
+    c, s = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return torch.cat([c, c], dim=-1), torch.cat([-s, s], dim=-1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int,
                   head_dim: int) -> torch.Tensor:
-    """Rotate q and k of qkv [B, T, (Hq + 2 Hkv) * D] at positions pos .. pos+T-1, write k and v into the
-    caches [B, Hkv, S, D] there, and return the rotated q [B, T, Hq, D]."""
+    """Rotate q and k of qkv [B, T, (Hq + 2 Hkv) * D], write k and v into the caches [B, Hkv, S, D] at
+    `positions` [B or 1, T], and return the rotated q [B, T, Hq, D]. cos, sin: rope_cos_sin's tables
+    for these positions ([B or 1, T, D]); q and k heads rotate together in one multiply-add."""
     b, t, _ = qkv.shape
-    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
-    q = q.reshape(b, t, n_heads, head_dim)
-    k = k.reshape(b, t, n_kv, head_dim)
-    v = v.reshape(b, t, n_kv, head_dim)
-    positions = pos.to(torch.long).reshape(1) + torch.arange(t, device=qkv.device)
-    c, s = cos.index_select(0, positions), sin.index_select(0, positions)  # [T, D/2]
-    c = torch.cat([c, c], dim=-1)[None, :, None, :]
-    s = torch.cat([s, s], dim=-1)[None, :, None, :]
-    q, k = _rotate(q, c, s), _rotate(k, c, s)
-    k_cache.index_copy_(2, positions, k.transpose(1, 2).to(k_cache.dtype))
-    v_cache.index_copy_(2, positions, v.transpose(1, 2).to(v_cache.dtype))
-    return q
+    qk_size = (n_heads + n_kv) * head_dim
+    qk = qkv[..., :qk_size].reshape(b, t, n_heads + n_kv, head_dim)
+    qk = qk * cos.unsqueeze(-2) + qk.roll(head_dim // 2, -1) * sin.unsqueeze(-2)
+    write_kv(k_cache, v_cache, qk[:, :, n_heads:], qkv[..., qk_size:].reshape(b, t, n_kv, head_dim), positions)
+    return qk[:, :, :n_heads]
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     window: int | None = None) -> torch.Tensor:
-    """Attention of one new token per sequence, q [B, Hq, D], over cache positions 0..pos (the last
-    `window` of them with a sliding window); returns [B, Hq, D]."""
-    n_heads, n_kv, seq = q.shape[1], k_cache.shape[1], k_cache.shape[2]
-    idx = torch.arange(seq, device=q.device)
-    last = pos.to(torch.long).reshape(1)
-    valid = idx <= last
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             positions: torch.Tensor) -> None:
+    """k, v [B, T, Hkv, D] into the caches [B, Hkv, S, D] at positions [B or 1, T] (by index, so it can
+    be captured: no Python offset)."""
+    b = k.shape[0]
+    if b == 1 or positions.shape[0] == 1:  # every row at the same positions: one index_copy_ per cache
+        pos = positions[0]
+        k_cache.index_copy_(2, pos, k.transpose(1, 2).to(k_cache.dtype))
+        v_cache.index_copy_(2, pos, v.transpose(1, 2).to(v_cache.dtype))
+        return
+    rows = torch.arange(b, device=k.device)[:, None].expand_as(positions)
+    k_cache.transpose(1, 2)[rows, positions] = k.to(k_cache.dtype)
+    v_cache.transpose(1, 2)[rows, positions] = v.to(v_cache.dtype)
+
+
+# ---- attention ---------------------------------------------------------------------------------------
+
+def attention_mask(positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """Boolean [B or 1, T, length] (True = attend): key j is visible to the query at position p when
+    j <= p, and, with a sliding window, j > p - window."""
+    keys = torch.arange(length, device=positions.device)
+    p = positions.unsqueeze(-1)
+    mask = keys <= p
     if window is not None and window > 0:
-        valid = valid & (idx > last - window)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k_cache, v_cache, attn_mask=valid[None, None, None, :],
+        mask &= keys > p - window
+    return mask
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+              window: int | None = None) -> torch.Tensor:
+    """Attention of T new tokens per sequence, q [B, T, Hq, D] at positions [B or 1, T], over the caches
+    [B, Hkv, S, D] (which already hold these tokens' keys); returns [B, T, Hq, D].
+
+    For prompts (any T): torch's SDPA on every device (no kernel of ours), on the cache up to the last
+    position, causal where the positions start at 0 and no window cuts in, else with an explicit mask.
+    """
+    n_heads, n_kv = q.shape[2], k_cache.shape[1]
+    t = q.shape[1]
+    length = int(positions[:, -1].max()) + 1  # positions increase along T; a host read once per layer
+    k, v = k_cache[:, :, :length], v_cache[:, :, :length]
+    plain_causal = length == t and positions.shape[0] == 1 and (window is None or window <= 0 or window >= t)
+    mask = None if plain_causal else attention_mask(positions, length, window).unsqueeze(1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=plain_causal,
                                          enable_gqa=n_heads != n_kv)
-    return out[:, :, 0, :]
+    return out.transpose(1, 2)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     window: int | None = None) -> torch.Tensor:
+    """Attention of one new token per sequence, q [B, Hq, D], over cache positions 0..positions[b] (the
+    last `window` of them with a sliding window); returns [B, Hq, D].
+
+    Computed in fp32 whatever the cache's dtype: the decode shape (a few query heads, one query row) is
+    where torch's bf16 CPU attention is up to 7x slower than fp32 on CPUs without fast bf16 (AMD Zen 5
+    measured; see README), and fp32 is never the slow choice, so the rule holds on every vendor by
+    construction. On a GPU, outside graph capture, this is the fallback for shapes the kernel refuses.
+    """
+    b, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    if q.device.type == "cpu":
+        # Slice to the valid keys instead of masking the whole cache (8k slots vs a few hundred used).
+        last = int(positions.max())
+        first = int(positions.min())
+        start = max(0, first + 1 - window) if window is not None and window > 0 else 0
+        k, v = k_cache[:, :, start:last + 1], v_cache[:, :, start:last + 1]
+        mask = None
+        if b > 1 and (first != last or start > 0):
+            mask = attention_mask(positions.view(b, 1), last + 1, window)[:, :, start:].unsqueeze(1)
+    else:  # the whole cache under a mask: no host read of the positions
+        k, v = k_cache, v_cache
+        mask = attention_mask(positions.view(b, 1), k_cache.shape[2], window).unsqueeze(1)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    out = F.scaled_dot_product_attention(q.view(b, n_heads, 1, head_dim).to(wide), k.to(wide), v.to(wide),
+                                         attn_mask=mask, enable_gqa=n_heads != n_kv)
+    return out.view(b, n_heads, head_dim).to(q.dtype)

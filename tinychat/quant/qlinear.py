@@ -1,15 +1,21 @@
-"""AWQLinear: a drop-in for nn.Linear whose weights stay 4-bit in memory; it picks its compute path.
+"""AWQLinear: a drop-in for nn.Linear whose weights stay 4-bit in memory, computed by a strategy chosen at load.
 
-Paths, chosen once at construction from the device, dtype and shape:
-- "int4pack": weights repacked by pack.py for torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu),
-  which runs bf16 activations. That kernel is fast only in bf16: in fp32 it was 1.3x (1 token) to 100x
-  (512 tokens) slower than dequantizing the layer and calling an fp32 matmul (576x3072, 1 thread), so fp32
-  and fp16 models dequantize per call from the same packed tensors (nothing dequantized stays resident).
-- "cuda": fp16 on a GPU with tinychat's CUDA kernels (tinychat.ops): weights repacked once into the GEMV
-  layout (pack.awq_to_gemv_layout); 1..8 tokens run the W4A16 GEMV kernel, more tokens the tensor-core W4A16
-  GEMM (cuda/gemm_w4a16.cu) on the same tensors; either falls back to dequantize-and-matmul where it cannot run.
-- "dequant": the torch reference, anywhere: dequantize the packed AWQ tensors per call and matmul.
-  Nothing dequantized stays resident; it is the fallback for shapes the kernels refuse.
+One strategy class per implementation, each owning its buffers (in whatever layout its kernel wants,
+made by pack.py from the AWQ GEMM tensors) and exposing the same calls:
+
+    matmul(x)            x [..., in] -> x @ W.T [..., out]
+    matmul_silu_mul(x)   silu(gate) * up of a fused gate/up projection (one kernel where one exists)
+    dequantized_weight() W [out, in], for tests and the fallbacks
+
+- Int4CpuKernel  ("cpu-int4"): torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu). The kernel is
+  fast only with bf16 activations (in fp32 it was 1.3x to 100x slower than dequantizing and calling an
+  fp32 matmul), so fp32/fp16 models dequantize per call from the same packed tensors.
+- CudaW4A16      ("cuda"): fp16 on a GPU, the GEMV layout; 1..8 rows run tinychat's W4A16 GEMV kernel,
+  more rows the tensor-core GEMM (tinychat.ops; each falls back to its torch implementation).
+- DequantReference ("dequant"): the AWQ tensors as loaded, dequantized per call; the fallback for shapes
+  the kernels refuse and the reference anywhere.
+
+AWQLinear.forward hands off to `self.inner`; nothing outside this module touches a strategy's tensors.
 """
 
 from __future__ import annotations
@@ -18,74 +24,158 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from . import pack
+
+
+class _Strategy(nn.Module):
+    name = ""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size, self.dtype = in_features, out_features, group_size, dtype
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype))
+
+    def matmul_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.silu_mul(self.matmul(x))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}"
+
+
+class Int4CpuKernel(_Strategy):
+    name = "cpu-int4"
+
+    def __init__(self, qweight, qzeros, scales, group_size: int, dtype: torch.dtype):
+        super().__init__(qweight.shape[0], qweight.shape[1] * 8, group_size, dtype)
+        packed, scales_and_zeros = pack.awq_to_int4pack_cpu(qweight, qzeros, scales, group_size, dtype=dtype)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.kernel = dtype == torch.bfloat16
+
+    @staticmethod
+    def applies(in_features: int, out_features: int, group_size: int, device: torch.device) -> bool:
+        return (device.type == "cpu" and group_size in pack.INT4PACK_CPU_GROUP_SIZES
+                and pack.int4pack_layout_is_known(out_features))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.kernel:
+            return super().matmul(x)
+        if x.dim() == 2 and x.dtype == torch.bfloat16:  # the decode shape: call the kernel as is
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        return pack.int4pack_mm_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return pack.int4pack_cpu_dequant(self.packed, self.scales_and_zeros, self.group_size,
+                                         self.out_features, self.in_features, self.dtype)
+
+
+class CudaW4A16(_Strategy):
+    name = "cuda"
+
+    def __init__(self, qweight, qzeros, scales, group_size: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(qweight.shape[0], qweight.shape[1] * 8, group_size, dtype)
+        qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight.to(device), qzeros.to(device), scales.to(device),
+                                                          group_size)
+        self.register_buffer("qweight_t", qweight_t)
+        self.register_buffer("scales_zeros", scales_zeros)
+
+    @staticmethod
+    def applies(in_features: int, out_features: int, group_size: int, device: torch.device,
+                dtype: torch.dtype) -> bool:
+        return (device.type == "cuda" and dtype == torch.float16
+                and pack.gemv_layout_supported(in_features, out_features, group_size) is None
+                and ops.available(device))
+
+    def _rows(self, x: torch.Tensor) -> int:
+        return x.numel() // self.in_features
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if self._rows(x) <= ops.cuda_ops.GEMV_MAX_TOKENS:
+            return ops.gemv_w4a16(x, self.qweight_t, self.scales_zeros, self.group_size)
+        return ops.gemm_w4a16(x, self.qweight_t, self.scales_zeros, self.group_size)
+
+    def matmul_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if self._rows(x) <= ops.cuda_ops.GEMV_MAX_TOKENS:  # the GEMV applies SiLU-and-multiply in its epilogue
+            return ops.gemv_w4a16(x, self.qweight_t, self.scales_zeros, self.group_size, silu=True)
+        return ops.silu_mul(self.matmul(x))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return pack.gemv_layout_dequant(self.qweight_t, self.scales_zeros, self.group_size, dtype=self.dtype)
+
+
+class DequantReference(_Strategy):
+    name = "dequant"
+
+    def __init__(self, qweight, qzeros, scales, group_size: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(qweight.shape[0], qweight.shape[1] * 8, group_size, dtype)
+        self.register_buffer("qweight", qweight.to(device))
+        self.register_buffer("qzeros", qzeros.to(device))
+        self.register_buffer("scales", scales.to(device=device, dtype=torch.float16))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return pack.awq_to_dequant(self.qweight, self.qzeros, self.scales, self.group_size, dtype=self.dtype)
+
+
+IMPLEMENTATIONS = ("cpu-int4", "cuda", "dequant")
+
+
+def choose_implementation(in_features: int, out_features: int, group_size: int, device: torch.device,
+                          dtype: torch.dtype) -> str:
+    """The fastest strategy that runs here: the device's kernel where the shape allows, else dequant."""
+    if Int4CpuKernel.applies(in_features, out_features, group_size, device):
+        return "cpu-int4"
+    if CudaW4A16.applies(in_features, out_features, group_size, device, dtype):
+        return "cuda"
+    return "dequant"
 
 
 class AWQLinear(nn.Module):
     def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", implementation: str | None = None):
+        """implementation: one of IMPLEMENTATIONS, or None for choose_implementation's pick. "cuda" on a
+        device without the kernels runs the CUDA strategy's layout through the ops' torch fallbacks."""
         super().__init__()
         self.in_features, self.out_features = qweight.shape[0], qweight.shape[1] * 8
         self.group_size = group_size
-        self.dtype = dtype
         device = torch.device(device)
-        self.path = self._choose_path(device)
-        if self.path == "int4pack":
-            packed, scales_and_zeros = pack.awq_to_int4pack_cpu(qweight, qzeros, scales, group_size, dtype=dtype)
-            self.register_buffer("packed", packed)
-            self.register_buffer("scales_and_zeros", scales_and_zeros)
-        elif self.path == "cuda":
-            qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight.to(device), qzeros.to(device),
-                                                              scales.to(device), group_size)
-            self.register_buffer("qweight_t", qweight_t)
-            self.register_buffer("scales_zeros", scales_zeros)
+        kind = implementation or choose_implementation(self.in_features, self.out_features, group_size, device, dtype)
+        if kind == "cpu-int4":
+            self.inner = Int4CpuKernel(qweight, qzeros, scales, group_size, dtype)
+        elif kind == "cuda":
+            self.inner = CudaW4A16(qweight, qzeros, scales, group_size, dtype, device)
+        elif kind == "dequant":
+            self.inner = DequantReference(qweight, qzeros, scales, group_size, dtype, device)
         else:
-            self.register_buffer("qweight", qweight.to(device))
-            self.register_buffer("qzeros", qzeros.to(device))
-            self.register_buffer("scales", scales.to(device=device, dtype=torch.float16))
+            raise ValueError(f"unknown AWQLinear implementation {kind!r}; one of {IMPLEMENTATIONS}")
         self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
 
-    def _choose_path(self, device: torch.device) -> str:
-        if (device.type == "cpu" and self.group_size in pack.INT4PACK_CPU_GROUP_SIZES
-                and pack.int4pack_layout_is_known(self.out_features)):
-            return "int4pack"
-        if (device.type == "cuda" and self.dtype == torch.float16
-                and pack.gemv_layout_supported(self.in_features, self.out_features, self.group_size) is None):
-            from ..ops import kernels
-
-            if kernels.available(device):
-                return "cuda"
-        return "dequant"
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The weight [out, in] as the reference unpacker defines it (for tests and the dequant path)."""
-        if self.path == "int4pack":
-            return pack.int4pack_cpu_dequant(self.packed, self.scales_and_zeros, self.group_size,
-                                             self.out_features, self.in_features, self.dtype)
-        if self.path == "cuda":
-            return pack.gemv_layout_dequant(self.qweight_t, self.scales_zeros, self.group_size, dtype=self.dtype)
-        return pack.awq_to_dequant(self.qweight, self.qzeros, self.scales, self.group_size, dtype=self.dtype)
-
     @property
-    def runs_int4_kernel(self) -> bool:
-        """Whether forward calls torch's CPU int4 kernel (int4pack layout, bf16 activations)."""
-        return self.path == "int4pack" and self.dtype == torch.bfloat16
+    def implementation(self) -> str:
+        """Which strategy computes this layer: "cpu-int4", "cuda" or "dequant" (for reports and tests)."""
+        return self.inner.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.runs_int4_kernel:
-            y = pack.int4pack_mm_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
-        elif self.path == "cuda" and x.numel() <= 8 * self.in_features:
-            from ..ops import gemv_w4a16  # the kernel, or its torch reference where it cannot run
-
-            y = gemv_w4a16(x.contiguous(), self.qweight_t, self.scales_zeros, self.group_size)
-        elif self.path == "cuda":
-            from ..ops import gemm_w4a16  # tensor-core GEMM for prefill, or the torch reference
-
-            y = gemm_w4a16(x.contiguous(), self.qweight_t, self.scales_zeros, self.group_size)
-        else:
-            y = F.linear(x, self.dequantized_weight().to(x.dtype))
+        y = self.inner.matmul(x)
         return y if self.bias is None else y + self.bias
 
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this fused gate/up projection's output."""
+        if self.bias is None:
+            return self.inner.matmul_silu_mul(x)
+        return ops.silu_mul(self.forward(x))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight [out, in] as the reference unpacker defines it."""
+        return self.inner.dequantized_weight()
+
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, path={self.path}"
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, {self.implementation}"
