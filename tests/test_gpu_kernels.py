@@ -4,19 +4,59 @@ CUDA-graph decode step against the eager model. Skips without a CUDA GPU and CuP
 Kernels are launched through the raw launchers (cuda_ops._launch_*), never the dispatching ops, so a
 kernel that silently fell back to torch could not pass here. Tolerance: relative error (Frobenius)
 <= 1e-2 against the torch reference computed in fp32 from the same fp16 inputs.
+
+GPU images may lack pytest: `python tests/test_gpu_kernels.py` runs the same cases (run_all, below;
+scripts/gpucheck uses it), so tests here use `cases` and `skip` rather than pytest's names.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import time
+import traceback
+import warnings
 
-import pytest
 import torch
 
 from tinychat.ops import cuda_ops, kernels, reference
 from tinychat.quant import pack
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"CUDA kernels unavailable: {kernels.unavailable_reason()}")
+try:
+    import pytest
+except ImportError:
+    pytest = None
+
+SKIP_REASON = None if kernels.available() else f"CUDA kernels unavailable: {kernels.unavailable_reason()}"
+if pytest is not None:
+    pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
+
+
+class Skipped(Exception):
+    """A case that does not apply (pytest's skip where pytest is absent)."""
+
+
+def skip(reason: str):
+    if pytest is not None:
+        pytest.skip(reason)
+    raise Skipped(reason)
+
+
+def cases(names: str, values):
+    """pytest.mark.parametrize, also recorded on the function for run_all."""
+    values = list(values)
+
+    def record(fn):
+        fn.__dict__.setdefault("cases", []).insert(0, ([n.strip() for n in names.split(",")], values))
+        return pytest.mark.parametrize(names, values)(fn) if pytest is not None else fn
+    return record
+
+
+def implementation(layer) -> str | None:
+    """AWQLinear's strategy name ("cuda", ...), from before (.path) and after (.implementation) it had one."""
+    return getattr(layer, "implementation", None) or getattr(layer, "path", None)
+
 
 TOL = 1e-2
 # (in, out) of Llama-2-7B's fused linears: qkv, o, gate_up (fused SiLU), down; then SmolLM2-135M's
@@ -24,11 +64,16 @@ LLAMA7B = [(4096, 12288, False), (4096, 4096, False), (4096, 22016, True), (1100
 SMALL = [(576, 960, False), (576, 3072, True), (1536, 576, False)]
 
 
-@pytest.fixture(autouse=True)
-def seeded():
+def reseed():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed={seed}")
     torch.manual_seed(seed)
+
+
+if pytest is not None:
+    @pytest.fixture(autouse=True)
+    def seeded():
+        reseed()
 
 
 def rel(a, b):
@@ -42,11 +87,11 @@ def random_gemv_layout(k, n, g, device="cuda"):
     return pack.awq_to_gemv_layout(pack.pack_awq(codes), pack.pack_awq(zeros), scales, g)
 
 
-@pytest.mark.parametrize("k,n,silu", LLAMA7B + SMALL)
-@pytest.mark.parametrize("g", [32, 64, 128])
+@cases("k,n,silu", LLAMA7B + SMALL)
+@cases("g", [32, 64, 128])
 def test_gemv_matches_reference(k, n, silu, g):
     if k % g:
-        pytest.skip("group does not divide in_features")
+        skip("group does not divide in_features")
     qweight_t, scales_zeros = random_gemv_layout(k, n, g)
     for m in ((1, 2, 3, 8) if g == 128 else (1, 5)):
         x = torch.randn(m, k, device="cuda").half()
@@ -75,7 +120,7 @@ def test_awq_linear_takes_the_cuda_path():
     qzeros = torch.randint(-2**31, 2**31, (k // g, n // 8), dtype=torch.int32)
     scales = (torch.rand(k // g, n) * 0.004 + 0.001).half()
     layer = AWQLinear(qweight, qzeros, scales, g, dtype=torch.float16, device="cuda")
-    assert layer.path == "cuda"
+    assert implementation(layer) == "cuda"
     w = pack.awq_to_dequant(qweight, qzeros, scales, g).cuda()
     for t in (1, 7, 33, 300):  # GEMV kernel, then the tensor-core GEMM
         x = torch.randn(1, t, k, device="cuda").half()
@@ -84,8 +129,8 @@ def test_awq_linear_takes_the_cuda_path():
 
 # ---- the prefill GEMM (cuda/gemm_w4a16.cu) ---------------------------------------------------------------
 
-@pytest.mark.parametrize("k,n", [(k, n) for k, n, _ in LLAMA7B] + [(576, 960), (1536, 576)])
-@pytest.mark.parametrize("m", [9, 16, 64, 100, 256, 1024])
+@cases("k,n", [(k, n) for k, n, _ in LLAMA7B] + [(576, 960), (1536, 576)])
+@cases("m", [9, 16, 64, 100, 256, 1024])
 def test_gemm_matches_reference(k, n, m):
     g = 128 if k % 128 == 0 else 64
     qweight_t, scales_zeros = random_gemv_layout(k, n, g)
@@ -96,8 +141,8 @@ def test_gemm_matches_reference(k, n, m):
     assert rel(got, want) <= TOL, (m, rel(got, want))
 
 
-@pytest.mark.parametrize("name", list(cuda_ops.GEMM_CONFIGS))
-@pytest.mark.parametrize("g", [32, 64, 128])
+@cases("name", list(cuda_ops.GEMM_CONFIGS))
+@cases("g", [32, 64, 128])
 def test_gemm_every_config_group_and_split(name, g):
     """Each tile configuration on a ragged shape (partial M, N and K tiles) with and without split-K, bias."""
     cfg = cuda_ops.GEMM_CONFIGS[name]
@@ -162,7 +207,7 @@ def test_chunked_prefill_matches_one_pass():
     from tinychat.generate import prefill
 
     model = tiny_model(64)
-    assert model.model.layers[0].mlp.down_proj.path == "cuda"
+    assert implementation(model.model.layers[0].mlp.down_proj) == "cuda"
     prompt = torch.randint(0, 512, (300,)).tolist()
     with torch.inference_mode():
         one, chunked = model.make_cache(320), model.make_cache(320)
@@ -179,7 +224,7 @@ def test_chunked_prefill_matches_one_pass():
         assert rel(got, dense) <= TOL
 
 
-@pytest.mark.parametrize("hidden,rows", [(4096, 1), (4096, 8), (576, 3), (8192, 2), (5120, 1)])
+@cases("hidden,rows", [(4096, 1), (4096, 8), (576, 3), (8192, 2), (5120, 1)])
 def test_add_rmsnorm_matches_reference(hidden, rows):
     x, delta = torch.randn(rows, hidden, device="cuda").half(), torch.randn(rows, hidden, device="cuda").half()
     weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).half()
@@ -190,8 +235,8 @@ def test_add_rmsnorm_matches_reference(hidden, rows):
         assert rel(got, want) <= 1e-3
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(32, 32, 128), (32, 8, 128), (9, 3, 64), (8, 1, 256)])
-@pytest.mark.parametrize("pos", [0, 383, 4000])
+@cases("hq,hkv,d", [(32, 32, 128), (32, 8, 128), (9, 3, 64), (8, 1, 256)])
+@cases("pos", [0, 383, 4000])
 def test_rope_kv_write_matches_reference(hq, hkv, d, pos):
     b, t, s = 1, 1, 4096 + 8
     qkv = torch.randn(b, t, (hq + 2 * hkv) * d, device="cuda").half()
@@ -220,8 +265,8 @@ def test_rope_kv_write_several_tokens_and_batches():
     assert rel(got, want) <= 1e-3 and rel(caches[0], refs[0]) <= 1e-3 and torch.equal(caches[1], refs[1])
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(32, 32, 128), (32, 8, 128), (9, 3, 64), (28, 4, 128), (16, 2, 256)])
-@pytest.mark.parametrize("pos,window", [(0, None), (383, None), (4095, None), (3000, 1024)])
+@cases("hq,hkv,d", [(32, 32, 128), (32, 8, 128), (9, 3, 64), (28, 4, 128), (16, 2, 256)])
+@cases("pos,window", [(0, None), (383, None), (4095, None), (3000, 1024)])
 def test_decode_attention_matches_reference(hq, hkv, d, pos, window):
     b, s = 1, 4096
     q = torch.randn(b, hq, d, device="cuda").half()
@@ -243,7 +288,7 @@ def test_decode_attention_batch():
     assert rel(got, reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), p)) <= TOL
 
 
-@pytest.mark.parametrize("rows,inter", [(1, 11008), (8, 11008), (3, 1536)])
+@cases("rows,inter", [(1, 11008), (8, 11008), (3, 1536)])
 def test_silu_mul_matches_reference(rows, inter):
     gate_up = (torch.randn(rows, 2 * inter, device="cuda") * 3).half()
     assert rel(cuda_ops._launch_silu_mul(gate_up), reference.silu_mul(gate_up)) <= 1e-3
@@ -268,8 +313,10 @@ def test_every_self_check_passes():
 
 
 def test_a_failing_self_check_falls_back_to_torch():
-    with pytest.warns(RuntimeWarning, match="self-check"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert not kernels.verified("deliberately_broken", lambda: 1.0)
+    assert any(issubclass(w.category, RuntimeWarning) and "self-check" in str(w.message) for w in caught)
     assert not kernels.verified("deliberately_broken", lambda: 0.0)  # decided once
 
 
@@ -301,7 +348,7 @@ def tiny_model(awq_group=None, **extra):
     return model.half().cuda().eval()
 
 
-@pytest.mark.parametrize("variant", ["fp16", "awq-g64", "mistral-window", "qwen2-bias"])
+@cases("variant", ["fp16", "awq-g64", "mistral-window", "qwen2-bias"])
 def test_graph_decode_matches_eager_forward(variant):
     from tinychat.cuda_graph import decode_graph
 
@@ -310,7 +357,7 @@ def test_graph_decode_matches_eager_forward(variant):
                     "qwen2-bias": (dict(model_type="qwen2"), None)}[variant]
     model = tiny_model(group, **extra)
     if group:
-        assert model.model.layers[0].self_attn.qkv_proj.path == "cuda"
+        assert implementation(model.model.layers[0].self_attn.qkv_proj) == "cuda"
     eager_cache, graph_cache = model.make_cache(64), model.make_cache(64)
     prompt = torch.randint(0, 512, (1, 12), device="cuda")
     with torch.inference_mode():
@@ -369,3 +416,56 @@ def test_generate_step_with_graph_sampling_is_seeded():
         runs.append(list(generate_step(model, prompt, model.make_cache(64), sampler, max_tokens=30)))
     assert runs[0] == runs[1]
     assert len(set(runs[0])) > 3
+
+
+# ---- without pytest ------------------------------------------------------------------------------------
+
+def collect():
+    """(label, case) for every test above with each parametrization expanded, in file order."""
+    for name, fn in list(globals().items()):
+        if not name.startswith("test_") or not callable(fn):
+            continue
+        combos = [{}]
+        for names, values in getattr(fn, "cases", []):
+            combos = [{**c, **dict(zip(names, v if len(names) > 1 else (v,)))} for c in combos for v in values]
+        for kwargs in combos:
+            label = f"{name}[{'-'.join(map(str, kwargs.values()))}]" if kwargs else name
+            yield label, functools.partial(fn, **kwargs)
+
+
+def run_all(report=None, stop=lambda: False) -> dict[str, int]:
+    """Run every case (or skip them all with SKIP_REASON); report(label, outcome, seconds, detail) after
+    each; stop() -> True leaves the remaining cases not run. Returns the counts."""
+    counts = {"collected": 0, "passed": 0, "failed": 0, "skipped": 0, "not_run": 0}
+    skips = (Skipped,) + ((pytest.skip.Exception,) if pytest is not None else ())
+    for label, case in collect():
+        counts["collected"] += 1
+        if stop():
+            counts["not_run"] += 1
+            continue
+        t0, detail = time.perf_counter(), ""
+        if SKIP_REASON is not None:
+            outcome, detail = "skipped", SKIP_REASON
+        else:
+            reseed()
+            try:
+                case()
+                outcome = "passed"
+            except skips as e:
+                outcome, detail = "skipped", str(e)
+            except Exception:  # noqa: BLE001 -- a failing case is reported and the run goes on
+                outcome, detail = "failed", traceback.format_exc()
+        counts[outcome] += 1
+        (report or _print_case)(label, outcome, time.perf_counter() - t0, detail)
+    return counts
+
+
+def _print_case(label, outcome, seconds, detail):
+    print(f"{outcome.upper():7s} {label} ({seconds:.2f} s)" + (f"\n{detail}" if outcome == "failed" else ""),
+          flush=True)
+
+
+if __name__ == "__main__":
+    counts = run_all()
+    print(counts)
+    sys.exit(1 if counts["failed"] or not counts["passed"] else 0)

@@ -289,3 +289,90 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if not torch.isfinite(a).all():
         return math.inf
     return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+# ---- compile smoke and "GPU without kernels" (scripts/gpucheck) ---------------------------------
+
+def _describe(error: BaseException) -> str:
+    """An exception with its causes, in full: NVRTC's log is the message of CuPy's CompileException,
+    and CuPy's own set-up errors (CUDA headers not found) are the cause of our KernelError."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        message = str(error)
+        repeated = bool(parts) and bool(message) and message in parts[-1]  # KernelError quotes its cause
+        text = f"{type(error).__name__} (its message is quoted above)" if repeated else f"{type(error).__name__}: {message}"
+        options = getattr(error, "options", None)  # CompileException: the NVRTC options CuPy passed
+        if options:
+            text += f"\n  NVRTC options: {' '.join(map(str, options))}"
+        parts.append(text)
+        error = error.__cause__ or error.__context__
+    return "\ncaused by ".join(parts)
+
+
+def compile_all(device=None, names: dict[str, list[str]] | None = None,
+                log: Callable[[str], None] | None = None) -> dict[str, str | None]:
+    """Compile every cuda/*.cu for `device` and resolve every kernel tinychat.ops.cuda_ops launches (or the
+    sources and kernels in `names`, {file: [kernel, ...]}) -> {"file.cu": error or None,
+    "file.cu:kernel": error or None}.
+
+    Unlike unavailable_reason, this really compiles (NVRTC through CuPy), so a compile failure shows up
+    here rather than as a silent torch fallback at first use. Each error is the full text (NVRTC's log,
+    the options, the causes) and is also passed to `log` (default: printed to stderr) as it happens.
+    """
+    import sys
+
+    if log is None:
+        def log(text: str) -> None:
+            print(text, file=sys.stderr, flush=True)
+    if names is None:  # every source, also one no launcher uses yet
+        from .cuda_ops import kernel_names  # the launchers above this module own the kernel names
+
+        directory = cuda_source_dir()
+        every = list(SOURCES) + (sorted(p.name for p in directory.glob("*.cu")) if directory else [])
+        names = {**{source: [] for source in every}, **kernel_names()}
+    sources = list(names)
+    reason = unavailable_reason(device if device is None or isinstance(device, (str, torch.device))
+                                else torch.device("cuda", device))
+    results: dict[str, str | None] = {}
+    for source in sources:
+        if reason is not None:
+            error = f"not compiled: CUDA kernels unavailable: {reason}"
+        else:
+            try:
+                module(source, device)
+                error = None
+            except Exception as e:  # noqa: BLE001 -- every failure is reported, none stops the others
+                error = _describe(e)
+                log(f"tinychat: cuda/{source} failed to compile:\n{error}")
+        results[source] = error
+        for name in names.get(source, []):
+            key = f"{source}:{name}"
+            if error is not None:
+                results[key] = f"not resolved: cuda/{source} did not compile" if reason is None else error
+                continue
+            try:
+                function(source, name, device)
+                results[key] = None
+            except Exception as e:  # noqa: BLE001
+                results[key] = _describe(e)
+                log(f"tinychat: kernel {name} of cuda/{source} could not be resolved:\n{results[key]}")
+    return results
+
+
+def missing_on_gpu(device=None) -> str | None:
+    """Why a visible CUDA GPU would run without (some of) our kernels, or None: None also when no GPU is
+    visible (nothing is missing then). Covers what unavailable_reason sees (CuPy, capability, sources,
+    TINYCHAT_CUDA_KERNELS=0) and every kernel that failed its first-use self-check so far (compile and
+    launch errors included), which would otherwise fall back to torch without a sound. Needs no compile;
+    compile_all is the check that compiles."""
+    if not torch.cuda.is_available():
+        return None
+    reason = unavailable_reason(device)
+    if reason is not None:
+        return f"CUDA kernels unavailable on a visible GPU: {reason}"
+    failed = {k: v for k, v in check_report().items() if v != "ok"}
+    if failed:
+        return "CUDA kernels failed their self-checks and fell back to torch: " + "; ".join(
+            f"{k}: {v}" for k, v in failed.items())
+    return None
