@@ -194,10 +194,12 @@ def test_gemm_dispatch_and_dequant_threshold():
     assert cuda_ops.gemm_supported(x, qweight_t, 128)
     assert rel(cuda_ops.gemm_w4a16(x, qweight_t, scales_zeros, 128), want) <= TOL
     os.environ["TINYCHAT_GEMM_DEQUANT_MIN_M"] = "128"
+    cuda_ops.gemm_dequant_min_tokens.cache_clear()  # the setting is read once per process
     try:
         assert rel(cuda_ops.gemm_w4a16(x, qweight_t, scales_zeros, 128), want) <= TOL
     finally:
         del os.environ["TINYCHAT_GEMM_DEQUANT_MIN_M"]
+        cuda_ops.gemm_dequant_min_tokens.cache_clear()
     assert kernels.check_report().get("dequant_w4a16") == "ok"
 
 
@@ -241,8 +243,8 @@ def test_rope_kv_write_matches_reference(hq, hkv, d, pos):
     b, t, s = 1, 1, 4096 + 8
     qkv = torch.randn(b, t, (hq + 2 * hkv) * d, device="cuda").half()
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
-    cos, sin = reference.rope_tables(inv_freq, s, torch.float16)
-    p = torch.tensor([pos], dtype=torch.int32, device="cuda")
+    p = torch.tensor([[pos]], device="cuda")
+    cos, sin = reference.rope_cos_sin(inv_freq, p, torch.float16)
     k_cache, v_cache = torch.randn(b, hkv, s, d, device="cuda").half(), torch.randn(b, hkv, s, d, device="cuda").half()
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     got = cuda_ops._launch_rope_kv(qkv, cos, sin, p, k_cache, v_cache, hq, hkv, d)
@@ -256,8 +258,8 @@ def test_rope_kv_write_several_tokens_and_batches():
     b, t, hq, hkv, d, s = 3, 4, 8, 2, 128, 64
     qkv = torch.randn(b, t, (hq + 2 * hkv) * d, device="cuda").half()
     inv_freq = 1.0 / (500000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
-    cos, sin = reference.rope_tables(inv_freq, s, torch.float16)
-    p = torch.tensor([37], dtype=torch.int32, device="cuda")
+    p = torch.tensor([37, 5, 50], device="cuda")[:, None] + torch.arange(t, device="cuda")  # rows apart
+    cos, sin = reference.rope_cos_sin(inv_freq, p, torch.float16)
     caches = [torch.randn(b, hkv, s, d, device="cuda").half() for _ in range(2)]
     refs = [c.clone() for c in caches]
     got = cuda_ops._launch_rope_kv(qkv, cos, sin, p, *caches, hq, hkv, d)
@@ -272,7 +274,7 @@ def test_decode_attention_matches_reference(hq, hkv, d, pos, window):
     q = torch.randn(b, hq, d, device="cuda").half()
     k_cache = (torch.randn(b, hkv, s, d, device="cuda") * 1.5).half()
     v_cache = torch.randn(b, hkv, s, d, device="cuda").half()
-    p = torch.tensor([pos], dtype=torch.int32, device="cuda")
+    p = torch.tensor([pos], device="cuda")
     want = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), p, window)
     for splits in (1, cuda_ops.attention_splits(b, hkv, s, "cuda"), 64):
         got = cuda_ops._launch_attention(q, k_cache, v_cache, p, window, splits)
@@ -283,7 +285,7 @@ def test_decode_attention_batch():
     b, hq, hkv, d, s = 4, 8, 2, 128, 300
     q = torch.randn(b, hq, d, device="cuda").half()
     k_cache, v_cache = torch.randn(b, hkv, s, d, device="cuda").half(), torch.randn(b, hkv, s, d, device="cuda").half()
-    p = torch.tensor([211], dtype=torch.int32, device="cuda")
+    p = torch.tensor([211, 0, 299, 57], device="cuda")  # each row at its own length
     got = cuda_ops._launch_attention(q, k_cache, v_cache, p, None, 5)
     assert rel(got, reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), p)) <= TOL
 
@@ -350,7 +352,7 @@ def tiny_model(awq_group=None, **extra):
 
 @cases("variant", ["fp16", "awq-g64", "mistral-window", "qwen2-bias"])
 def test_graph_decode_matches_eager_forward(variant):
-    from tinychat.cuda_graph import decode_graph
+    from tinychat.cuda_graph import GraphDecoder
 
     extra, group = {"fp16": ({}, None), "awq-g64": ({}, 64),
                     "mistral-window": (dict(model_type="mistral", sliding_window=9), None),
@@ -363,13 +365,12 @@ def test_graph_decode_matches_eager_forward(variant):
     with torch.inference_mode():
         model(prompt, eager_cache)
         model(prompt, graph_cache)
-        dec = decode_graph(model, graph_cache)
+        dec = GraphDecoder().graph_for(model, graph_cache)
         for _ in range(20):
             token = torch.randint(0, 512, (1,), device="cuda")
+            got = dec.replay(token, eager_cache.offset)
             want = model(token.view(1, 1), eager_cache)[:, -1]
-            got = dec(token)
             assert rel(got, want) <= TOL
-            assert graph_cache.offset == eager_cache.offset and graph_cache.token_ids == eager_cache.token_ids
         end = eager_cache.offset
         assert rel(graph_cache.keys[1][:, :, :end], eager_cache.keys[1][:, :, :end]) <= TOL
 
@@ -377,43 +378,45 @@ def test_graph_decode_matches_eager_forward(variant):
 def test_generate_step_with_graph_follows_the_eager_model():
     """Greedy generation through the graph picks, at every step, a token the eager model (fed the same
     tokens) ranks first up to fp16 noise; the graph is captured once and adopted by the next cache."""
+    from tinychat.cuda_graph import GraphDecoder
     from tinychat.generate import generate_step, prefill
     from tinychat.sampling import greedy
 
     model = tiny_model(64)
+    decoder = GraphDecoder()
     prompt = torch.randint(0, 512, (16,)).tolist()
     cache = model.make_cache(80)
-    tokens = list(generate_step(model, prompt, cache, greedy, max_tokens=40))
-    assert model.__dict__.get("_tinychat_decode_graphs"), "the graph decoder was not used"
+    tokens = list(generate_step(model, prompt, cache, greedy, max_tokens=40, decoder=decoder))
+    assert decoder.graphs, "the graph decoder was not used"
     assert cache.offset == len(prompt) + 39 and cache.token_ids == prompt + tokens[:-1]
-    os.environ["TINYCHAT_CUDA_GRAPH"] = "0"
-    try:
-        with torch.inference_mode():
-            eager_cache = model.make_cache(80)
-            logits, _ = prefill(model, eager_cache, prompt)
-            for tok in tokens:
-                row = logits[0].float()
-                assert row[tok] >= row.max() - 1e-2 * row.abs().max()
-                logits = model(torch.tensor([[tok]], device="cuda"), eager_cache)[:, -1]
-    finally:
-        del os.environ["TINYCHAT_CUDA_GRAPH"]
+    with torch.inference_mode():
+        eager_cache = model.make_cache(80)
+        logits, _ = prefill(model, eager_cache, prompt)
+        for tok in tokens:
+            row = logits[0].float()
+            assert row[tok] >= row.max() - 1e-2 * row.abs().max()
+            logits = model(torch.tensor([[tok]], device="cuda"), eager_cache)[:, -1]
     # a new cache of the same shape adopts the captured graph instead of capturing again
-    graphs = list(model._tinychat_decode_graphs)
+    graphs = list(decoder.graphs)
     del cache
-    again = list(generate_step(model, prompt, model.make_cache(80), greedy, max_tokens=40))
-    assert again == tokens and model._tinychat_decode_graphs == graphs
+    again = list(generate_step(model, prompt, model.make_cache(80), greedy, max_tokens=40, decoder=decoder))
+    assert again == tokens and decoder.graphs == graphs
 
 
 def test_generate_step_with_graph_sampling_is_seeded():
+    from tinychat.cuda_graph import GraphDecoder
     from tinychat.generate import generate_step
     from tinychat.sampling import SamplingParams, make_sampler
 
     model = tiny_model()
+    decoder = GraphDecoder()
     prompt = torch.randint(0, 512, (10,)).tolist()
     runs = []
     for _ in range(2):
         sampler = make_sampler(SamplingParams(temperature=1.0, top_k=20, seed=1234))
-        runs.append(list(generate_step(model, prompt, model.make_cache(64), sampler, max_tokens=30)))
+        runs.append(list(generate_step(model, prompt, model.make_cache(64), sampler, max_tokens=30,
+                                       decoder=decoder)))
+    assert decoder.graphs
     assert runs[0] == runs[1]
     assert len(set(runs[0])) > 3
 
