@@ -311,8 +311,13 @@ def write_byte_tokenizer(path: Path) -> None:
 
 
 def child_quantize(src: str, out: str, method: str, calib: str | None, n_samples: int, seqlen: int) -> dict:
-    """method "rtn-whole-model": the quantizer as it was before streaming (the whole fp32 model loaded)."""
-    from tinychat.quant.quantize import awq_state_dict, load_fp_model, quantize, write_checkpoint
+    """method "rtn-whole-model": the quantizer as it was before streaming (the whole fp32 model loaded),
+    which the tests keep as the streaming driver's reference (tests/whole_model_quant.py)."""
+    from tinychat.evaluate import load_fp_model
+    from tinychat.quant.quantize import quantize
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from whole_model_quant import awq_state_dict, write_checkpoint
 
     warm_up()
     before = proc_status()
@@ -378,7 +383,7 @@ def projection_70b_quantize(rows: list[dict], n_samples: int = 128, seqlen: int 
     scale group (gate + up in fp32: the candidate weights, their fake-quantized image, the loss's copy)."""
     from tinychat.plan import SHAPES_DIR
 
-    from tinychat.quant.quantize import PACK_CHUNK_WEIGHTS
+    from tinychat.quant.awq_checkpoint import PACK_CHUNK_WEIGHTS
 
     raw = json.loads((SHAPES_DIR / "llama-2-70b.json").read_text())
     terms = quantizer_terms(raw, n_samples, seqlen)

@@ -20,7 +20,8 @@ from tinychat.models.llama import LlamaForCausalLM
 from tinychat.quant import awq
 from tinychat.quant.awq import SearchSettings, block_parts, family_for
 from tinychat.quant.calib import calibration_blocks, load_calibration, read_documents
-from tinychat.quant.quantize import apply_search, awq_search, fake_quantize_model
+from tinychat.quant.blocks import block_runner
+from tinychat.quant.fake_quant import apply_search, awq_search, fake_quantize_model
 from tinychat.quant.rtn import fake_quantize
 from tinychat.quant.search_io import SearchResult, load_search, model_signature, save_search
 
@@ -122,11 +123,7 @@ def _block_setup(seed=0, n_kv=4):
         for norm in (block.input_layernorm, block.post_attention_layernorm):
             norm.weight[torch.randperm(128)[:4]] *= 15
     hidden = torch.randn(8, 32, 128)
-    positions = torch.arange(32)
-
-    def run(b, x):
-        return b(x, model.rotary, positions, None, None)
-    return model, block, hidden, run
+    return model, block, hidden, block_runner(config, model.rotary, 32, torch.device("cpu"))
 
 
 def _fake_quant_block(block, bits, g):

@@ -565,7 +565,7 @@ def _enospc(kind: str, partial: bool = True):
 @pytest.mark.parametrize("existing", [False, True])
 def test_disk_full_quantize_output(when, existing, base, tmp_path, capsys, monkeypatch):
     import tinychat.quant.shards as shards
-    import tinychat.quant.stream as stream
+    import tinychat.quant.quantize as driver
 
     out = tmp_path / "out"
     argv = ["quantize", "--model", base["fp"], "--output", out, "--method", "rtn", "--group-size", "32", "--quiet"]
@@ -580,7 +580,7 @@ def test_disk_full_quantize_output(when, existing, base, tmp_path, capsys, monke
 
     # The shards fill up tensor by tensor (the embeddings first); config.json and the tokenizer files
     # are written once every block is finished.
-    target = (shards.ShardWriter, "write") if when == "first_write" else (stream, "finish_dir")
+    target = (shards.ShardWriter, "write") if when == "first_write" else (driver, "finish_dir")
     real = getattr(*target)
     monkeypatch.setattr(*target, full)
     line = expect_error(capsys, monkeypatch, argv, "out")

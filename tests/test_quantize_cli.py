@@ -14,9 +14,10 @@ from test_awq import calib_text, fp32_model, write_tiny_model
 from tinychat.checkpoint import CheckpointReader
 from tinychat.cli import main
 from tinychat.quant.awq import block_parts
-from tinychat.quant.quantize import (apply_search, awq_state_dict, fake_quantize_model, quantize_from_search,
-                                     write_checkpoint)
+from tinychat.quant.fake_quant import apply_search, fake_quantize_model
+from tinychat.quant.quantize import quantize_from_search
 from tinychat.quant.search_io import load_search
+from whole_model_quant import awq_state_dict, write_checkpoint
 
 # DESIGN.md: nibble i (bits 4i..4i+3) of int32 word c holds logical column 8c + ORDER[i].
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]

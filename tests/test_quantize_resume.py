@@ -25,10 +25,11 @@ from safetensors.torch import save_file
 from hostile_inputs import snapshot
 from test_awq import calib_text, fp32_model, write_tiny_model
 from tinychat.cli import main
-from tinychat.quant import stream
-from tinychat.quant.quantize import awq_state_dict, prepare_model, write_checkpoint
+from tinychat.quant import quantize as driver
+from tinychat.quant.fake_quant import prepare_model
 from tinychat.quant.search_io import load_search
 from tinychat.quant.shards import ShardWriter, Spec
+from whole_model_quant import awq_state_dict, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = 4
@@ -128,9 +129,9 @@ def test_streamed_output_equals_in_memory_output(method, shard_bytes, tmp_path, 
 
 
 def interrupt_after(monkeypatch, target: str, k: int) -> list[int]:
-    """Make stream.<target> raise KeyboardInterrupt when called for the (k+1)-th time; return the list
+    """Make driver.<target> raise KeyboardInterrupt when called for the (k+1)-th time; return the list
     that counts its calls."""
-    real = getattr(stream, target)
+    real = getattr(driver, target)
     calls = []
 
     def wrapped(*args, **kwargs):
@@ -139,7 +140,7 @@ def interrupt_after(monkeypatch, target: str, k: int) -> list[int]:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stream, target, wrapped)
+    monkeypatch.setattr(driver, target, wrapped)
     return calls
 
 
@@ -328,7 +329,7 @@ def test_real_sigint_to_a_quantizing_process(tmp_path, calib_file, capsys):
 
 
 def test_packing_in_column_chunks_gives_the_same_bits(src, monkeypatch):
-    from tinychat.quant import quantize as qmod
+    from tinychat.quant import awq_checkpoint as qmod
     from tinychat.quant.awq import block_parts
 
     model = fp32_model(src)

@@ -174,7 +174,7 @@ SMALL = bench.llama_config(hidden=128, ffn=256, layers=4, heads=4, kv_heads=4, v
 
 @pytest.mark.parametrize("method", ["rtn", "awq"])
 def test_quantizer_holds_one_block_and_reads_each_tensor_once(method, tmp_path, monkeypatch):
-    from tinychat.quant import stream
+    from tinychat.quant import quantize as driver
     from tinychat.quant.quantize import quantize
 
     ckpt = bench.make_checkpoint(tmp_path / "fp16", SMALL, shards=4)
@@ -182,8 +182,8 @@ def test_quantizer_holds_one_block_and_reads_each_tensor_once(method, tmp_path, 
     calib = tmp_path / "calib.txt"
     calib.write_text("streaming quantization reads one block at a time.\n" * 40)
     readers, blocks = [], []
-    monkeypatch.setattr(stream, "CheckpointReader", lambda path: readers.append(CountingReader(path)) or readers[-1])
-    read_block = stream.read_block
+    monkeypatch.setattr(driver, "CheckpointReader", lambda path: readers.append(CountingReader(path)) or readers[-1])
+    read_block = driver.read_block
 
     def one_block_at_a_time(reader, config, i):
         gc.collect()
@@ -192,7 +192,7 @@ def test_quantizer_holds_one_block_and_reads_each_tensor_once(method, tmp_path, 
         blocks.append(weakref.ref(layer))
         return layer
 
-    monkeypatch.setattr(stream, "read_block", one_block_at_a_time)
+    monkeypatch.setattr(driver, "read_block", one_block_at_a_time)
     quantize(ckpt["path"], tmp_path / "out", group_size=128, method=method, calib=calib if method == "awq" else None,
              n_samples=2, seqlen=64, progress=False)
     reader = readers[0]

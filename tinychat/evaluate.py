@@ -101,9 +101,10 @@ def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto",
                   duo_scaling: bool = False, progress: bool = True):
     """(model, tokenizer, label): the checkpoint as it is, or fake-quantized in memory."""
     from .config import ModelConfig
+    from .devices import parse_device, parse_dtype
     from .engine import check_tokenizer_fits
     from .hub import resolve_model
-    from .loader import load_model, parse_device, parse_dtype
+    from .loader import load_model
     from .tokenizer import Tokenizer
 
     path = resolve_model(model_name, "fp16" if fake_quant else precision)
@@ -121,7 +122,8 @@ def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto",
                  else f"full precision ({config.extra.get('torch_dtype', 'unknown dtype')} weights)")
         return model, tokenizer, f"{label}, {dtype} compute"
     from .quant.awq import SearchSettings
-    from .quant.quantize import check_quantizable, fake_quantize_model, load_fp_model, prepare_model
+    from .quant.fake_quant import fake_quantize_model, prepare_model
+    from .quant.options import check_quantizable
 
     check_quantizable(config, w_bit, group_size)
     parse_device(device)
@@ -133,6 +135,17 @@ def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto",
     model = model.to(device=device, dtype=parse_dtype(dtype))
     model.rotary.to(device=device, dtype=torch.float32)
     return model, tokenizer, f"fake-quant {fake_quant} w{w_bit} g{group_size}, {dtype} compute"
+
+
+def load_fp_model(src_dir: Path):
+    """The full-precision model in fp32 on the CPU, as fake quantization starts from (the loader refuses
+    NaN/inf weights); an already-quantized checkpoint is refused."""
+    from .config import ModelConfig
+    from .loader import load_model
+    from .quant.options import check_full_precision
+
+    check_full_precision(ModelConfig.from_dir(src_dir), src_dir)
+    return load_model(src_dir, dtype="fp32", device="cpu")
 
 
 def evaluate_ppl(model_name: str, data, seqlen: int = 2048, max_tokens: int | None = None, batch_size: int = 1,

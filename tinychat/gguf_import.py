@@ -309,7 +309,7 @@ def _convert_tensors(gguf_path: Path, reader, config: dict, progress: bool) -> d
     from tqdm import tqdm
 
     from .config import ModelConfig
-    from .loader import expected_shapes
+    from .weights import expected_shapes
 
     try:
         expected = expected_shapes(ModelConfig.from_dict(config))

@@ -18,6 +18,12 @@ DEFAULT_SEARCH = ZOO_DIR / f"{DEFAULT_MODEL}-w{DEFAULT_W_BIT}-g{DEFAULT_GROUP}.s
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 
+def zoo_search_path(model_name: str, w_bit: int = 4, group_size: int = 64) -> Path | None:
+    """The committed AWQ search results of a model and setting, if the zoo has them."""
+    path = ZOO_DIR / f"{model_name}-w{w_bit}-g{group_size}.safetensors"
+    return path if path.is_file() else None
+
+
 def models_dir() -> Path:
     """Where imported and quantized models live: $TINYCHAT_MODELS, else models/ of a source checkout,
     else the user's cache directory."""

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import TinychatError
-from ..loader import FUSED, expected_shapes
+from ..weights import FUSED, expected_shapes
 from .rtn import fake_quantize
 
 
@@ -150,6 +150,11 @@ class BlockSearch:
     scales: dict[str, torch.Tensor] = field(default_factory=dict)   # [in] fp32
     clips: dict[str, torch.Tensor] = field(default_factory=dict)    # [out, in/g] uint8
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # prev -> (loss at s=1, best)
+
+
+def loss_summary(result: BlockSearch) -> str:
+    """Loss at the chosen scales relative to round-to-nearest, for each group: < 1 is AWQ's gain."""
+    return " ".join(f"{k.split('.')[-1]}={b / f:.2f}" if f > 0 else f"{k}=0" for k, (f, b) in result.losses.items())
 
 
 # --------------------------------------------------------------------------------------------------------

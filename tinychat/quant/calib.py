@@ -123,3 +123,16 @@ def load_calibration(source: str | Path, tokenizer, n_samples: int = 128, seqlen
     else:
         docs, name = read_documents(source), f"--calib {source}"
     return calibration_blocks(docs, tokenizer, n_samples, seqlen, seed, source=name)
+
+
+def calibration_ids(calib, tokenizer_dir: Path, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Token blocks of `--calib`, tokenized with the model's own tokenizer (it feeds the embedding)."""
+    from ..tokenizer import Tokenizer
+
+    return load_calibration(calib, Tokenizer.from_dir(tokenizer_dir), n_samples, seqlen, seed)
+
+
+def calibration_record(calib, ids: torch.Tensor, seed: int) -> dict:
+    """What a search file says about its calibration."""
+    return {"source": Path(str(calib)).name, "n_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+            "seed": seed}

@@ -12,7 +12,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import TinychatError
-from ..loader import FUSED
+from ..weights import FUSED
 from . import pack
 from .qlinear import AWQLinear
 

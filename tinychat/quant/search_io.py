@@ -41,18 +41,6 @@ class SearchResult:
     model: dict = field(default_factory=dict)
 
 
-def zoo_dir() -> Path:
-    """models/zoo of a source checkout (the committed search results)."""
-    from ..hub import ZOO_DIR
-
-    return ZOO_DIR
-
-
-def zoo_search_path(model_name: str, w_bit: int = 4, group_size: int = 64) -> Path | None:
-    path = zoo_dir() / f"{model_name}-w{w_bit}-g{group_size}.safetensors"
-    return path if path.is_file() else None
-
-
 def model_signature(config: ModelConfig) -> dict:
     return {k: getattr(config, k) for k in MODEL_KEYS}
 
@@ -187,12 +175,3 @@ def load_search(path: str | Path, config: ModelConfig) -> SearchResult:
     """Read and check a search file against the model it is about to be applied to."""
     f = SearchFile(path, config)
     return SearchResult(f.settings, [f.block(i) for i in range(f.num_blocks)], f.calibration, f.model)
-
-
-def check_settings(result: SearchResult, w_bit: int | None, group_size: int | None, path) -> None:
-    """A search is only valid for the bit width and group size it was made for."""
-    s = result.settings
-    for flag, asked, made in (("--w-bit", w_bit, s.w_bit), ("--group-size", group_size, s.group_size)):
-        if asked is not None and asked != made:
-            raise TinychatError(f"--load-search {path} was searched for {flag} {made}, not {asked}; "
-                                f"drop {flag} or run a new search")

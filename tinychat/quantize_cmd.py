@@ -1,6 +1,6 @@
 """`tinychat quantize`: full-precision model -> standard AWQ (GEMM) checkpoint directory.
 
-The model streams through one block at a time (tinychat/quant/stream.py); an interrupted run keeps its
+The model streams through one block at a time (tinychat/quant/quantize.py); an interrupted run keeps its
 finished blocks beside the output and continues with --resume."""
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def run(args) -> int:
 
     from .config import ModelConfig
     from .hub import resolve_model
-    from .quant.quantize import check_quantizable, quantize
+    from .quant.options import check_quantizable
+    from .quant.quantize import quantize
     from .quant.search_io import SearchFile
 
     if args.n_samples <= 0 or args.seqlen <= 0:
@@ -82,7 +83,7 @@ def run(args) -> int:
     check_quantizable(config, w_bit, group_size)  # before any hint about calibration
     load_search_file = args.load_search
     if args.method == "awq" and not args.calib and not load_search_file:
-        from .quant.search_io import zoo_search_path
+        from .hub import zoo_search_path
 
         load_search_file = zoo_search_path(Path(src).name, w_bit, group_size)
         if load_search_file is None:
