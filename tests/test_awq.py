@@ -133,12 +133,12 @@ def _fake_quant_block(block, bits, g):
 
 
 @pytest.mark.parametrize("bits", [4, 3])
-@pytest.mark.parametrize("duo", [False, True])
-def test_awq_block_error_below_rtn(bits, duo):
+@pytest.mark.parametrize("scaling", ["plain", "duo", "best"])
+def test_awq_block_error_below_rtn(bits, scaling):
     import copy
 
     model, block, hidden, run = _block_setup()
-    settings = SearchSettings(w_bit=bits, group_size=32, duo_scaling=duo, sample_tokens=128, gram_tokens=0)
+    settings = SearchSettings(w_bit=bits, group_size=32, scaling=scaling, sample_tokens=128, gram_tokens=0)
     with torch.no_grad():
         ref = run(block, hidden)
         rtn = copy.deepcopy(block)

@@ -256,7 +256,7 @@ def test_resume_with_other_settings_is_refused(change, src, tmp_path, calib_file
     assert code == 2
     line = one_error(err)
     expect = {"group_size": "--group-size was 32, now 64", "n_samples": "--n-samples was 4, now 3",
-              "duo_scaling": "--duo-scaling was off, now on", "calib_text": "calibration text",
+              "duo_scaling": "--scaling was best, now duo", "calib_text": "calibration text",
               "model_file": "the model changed since (config.json)", "other_model": "--model was",
               "method": "--method was awq, now rtn"}[change]
     assert expect in line and str(work) in line and "delete" in line

@@ -98,7 +98,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
 def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto", device: str = "cpu",
                   fake_quant: str | None = None, w_bit: int = 4, group_size: int = 128, calib=None,
                   n_samples: int = 128, calib_seqlen: int = 512, seed: int = 0, load_search_file=None,
-                  duo_scaling: bool = False, progress: bool = True):
+                  scaling: str = "best", progress: bool = True):
     """(model, tokenizer, label): the checkpoint as it is, or fake-quantized in memory."""
     from .config import ModelConfig
     from .devices import parse_device, parse_dtype
@@ -130,7 +130,7 @@ def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto",
     model = load_fp_model(path)
     prepare_model(model, path, fake_quant, w_bit, group_size, calib=calib, n_samples=n_samples,
                   seqlen=calib_seqlen, seed=seed, load_search_file=load_search_file, device=device,
-                  settings=SearchSettings(duo_scaling=duo_scaling), progress=progress)
+                  settings=SearchSettings(scaling=scaling), progress=progress)
     fake_quantize_model(model, w_bit, group_size)
     model = model.to(device=device, dtype=parse_dtype(dtype))
     model.rotary.to(device=device, dtype=torch.float32)
@@ -162,6 +162,7 @@ def evaluate_ppl(model_name: str, data, seqlen: int = 2048, max_tokens: int | No
 
 def register(subparsers) -> None:
     from .hub import DEFAULT_MODEL, PRECISIONS
+    from .quantize_cmd import add_scaling_args
 
     p = subparsers.add_parser("eval", help="evaluate a model (perplexity)")
     sub = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
@@ -187,7 +188,7 @@ def register(subparsers) -> None:
     q.add_argument("--calib-seqlen", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--load-search", default=None, help="AWQ search results to apply instead of calibrating")
-    q.add_argument("--duo-scaling", action="store_true", help="AWQ scales x^a / w^(1-a)")
+    add_scaling_args(q)
     ppl.add_argument("--json", default=None, help="also write the result as JSON to this file")
     ppl.add_argument("--quiet", action="store_true", help="no progress bars")
     ppl.set_defaults(func=run_ppl)
@@ -202,7 +203,7 @@ def run_ppl(args) -> int:
                           progress=not args.quiet, precision=args.precision, dtype=args.dtype, device=args.device,
                           fake_quant=args.fake_quant, w_bit=args.w_bit, group_size=args.group_size,
                           calib=args.calib, n_samples=args.n_samples, calib_seqlen=args.calib_seqlen,
-                          seed=args.seed, load_search_file=args.load_search, duo_scaling=args.duo_scaling)
+                          seed=args.seed, load_search_file=args.load_search, scaling=args.scaling)
     print(result.line())
     if args.json:
         record = {**asdict(result), "model": args.model, "data": str(args.data), "fake_quant": args.fake_quant,

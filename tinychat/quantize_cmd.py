@@ -27,7 +27,7 @@ def add_quantize_args(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration document shuffle seed")
     p.add_argument("--load-search", default=None, help="apply saved AWQ search results (no calibration)")
     p.add_argument("--save-search", default=None, help="save the AWQ search results to this file")
-    p.add_argument("--duo-scaling", action="store_true", help="AWQ candidate scales x^a / w^(1-a)")
+    add_scaling_args(p)
     p.add_argument("--device", default="cpu", help="where each block is searched: cpu or cuda[:N]")
     p.add_argument("--force", action="store_true", help="replace a non-empty --output directory")
     p.add_argument("--resume", action="store_true",
@@ -40,6 +40,17 @@ def add_quantize_args(p) -> None:
                      help="tokens in the Gram matrices of linear losses, 0 = all (default 16384)")
 
 
+def add_scaling_args(p) -> None:
+    """--scaling, and --duo-scaling kept as its older spelling (the same dest, so the last one given wins)."""
+    from .quant.awq import SCALINGS
+
+    p.add_argument("--scaling", choices=SCALINGS, default="best",
+                   help="AWQ candidate scales: plain x^a, duo x^a / w^(1-a), or best: both grids, the lower "
+                        "loss kept per scale group (default %(default)s)")
+    p.add_argument("--duo-scaling", dest="scaling", action="store_const", const="duo",
+                   help="same as --scaling duo")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="quantize a model to a 4-bit AWQ checkpoint")
     add_quantize_args(p)
@@ -49,7 +60,7 @@ def register(subparsers) -> None:
 def settings_from_args(args):
     from .quant.awq import SearchSettings
 
-    given = {"duo_scaling": args.duo_scaling, "sample_seqs": args.sample_seqs,
+    given = {"scaling": args.scaling, "sample_seqs": args.sample_seqs,
              "sample_tokens": args.sample_tokens, "gram_tokens": args.gram_tokens}
     for name in ("sample_seqs", "sample_tokens", "gram_tokens"):
         if given[name] is not None and given[name] < 0:

@@ -7,19 +7,21 @@ For each transformer block, with that block's full-precision inputs:
    scale group's loss is linear in its weights, the full Gram X^T X. The same pass keeps the block's
    full-precision outputs (the next block's inputs) and a small sample of inputs/outputs of the modules
    whose output is a nonlinear loss (attention, MLP).
-2. Scale search per ScaleGroup: s = x_mean^alpha (optionally / w_mean^(1-alpha), "duo scaling") for alpha in
-   {0, 1/n_grid, ...}, normalised by sqrt(max s * min s); candidate weights Q(W s) / s; the loss is the MSE
-   of the inspected module's output against full precision. For a linear inspected module the MSE is
-   trace(dW G dW^T) / (N out), exact over the sampled tokens at the cost of one small matmul per
-   candidate instead of a pass over them; nonlinear modules run on the sample.
+2. Scale search per ScaleGroup: s = x_mean^alpha ("plain") or x_mean^alpha / w_mean^(1-alpha) ("duo") for
+   alpha in {0, 1/n_grid, ...}, normalised by sqrt(max s * min s); "best" (the default) tries both grids
+   and keeps the lower loss, since which one wins varies by group, bit width and model. Candidate
+   weights Q(W s) / s; the loss is the MSE of the inspected module's output against full precision.
+   For a linear inspected module the MSE is trace(dW G dW^T) / (N out), exact over the sampled tokens
+   at the cost of one small matmul per candidate instead of a pass over them; nonlinear modules run
+   on the sample.
 3. Fold: the previous norm/linear's output channels are divided by s, the group's linears' inputs
    multiplied by s (the block's full-precision function is unchanged).
 4. Clip search per linear (not q/k): shrink each group's max |w| by up to max_shrink in clip_steps steps,
    keeping per (row, group) the ratio with the least output error dw_g G_g dw_g^T -- exact over all
    calibration tokens thanks to the block-diagonal Grams.
 
-alpha = 0 (s = 1) and ratio 1 (no clip) are candidates, so on the calibration data the search never
-does worse than round-to-nearest by its own measure.
+Plain alpha = 0 (s = 1) and ratio 1 (no clip) are candidates, so on the calibration data the search
+(plain or best) never does worse than round-to-nearest by its own measure.
 
 Results (per-block scales in fp32 and clip-ratio indices) are plain tensors: tinychat.quant.search_io
 saves them and `apply_block_search` re-applies them bit for bit.
@@ -122,12 +124,16 @@ def block_parts(config: ModelConfig) -> dict[str, Part]:
 # Settings and results
 
 
+# How candidate scales are made from the activations (and weights); see the module docstring, step 2.
+SCALINGS = ("plain", "duo", "best")
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     w_bit: int = 4
     group_size: int = 128
     n_grid: int = 20
-    duo_scaling: bool = False
+    scaling: str = "best"       # one of SCALINGS
     clip_steps: int = 20
     max_shrink: float = 0.5
     # Loss samples for the scale search (statistics and clip errors always use every token).
@@ -136,6 +142,10 @@ class SearchSettings:
     gram_tokens: int = 16384    # tokens in the Gram matrix of linear inspected modules; 0 = all
     chunk_seqs: int = 8         # sequences per forward chunk during the statistics pass
     seed: int = 0
+
+    def __post_init__(self):
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
 
     def clip_ratios(self) -> torch.Tensor:
         """Shrink ratios indexed by the stored clip index: 1, ..., 1 - max_shrink (clip_steps + 1 values)."""
@@ -149,11 +159,12 @@ class BlockSearch:
 
     scales: dict[str, torch.Tensor] = field(default_factory=dict)   # [in] fp32
     clips: dict[str, torch.Tensor] = field(default_factory=dict)    # [out, in/g] uint8
-    losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # prev -> (loss at s=1, best)
+    # prev -> (loss of the first candidate, best loss); the first candidate is s = 1 unless scaling is duo
+    losses: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def loss_summary(result: BlockSearch) -> str:
-    """Loss at the chosen scales relative to round-to-nearest, for each group: < 1 is AWQ's gain."""
+    """Best loss relative to the first candidate's (round-to-nearest), per group: < 1 is AWQ's gain."""
     return " ".join(f"{k.split('.')[-1]}={b / f:.2f}" if f > 0 else f"{k}=0" for k, (f, b) in result.losses.items())
 
 
@@ -399,23 +410,29 @@ def _weight_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def search_scale(block: nn.Module, parts: dict[str, Part], group: ScaleGroup, stats: dict[str, InputStats],
                  samples: dict[str, Sample], settings: SearchSettings) -> tuple[torch.Tensor, float, float]:
-    """Best s for one group (block weights untouched on return) -> (s, loss at s = 1, best loss)."""
+    """Best s for one group (block weights untouched on return) -> (s, first candidate's loss, best loss).
+
+    "best" runs the plain grid, then the duo grid, keeping a duo candidate only when its loss is strictly
+    lower: the result is the plain search's whenever plain is at least as good, bit for bit.
+    """
     site = parts[group.linears[0]].module
     st = stats[site]
     w = _group_weight(block, parts, group)
     x_mean = st.x_mean.to(w.device)
-    w_mean = _weight_mean(w, settings.group_size) if settings.duo_scaling else None
+    duo_options = {"plain": (False,), "duo": (True,), "best": (False, True)}[settings.scaling]
+    w_mean = _weight_mean(w, settings.group_size) if True in duo_options else None
     loss_of = _gram_loss(w, st) if group.inspect in group.linears else \
         _module_loss(block, parts, group, samples[group.inspect])
     best = (float("inf"), None)
     first = None
-    for k in range(settings.n_grid):
-        s = candidate_scales(x_mean, w_mean, k / settings.n_grid)
-        wq = fake_quantize(w * s, settings.w_bit, settings.group_size).div_(s)  # a fresh tensor: no copy
-        loss = loss_of(wq)
-        first = loss if first is None else first
-        if loss < best[0]:
-            best = (loss, s)
+    for duo in duo_options:
+        for k in range(settings.n_grid):
+            s = candidate_scales(x_mean, w_mean if duo else None, k / settings.n_grid)
+            wq = fake_quantize(w * s, settings.w_bit, settings.group_size).div_(s)  # a fresh tensor: no copy
+            loss = loss_of(wq)
+            first = loss if first is None else first
+            if loss < best[0]:
+                best = (loss, s)
     if best[1] is None:
         raise TinychatError(f"AWQ search for {group.prev} produced no finite loss; the model or the "
                             "calibration data holds NaN/inf activations")

@@ -48,7 +48,7 @@ from .shards import ShardWriter, write_index
 from .workdir import WorkDir, file_sha256, model_fingerprint, work_path
 
 # SearchSettings fields and the flags that set them (the others are fixed; a resume still compares them).
-SETTING_FLAGS = {"duo_scaling": "--duo-scaling", "sample_seqs": "--sample-seqs", "sample_tokens": "--sample-tokens",
+SETTING_FLAGS = {"scaling": "--scaling", "sample_seqs": "--sample-seqs", "sample_tokens": "--sample-tokens",
                  "gram_tokens": "--gram-tokens"}
 
 

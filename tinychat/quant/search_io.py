@@ -84,6 +84,16 @@ def save_search(path: str | Path, result: SearchResult) -> Path:
         raise write_failed(e, f"--save-search {path}", "check the path and free disk space") from None
 
 
+def _settings(saved: dict) -> SearchSettings:
+    """The settings of a file's metadata. Files written before the "best" scaling say duo_scaling
+    true/false; unknown keys are ignored."""
+    saved = dict(saved)
+    if "duo_scaling" in saved and "scaling" not in saved:
+        saved["scaling"] = "duo" if saved["duo_scaling"] else "plain"
+    names = {f.name for f in dataclasses.fields(SearchSettings)}
+    return SearchSettings(**{k: v for k, v in saved.items() if k in names})
+
+
 class SearchFile:
     """A search file opened and checked against a model. Names, shapes and dtypes are checked from the
     header at once; each block's values are read (and checked) when asked for, so applying a search
@@ -110,8 +120,7 @@ class SearchFile:
             raise TinychatError(f"--load-search {path}: search file version {meta.get('version')} is not "
                                 f"supported (this tinychat reads version {VERSION}); re-run the search")
         try:
-            names = {f.name for f in dataclasses.fields(SearchSettings)}
-            self.settings = SearchSettings(**{k: v for k, v in json.loads(meta["settings"]).items() if k in names})
+            self.settings = _settings(json.loads(meta["settings"]))
             self.model = json.loads(meta.get("model", "{}"))
             self.calibration = json.loads(meta.get("calibration", "{}"))
         except (KeyError, TypeError, ValueError) as e:
