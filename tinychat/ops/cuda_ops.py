@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import kernels, reference
+from . import cpu_kernels, kernels, reference
 from .kernels import f32, i32, ptr
 
 GEMV_MAX_TOKENS = 8
@@ -128,6 +128,8 @@ def _check_silu_mul(device) -> float:
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if cpu_kernels.applies(gate_up):
+        return cpu_kernels.silu_mul(gate_up)
     if (_fast(gate_up) and gate_up.shape[-1] % 16 == 0
             and kernels.verified("silu_mul", lambda: _check_silu_mul(gate_up.device))):
         return _launch_silu_mul(gate_up)
@@ -160,6 +162,9 @@ def _check_add_rmsnorm(device) -> float:
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                 delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rmsnorm(h) * weight, h) with h = x + delta (or x)."""
+    if (cpu_kernels.applies(x) and weight.dtype == x.dtype and weight.numel() == x.shape[-1]
+            and (delta is None or (delta.dtype == x.dtype and delta.shape == x.shape))):
+        return cpu_kernels.add_rmsnorm(x, weight, eps, delta)
     if (_fast(x, weight, *(() if delta is None else (delta,))) and x.shape[-1] % 8 == 0
             and weight.numel() == x.shape[-1] and (delta is None or delta.shape == x.shape)
             and kernels.verified("rmsnorm_residual", lambda: _check_add_rmsnorm(x.device))):
@@ -202,6 +207,10 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int,
                   head_dim: int) -> torch.Tensor:
     """Rotated q [B, T, Hq, D]; k (rotated) and v written into the caches at positions [B or 1, T]."""
+    if (cpu_kernels.applies(qkv) and k_cache.dtype == v_cache.dtype == cos.dtype == qkv.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and positions.dtype == torch.int64
+            and qkv.dim() == 3 and qkv.shape[-1] == (n_heads + 2 * n_kv) * head_dim and cos.shape[-1] == head_dim):
+        return cpu_kernels.rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim)
     if (_fast(qkv, cos, sin, k_cache, v_cache) and positions.is_cuda and positions.dtype == torch.int64
             and head_dim % 2 == 0 and head_dim // 2 <= 128 and qkv.dim() == 3
             and qkv.shape[-1] == (n_heads + 2 * n_kv) * head_dim and cos.shape[-1] == head_dim
@@ -267,6 +276,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One token's attention per sequence over cache positions 0..positions[b] (q [B, Hq, D] -> [B, Hq, D])."""
     b, n_heads, d = q.shape
     n_kv = k_cache.shape[1]
+    if (cpu_kernels.applies(q) and k_cache.dtype == v_cache.dtype == q.dtype and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and n_heads % n_kv == 0 and positions.dtype == torch.int64
+            and positions.numel() == b):
+        out = cpu_kernels.decode_attention(q, k_cache, v_cache, positions, window)
+        if out is not None:
+            return out
     name = _attn_variant(d, n_heads // n_kv) if n_heads % n_kv == 0 else None
     if (name is not None and _fast(q, k_cache, v_cache) and positions.is_cuda and positions.dtype == torch.int64
             and positions.numel() == b and positions.is_contiguous()

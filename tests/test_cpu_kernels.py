@@ -1,0 +1,154 @@
+"""The CPU kernels (tinychat/ops/cpu_kernels.c) against their torch implementations (tinychat.ops.reference)
+on fresh random bf16 inputs (the seed is printed), and the dispatch that picks them.
+
+Elementwise ops round where torch rounds, so they match bit for bit except where a reduction order or an
+exp differs (then by at most a bf16 ulp here and there); attention accumulates in fp32 like the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tinychat import ops
+from tinychat.ops import cpu_kernels, reference
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None,
+                                reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    s = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={s}")
+    torch.manual_seed(s)
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in bf16 units in the last place between two bf16 tensors of the same sign pattern."""
+    ai, bi = a.view(torch.int16).int(), b.view(torch.int16).int()
+    return int((ai - bi).abs().max())
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("rows,n", [(1, 576), (3, 1000), (2, 64)])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rmsnorm(rows, n, with_delta):
+    x = torch.randn(rows, n).to(BF16)
+    delta = torch.randn(rows, n).to(BF16) if with_delta else None
+    weight = (1 + 0.1 * torch.randn(n)).to(BF16)
+    got, got_h = cpu_kernels.add_rmsnorm(x, weight, 1e-5, delta)
+    want, want_h = reference.add_rmsnorm(x, weight, 1e-5, delta)
+    assert torch.equal(got_h, want_h)  # the residual add is one rounding in both
+    assert ulps_apart(got, want) <= 1  # the sum of squares is accumulated in another order
+
+
+@pytest.mark.parametrize("b,t,hq,hkv,d", [(1, 1, 9, 3, 64), (2, 3, 4, 2, 128), (1, 5, 8, 8, 80), (3, 1, 4, 1, 64)])
+def test_rope_kv_write_is_bit_exact(b, t, hq, hkv, d):
+    s = 40
+    qkv = torch.randn(b, t, (hq + 2 * hkv) * d).to(BF16)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    positions = (torch.randint(0, s - t, (b, 1)) + torch.arange(t)) if b > 1 else torch.arange(7, 7 + t)[None]
+    cos, sin = reference.rope_cos_sin(inv_freq, positions, BF16)
+    caches = [torch.randn(b, hkv, s, d).to(BF16) for _ in range(2)]
+    refs = [c.clone() for c in caches]
+    got = cpu_kernels.rope_kv_write(qkv, cos, sin, positions, *caches, hq, hkv, d)
+    want = reference.rope_kv_write(qkv, cos, sin, positions, *refs, hq, hkv, d)
+    assert torch.equal(got, want)
+    assert torch.equal(caches[0], refs[0]) and torch.equal(caches[1], refs[1])
+
+
+def test_rope_kv_write_shared_positions_across_the_batch():
+    b, t, hq, hkv, d = 2, 4, 4, 2, 64
+    qkv = torch.randn(b, t, (hq + 2 * hkv) * d).to(BF16)
+    positions = torch.arange(3, 3 + t)[None]  # [1, T] for every row, as a forward without a cache has
+    cos, sin = reference.rope_cos_sin(torch.rand(d // 2), positions, BF16)
+    caches = [torch.randn(b, hkv, 16, d).to(BF16) for _ in range(2)]
+    refs = [c.clone() for c in caches]
+    assert torch.equal(cpu_kernels.rope_kv_write(qkv, cos, sin, positions, *caches, hq, hkv, d),
+                       reference.rope_kv_write(qkv, cos, sin, positions, *refs, hq, hkv, d))
+    assert torch.equal(caches[0], refs[0]) and torch.equal(caches[1], refs[1])
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (8, 8, 128), (4, 1, 80), (16, 2, 64)])
+@pytest.mark.parametrize("positions,window", [([0], None), ([582], None), ([1500], None), ([700], 100),
+                                              ([5, 900, 300], None), ([40, 1000], 64)])
+def test_decode_attention(hq, hkv, d, positions, window):
+    b, s = len(positions), 1024 + 512
+    q = torch.randn(b, hq, d).to(BF16)
+    k_cache, v_cache = (torch.randn(b, hkv, s, d) * 2).to(BF16), torch.randn(b, hkv, s, d).to(BF16)
+    pos = torch.tensor(positions)
+    got = cpu_kernels.decode_attention(q, k_cache, v_cache, pos, window)
+    want = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), pos, window)
+    assert got.dtype == BF16 and rel(got, want) < 5e-3  # one bf16 rounding of the output
+
+
+def test_silu_mul():
+    gate_up = (torch.randn(3, 2 * 1536) * 4).to(BF16)
+    got, want = cpu_kernels.silu_mul(gate_up), reference.silu_mul(gate_up)
+    assert ulps_apart(got, want) <= 1  # exp differs from torch's by an fp32 ulp at most
+
+
+def test_ops_dispatch_to_the_kernels_only_for_bf16_cpu_tensors(monkeypatch):
+    calls = []
+    for name in ("add_rmsnorm", "rope_kv_write", "decode_attention", "silu_mul"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or
+                            _real(*a, **kw))
+    x = torch.randn(2, 64)
+    ops.silu_mul(x)
+    ops.add_rmsnorm(x, torch.ones(64), 1e-5)
+    assert calls == []  # fp32: the torch implementation
+    ops.silu_mul(x.to(BF16))
+    ops.add_rmsnorm(x.to(BF16), torch.ones(64, dtype=BF16), 1e-5, x.to(BF16))
+    q, cache = torch.randn(1, 4, 64).to(BF16), torch.randn(1, 2, 8, 64).to(BF16)
+    ops.decode_attention(q, cache, cache, torch.tensor([3]))
+    assert calls == ["silu_mul", "add_rmsnorm", "decode_attention"]
+
+
+def test_the_model_decodes_the_same_with_and_without_the_kernels(monkeypatch):
+    """A bf16 model's decode through the kernels and through the torch ops agree (the same math)."""
+    from tinychat.config import ModelConfig
+    from tinychat.models.llama import LlamaForCausalLM
+
+    config = ModelConfig(model_type="mistral", vocab_size=97, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                         max_position_embeddings=64, sliding_window=6)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model = model.to(BF16).eval()
+    prompt = torch.randint(0, 97, (1, 9))
+    outputs = []
+    for use_kernels in (True, False):
+        if not use_kernels:
+            monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+        cache = model.make_cache(32)
+        with torch.inference_mode():
+            steps = [model(prompt, cache)[:, -1]]
+            for token in (5, 17, 3, 60):
+                steps.append(model.decode_step(torch.tensor([token]), torch.tensor([cache.offset]), cache))
+                cache.append(token)
+        outputs.append(torch.cat(steps).float())
+    assert rel(outputs[0], outputs[1]) < 2e-2  # bf16 activations through 2 layers; identical math otherwise
+
+
+def test_without_a_compiler_the_ops_fall_back(monkeypatch, tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PATH=str(tmp_path), CC="", TINYCHAT_CACHE=str(tmp_path / "cache"))
+    code = ("import torch; from tinychat import ops; from tinychat.ops import cpu_kernels\n"
+            "assert cpu_kernels.library() is None and 'compiler' in cpu_kernels.unavailable_reason()\n"
+            "x = torch.randn(2, 64).bfloat16(); print(ops.silu_mul(x).shape)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "32" in out.stdout, out.stderr

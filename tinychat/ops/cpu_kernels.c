@@ -1,0 +1,267 @@
+// CPU kernels for the small ops of a bf16 decode step (tinychat.ops.cpu_kernels loads this file).
+//
+// Why: at batch 1 a small model's CPU decode step is per-call overhead more than arithmetic. Torch spends
+// 5-10 aten calls (each a few microseconds) on one RMSNorm or one rotary embedding, and its bf16 flash
+// attention is up to 7x slower than fp32 at the decode shape on CPUs without fast bf16 (AMD Zen 5). Each
+// function here is one such op in one call, in plain C that the compiler vectorises for the CPU it is
+// built on (-march=native), so the same code is fast on Intel and AMD alike.
+//
+// Each matches its torch implementation in tinychat/ops/reference.py: elementwise work rounds to bf16
+// exactly where torch's bf16 ops round (op by op), reductions and attention accumulate in fp32.
+// tests/test_cpu_kernels.py holds them to that on fresh random inputs.
+//
+// Shapes are contiguous row-major; bf16 travels as uint16_t bits. Single-threaded: these ops are a few
+// microseconds each, less than a thread hand-off would cost; the decode attention, which streams the whole
+// cache, splits its keys over torch's OpenMP threads.
+
+#include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float bf2f(bf16 b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f2bf(float f) {  // round to nearest even, as torch does; NaN stays NaN
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+static inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+// out = weight * bf16(h * rsqrt(mean(h^2) + eps)), h = x + delta (bf16; delta may be NULL, then h = x and
+// h_out is not written).
+void tc_add_rmsnorm(const bf16* x, const bf16* delta, const bf16* weight, bf16* out, bf16* h_out, int64_t rows,
+                    int64_t n, float eps) {
+    float h[n];
+    for (int64_t r = 0; r < rows; ++r) {
+        const bf16* xr = x + r * n;
+        float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < n; ++i) {
+            float v = bf2f(xr[i]);
+            if (delta) {
+                v = round_bf(v + bf2f(delta[r * n + i]));
+                h_out[r * n + i] = f2bf(v);
+            }
+            h[i] = v;
+            sum[i & 7] += v * v;
+        }
+        const float total = ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
+        const float inv = 1.0f / sqrtf(total / (float)n + eps);
+        bf16* o = out + r * n;
+        for (int64_t i = 0; i < n; ++i) o[i] = f2bf(bf2f(weight[i]) * round_bf(h[i] * inv));
+    }
+}
+
+// Rotate q and k heads of qkv [b * t, (hq + 2 hkv) * d] with the rope tables cos, sin [b * t, d] (sin
+// signed: the rotation is x * cos + roll(x, d/2) * sin, each product and the sum rounded to bf16 as torch
+// does), write q into q_out [b * t, hq, d], and k (rotated) and v into the caches [b, hkv, max_seq, d]:
+// token j is sequence j / t's, at position pos[j].
+void tc_rope_kv_write(const bf16* qkv, const bf16* cos_t, const bf16* sin_t, const int64_t* pos, bf16* q_out,
+                      bf16* k_cache, bf16* v_cache, int64_t n_tokens, int64_t t, int64_t hq, int64_t hkv, int64_t d,
+                      int64_t max_seq) {
+    const int64_t half = d / 2, width = (hq + 2 * hkv) * d;
+    for (int64_t j = 0; j < n_tokens; ++j) {
+        const bf16* src = qkv + j * width;
+        const bf16* c = cos_t + j * d;
+        const bf16* s = sin_t + j * d;
+        const int64_t base = (j / t) * hkv * max_seq * d + pos[j] * d;
+        for (int64_t head = 0; head < hq + hkv; ++head) {
+            const bf16* x = src + head * d;
+            bf16* dst = head < hq ? q_out + (j * hq + head) * d : k_cache + base + (head - hq) * max_seq * d;
+            for (int64_t i = 0; i < d; ++i) {
+                const int64_t r = i < half ? i + half : i - half;
+                const float a = round_bf(bf2f(x[i]) * bf2f(c[i]));
+                const float b = round_bf(bf2f(x[r]) * bf2f(s[i]));
+                dst[i] = f2bf(a + b);
+            }
+        }
+        for (int64_t head = 0; head < hkv; ++head)
+            memcpy(v_cache + base + head * max_seq * d, src + (hq + hkv + head) * d, (size_t)d * sizeof(bf16));
+    }
+}
+
+// exp(x) for x in [-87, 88] in a form the compiler vectorises (glibc's expf is a scalar call): Cody-Waite
+// reduction to r in [-ln2/2, ln2/2] and Cephes' degree-6 polynomial; relative error below 2e-7.
+static inline float vexp(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+    const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return y * scale;
+}
+
+#define MAX_GROUP 16   // query heads per kv head handled together (GQA groups are 1..8 in practice)
+#define MAX_DIM 256
+
+// Partial attention of one kv head's query heads over keys [t0, t1) of keys/values [len, d]: for each query
+// head g, the running max m[g], the sum of exp(score - m) l[g] and the unnormalised output acc[g] (fp32).
+// Inlined per head_dim so the short inner loops are unrolled with the size known at compile time.
+static inline __attribute__((always_inline)) void attend_part(const float (*qf)[MAX_DIM], const bf16* kb,
+                                                              const bf16* vb, int64_t t0, int64_t t1,
+                                                              int64_t group, const int64_t d, float* scores,
+                                                              float* m, float* l, float* acc) {
+    const int64_t len = t1 - t0;
+    float row[MAX_DIM];
+#ifdef __AVX512F__
+    if (d % 16 == 0) {  // one key row in registers, a fused multiply-add chain per query head
+        for (int64_t t = 0; t < len; ++t) {
+            __m512 k[MAX_DIM / 16];
+            for (int64_t c = 0; c < d / 16; ++c)
+                k[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(kb + (t0 + t) * d + 16 * c))), 16));
+            for (int64_t g = 0; g < group; ++g) {
+                __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qf[g]), k[0]);
+                for (int64_t c = 1; c < d / 16; ++c) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qf[g] + 16 * c), k[c], sum);
+                scores[g * len + t] = _mm512_reduce_add_ps(sum);
+            }
+        }
+    } else
+#endif
+    for (int64_t t = 0; t < len; ++t) {
+        for (int64_t i = 0; i < d; ++i) row[i] = bf2f(kb[(t0 + t) * d + i]);
+        for (int64_t g = 0; g < group; ++g) {
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < d; ++i) dot += qf[g][i] * row[i];
+            scores[g * len + t] = dot;
+        }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores + g * len;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) mx = sg[t] > mx ? sg[t] : mx;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+            sg[t] = vexp(sg[t] - mx);
+            sum += sg[t];
+        }
+        m[g] = mx;
+        l[g] = sum;
+        for (int64_t i = 0; i < d; ++i) acc[g * d + i] = 0.0f;
+    }
+    for (int64_t t = 0; t < len; ++t) {
+        for (int64_t i = 0; i < d; ++i) row[i] = bf2f(vb[(t0 + t) * d + i]);
+        for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * len + t];
+            float* a = acc + g * d;
+            for (int64_t i = 0; i < d; ++i) a[i] += p * row[i];
+        }
+    }
+}
+
+#define SPLIT_KEYS 256  // keys per split: long contexts split so both threads stream the cache
+
+// One new token per sequence: q [b, hq, d] attends over its row's cache [hkv, max_seq, d] positions
+// start .. pos[r] (start = pos - window + 1 with a sliding window, else 0); query head h reads kv head
+// h / (hq / hkv). Scores, softmax and the weighted sum in fp32; each key and value row is read once per
+// kv head for all its query heads. The keys are split into ranges computed in parallel (on torch's OpenMP
+// threads) and merged by their softmax statistics. Returns 0, or -1 for shapes it does not take.
+int tc_decode_attention(const bf16* q, const bf16* k_cache, const bf16* v_cache, const int64_t* pos, bf16* out,
+                        int64_t b, int64_t hq, int64_t hkv, int64_t d, int64_t max_seq, int64_t window) {
+    const int64_t group = hq / hkv;
+    if (group > MAX_GROUP || d > MAX_DIM) return -1;
+    int64_t splits = 1;
+    for (int64_t r = 0; r < b; ++r) {
+        const int64_t s = (pos[r] + SPLIT_KEYS) / SPLIT_KEYS;
+        splits = s > splits ? s : splits;
+    }
+    const int64_t tasks = b * hkv * splits;
+    // per task: m, l [group] and acc [group, d]
+    float* part = malloc(sizeof(float) * (size_t)(tasks * group * (d + 2)));
+    if (!part) return -1;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) if (tasks > 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t r = task / (hkv * splits), kv = (task / splits) % hkv, sp = task % splits;
+        const int64_t last = pos[r];
+        const int64_t start = window > 0 && last + 1 > window ? last + 1 - window : 0;
+        const int64_t per = (last + 1 - start + splits - 1) / splits;
+        const int64_t t0 = start + sp * per, t1 = t0 + per < last + 1 ? t0 + per : last + 1;
+        float* m = part + task * group * (d + 2);
+        float* l = m + group;
+        float* acc = l + group;
+        if (t0 >= t1) {  // an empty split (a short row in a batch): contributes nothing
+            for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY, l[g] = 0.0f;
+            continue;
+        }
+        float* scores = malloc(sizeof(float) * (size_t)(group * (t1 - t0)));
+        if (!scores) {
+            failed = 1;
+            continue;
+        }
+        float qf[MAX_GROUP][MAX_DIM];
+        const float scale = 1.0f / sqrtf((float)d);
+        const int64_t h0 = r * hq + kv * group;
+        for (int64_t g = 0; g < group; ++g)
+            for (int64_t i = 0; i < d; ++i) qf[g][i] = bf2f(q[(h0 + g) * d + i]) * scale;
+        const size_t base = (size_t)((r * hkv + kv) * max_seq * d);
+        if (d == 64)
+            attend_part(qf, k_cache + base, v_cache + base, t0, t1, group, 64, scores, m, l, acc);
+        else if (d == 128)
+            attend_part(qf, k_cache + base, v_cache + base, t0, t1, group, 128, scores, m, l, acc);
+        else
+            attend_part(qf, k_cache + base, v_cache + base, t0, t1, group, d, scores, m, l, acc);
+        free(scores);
+    }
+    if (!failed)
+        for (int64_t rk = 0; rk < b * hkv; ++rk)
+            for (int64_t g = 0; g < group; ++g) {
+                float mx = -INFINITY;
+                for (int64_t sp = 0; sp < splits; ++sp) {
+                    const float mm = part[(rk * splits + sp) * group * (d + 2) + g];
+                    mx = mm > mx ? mm : mx;
+                }
+                float den = 0.0f, o[MAX_DIM];
+                for (int64_t i = 0; i < d; ++i) o[i] = 0.0f;
+                for (int64_t sp = 0; sp < splits; ++sp) {
+                    const float* pm = part + (rk * splits + sp) * group * (d + 2);
+                    if (pm[g] == -INFINITY) continue;
+                    const float w = expf(pm[g] - mx);
+                    den += w * pm[group + g];
+                    const float* a = pm + 2 * group + g * d;
+                    for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
+                }
+                const int64_t r = rk / hkv, kv = rk % hkv;
+                bf16* dst = out + ((r * hq) + kv * group + g) * d;
+                for (int64_t i = 0; i < d; ++i) dst[i] = f2bf(o[i] / den);
+            }
+    free(part);
+    return failed ? -1 : 0;
+}
+
+// silu(gate) * up for gate_up [rows, 2 * n] = [gate | up]: silu rounded to bf16, then the product (torch's
+// two bf16 ops); out [rows, n].
+void tc_silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t n) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const bf16* g = gate_up + r * 2 * n;
+        const bf16* u = g + n;
+        bf16* o = out + r * n;
+        for (int64_t i = 0; i < n; ++i) {
+            const float x = bf2f(g[i]);
+            o[i] = f2bf(round_bf(x / (1.0f + vexp(-x))) * bf2f(u[i]));
+        }
+    }
+}

@@ -1,0 +1,148 @@
+"""The CPU kernels of the small decode ops (tinychat/ops/cpu_kernels.c), compiled once per machine with the
+system C compiler and called through ctypes on tensors' data pointers.
+
+- Built on first use with `cc -O3 -march=native` into ~/.cache/tinychat/cpu-kernels/ (keyed by the source,
+  the flags and the CPU), written under a temporary name and renamed, so a half-built library is never
+  loaded. Without a compiler, or with TINYCHAT_CPU_KERNELS=0, every op runs its torch implementation.
+- Only bf16 tensors on the CPU, contiguous, take these kernels (the dispatch in tinychat.ops.cuda_ops
+  checks); the decode step of a 4-bit model on the CPU is bf16 throughout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -fopenmp links libgomp.so.1 by soname: torch has loaded its own copy under that name already, so the
+# attention's parallel loop runs on torch's OpenMP threads (no second pool competing for the cores).
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+
+_i64, _f32, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {
+    "tc_add_rmsnorm": (_p, _p, _p, _p, _p, _i64, _i64, _f32),
+    "tc_rope_kv_write": (_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
+    "tc_decode_attention": (_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
+    "tc_silu_mul": (_p, _p, _i64, _i64),
+}
+
+
+RETURNS_STATUS = {"tc_decode_attention"}  # 0, or -1 for a shape the kernel does not take
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TINYCHAT_CACHE", Path.home() / ".cache" / "tinychat")) / "cpu-kernels"
+
+
+def _cpu_identity() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), platform.machine(), _cpu_identity()])
+                         .encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (and unavailable_reason() says why)."""
+    return _load()[0]
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get("TINYCHAT_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "disabled by TINYCHAT_CPU_KERNELS=0"
+    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        return None, f"no build recipe for {platform.machine()}"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return None, "no C compiler (cc, gcc or clang) on PATH"
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except OSError as e:
+        print(f"tinychat: the CPU kernels could not be built ({e}); using torch ops", file=sys.stderr)
+        return None, str(e)
+    for name, args in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, (ctypes.c_int if name in RETURNS_STATUS else None)
+    return lib, None
+
+
+def unavailable_reason() -> str | None:
+    return _load()[1]
+
+
+def applies(t: torch.Tensor) -> bool:
+    """Whether an op on `t` (and tensors like it) runs here: a bf16 CPU tensor, and the kernels built. The
+    wrappers below make their inputs contiguous (free when they are, as the model's are)."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and library() is not None
+
+
+def add_rmsnorm(x, weight, eps, delta=None):
+    n = x.shape[-1]
+    x = x.contiguous()
+    delta = None if delta is None else delta.contiguous()
+    out = torch.empty_like(x)
+    h = x if delta is None else torch.empty_like(x)
+    library().tc_add_rmsnorm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                             out.data_ptr(), None if delta is None else h.data_ptr(), x.numel() // n, n, eps)
+    return out, h
+
+
+def rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim):
+    b, t, _ = qkv.shape
+    qkv = qkv.contiguous()
+    if positions.shape[0] != b:  # one row of positions/tables shared by the batch: the kernel reads one per token
+        positions, cos, sin = (z.expand(b, *z.shape[1:]).contiguous() for z in (positions, cos, sin))
+    q = torch.empty(b, t, n_heads, head_dim, dtype=qkv.dtype)
+    library().tc_rope_kv_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(),
+                               k_cache.data_ptr(), v_cache.data_ptr(), b * t, t, n_heads, n_kv, head_dim,
+                               k_cache.shape[2])
+    return q
+
+
+def decode_attention(q, k_cache, v_cache, positions, window):
+    b, n_heads, head_dim = q.shape
+    q, positions = q.contiguous(), positions.contiguous()
+    out = torch.empty_like(q)
+    status = library().tc_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                           positions.data_ptr(), out.data_ptr(), b, n_heads, k_cache.shape[1],
+                                           head_dim, k_cache.shape[2], window or 0)
+    return out if status == 0 else None
+
+
+def silu_mul(gate_up):
+    n = gate_up.shape[-1] // 2
+    gate_up = gate_up.contiguous()
+    out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype)
+    library().tc_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n)
+    return out
