@@ -152,3 +152,44 @@ def test_without_a_compiler_the_ops_fall_back(monkeypatch, tmp_path):
             "x = torch.randn(2, 64).bfloat16(); print(ops.silu_mul(x).shape)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "32" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("k,n,g", [(576, 960, 64), (256, 128, 32), (1536, 576, 128), (512, 64, 256)])
+def test_int4pack_gemv_matches_the_int4_layouts_reference(k, n, g):
+    """The decode GEMV reads torch's CPU int4 layout; it must equal the layout's dequantized weight @ x (fp32)
+    up to the one bf16 rounding of the output, as torch's own kernel does."""
+    from tinychat.quant import pack
+
+    codes = torch.randint(0, 16, (k, n), dtype=torch.int32)
+    zeros = torch.randint(0, 16, (k // g, n), dtype=torch.int32)
+    scales = (torch.rand(k // g, n) * 0.02 + 0.002).half()
+    packed, scales_and_zeros = pack.awq_to_int4pack_cpu(pack.pack_awq(codes), pack.pack_awq(zeros), scales, g,
+                                                        dtype=BF16)
+    x = torch.randn(1, k).to(BF16)
+    got = cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, g, n)
+    if got is None:
+        pytest.skip("the GEMV needs AVX-512")
+    exact = x.float() @ pack.int4pack_cpu_dequant(packed, scales_and_zeros, g, n, k, torch.float32).T
+    assert got.shape == (1, n) and got.dtype == BF16
+    assert rel(got, exact) < 4e-3  # bf16 output rounding
+    torch_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, scales_and_zeros)
+    assert rel(got, torch_kernel) < 8e-3
+
+
+def test_awq_linear_decodes_one_row_with_the_gemv_and_prompts_with_torch(monkeypatch):
+    from tinychat.quant import pack
+    from tinychat.quant.qlinear import AWQLinear
+
+    k, n, g = 256, 192, 64
+    codes, zeros = torch.randint(0, 16, (k, n), dtype=torch.int32), torch.randint(0, 16, (k // g, n), dtype=torch.int32)
+    scales = (torch.rand(k // g, n) * 0.02 + 0.002).half()
+    layer = AWQLinear(pack.pack_awq(codes), pack.pack_awq(zeros), scales, g, dtype=BF16)
+    assert layer.implementation == "cpu-int4"
+    calls = []
+    real = cpu_kernels.int4pack_gemv
+    monkeypatch.setattr(cpu_kernels, "int4pack_gemv", lambda *a: calls.append("gemv") or real(*a))
+    w = layer.dequantized_weight().float()
+    for rows in (1, 7):
+        x = torch.randn(1, rows, k).to(BF16)
+        assert rel(layer(x), x.float() @ w.T) < 1e-2
+    assert calls == ["gemv"]  # the 7-row prompt went to torch's kernel

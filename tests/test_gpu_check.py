@@ -255,39 +255,25 @@ def test_no_gpu_and_no_dry_run_fails_fast(monkeypatch, tmp_path):
 
 # ---- pieces ---------------------------------------------------------------------------------------------
 
-def test_generate_adapter_follows_the_generate_step_api(monkeypatch):
-    """decode= keyword, a decoder= object (kept per model), or the TINYCHAT_CUDA_GRAPH variable before both."""
+def test_generate_adapter_keeps_one_decoder_per_model_and_kind(monkeypatch):
     from tinychat import generate as gen
 
     seen = []
 
-    def with_decode(model, prompt, cache, sampler, max_tokens=256, stats=None, decode=None):
-        seen.append(decode)
-        yield 1
-
-    def with_decoder(model, prompt, cache, sampler, max_tokens=256, stats=None, decoder=None):
+    def generate_step(model, prompt, cache, sampler, max_tokens=256, stats=None, decoder=None):
         seen.append(decoder)
         yield 2
 
-    def old(model, prompt, cache, sampler, max_tokens=256, stats=None):
-        seen.append(os.environ.get("TINYCHAT_CUDA_GRAPH"))
-        yield 3
-
     model = object()
-    monkeypatch.setattr(gen, "generate_step", with_decode)
-    assert end_to_end.generate(model, [1], None, None, 2, decode="graph") == [1] and seen[-1] == "graph"
-    monkeypatch.setattr(gen, "generate_step", with_decoder)
-    monkeypatch.setattr(gen, "make_decoder", lambda kind: ("decoder", kind), raising=False)
+    monkeypatch.setattr(gen, "generate_step", generate_step)
+    monkeypatch.setattr(gen, "make_decoder", lambda kind: ("decoder", kind))
     assert end_to_end.generate(model, [1], None, None, 2, decode="eager") == [2]
     assert seen[-1] == ("decoder", "eager")
     first = seen[-1]
     end_to_end.generate(model, [1], None, None, 2, decode="eager")
     assert seen[-1] is first  # one decoder per model and kind: graphs are captured once
-    monkeypatch.setattr(gen, "generate_step", old)
-    monkeypatch.delenv("TINYCHAT_CUDA_GRAPH", raising=False)
-    assert end_to_end.generate(model, [1], None, None, 2, decode="eager") == [3] and seen[-1] == "0"
-    assert end_to_end.generate(model, [1], None, None, 2, decode="graph") == [3] and seen[-1] == "1"
-    assert "TINYCHAT_CUDA_GRAPH" not in os.environ
+    end_to_end.generate(model, [1], None, None, 2)
+    assert seen[-1] is None
     end_to_end._decoders.clear()
 
 

@@ -14,7 +14,6 @@ kernel failed its self-check and fell back to torch. A dry run: a tiny model on 
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 
@@ -35,36 +34,17 @@ _decoders: dict = {}
 
 
 def generate(model, prompt: list[int], cache, sampler, max_tokens: int, stats=None, decode: str | None = None):
-    """list(generate_step(...)) with the decode path chosen: decode="graph" or "eager" is passed as
-    generate_step's `decode=` keyword, or as a `decoder=` object (tinychat.generate.make_decoder, one kept
-    per model and kind so its graphs are captured once), or, before either existed, through the
-    TINYCHAT_CUDA_GRAPH variable. decode=None: generate_step's default."""
-    from tinychat import generate as gen
+    """list(generate_step(...)) with the decode path chosen: decode="graph" or "eager" makes a decoder
+    (tinychat.generate.make_decoder, one kept per model and kind so its graphs are captured once);
+    decode=None: generate_step's default (eager)."""
+    from tinychat.generate import generate_step, make_decoder
 
-    params = inspect.signature(gen.generate_step).parameters
-    kwargs = {"max_tokens": max_tokens, "stats": stats}
-    env = None
+    decoder = None
     if decode is not None:
-        if "decode" in params:
-            kwargs["decode"] = decode
-        elif "decoder" in params and hasattr(gen, "make_decoder"):
-            key = (id(model), decode)
-            if key not in _decoders:
-                _decoders[key] = gen.make_decoder(decode)
-            kwargs["decoder"] = _decoders[key]
-        else:
-            env = "1" if decode == "graph" else "0"
-    before = os.environ.get("TINYCHAT_CUDA_GRAPH")
-    if env is not None:
-        os.environ["TINYCHAT_CUDA_GRAPH"] = env
-    try:
-        return list(gen.generate_step(model, prompt, cache, sampler, **kwargs))
-    finally:
-        if env is not None:
-            if before is None:
-                os.environ.pop("TINYCHAT_CUDA_GRAPH", None)
-            else:
-                os.environ["TINYCHAT_CUDA_GRAPH"] = before
+        decoder = _decoders.get((id(model), decode))
+        if decoder is None:
+            decoder = _decoders[(id(model), decode)] = make_decoder(decode)
+    return list(generate_step(model, prompt, cache, sampler, max_tokens=max_tokens, stats=stats, decoder=decoder))
 
 
 def decoder_info(model, decode: str | None) -> dict:
@@ -292,8 +272,11 @@ def stage_e2e(ctx: Context, machine, variant: str) -> int:
         return run_hf(ctx, machine)
     if variant != "w4a16_eager":
         return run_ours(ctx, machine, variant)
+    from tinychat.ops import cuda_ops
+
     before = os.environ.get("TINYCHAT_GEMM_DEQUANT_MIN_M")
     os.environ["TINYCHAT_GEMM_DEQUANT_MIN_M"] = "9"  # this variant's prefill: dequantize + cuBLAS
+    cuda_ops.gemm_dequant_min_tokens.cache_clear()  # the setting is read once per process
     try:
         return run_ours(ctx, machine, variant)
     finally:
@@ -301,3 +284,4 @@ def stage_e2e(ctx: Context, machine, variant: str) -> int:
             os.environ.pop("TINYCHAT_GEMM_DEQUANT_MIN_M", None)
         else:
             os.environ["TINYCHAT_GEMM_DEQUANT_MIN_M"] = before
+        cuda_ops.gemm_dequant_min_tokens.cache_clear()

@@ -34,10 +34,11 @@ SIGNATURES = {
     "tc_rope_kv_write": (_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
     "tc_decode_attention": (_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
     "tc_silu_mul": (_p, _p, _i64, _i64),
+    "tc_int4pack_gemv": (_p, _p, _p, _p, _i64, _i64, _i64),
 }
 
 
-RETURNS_STATUS = {"tc_decode_attention"}  # 0, or -1 for a shape the kernel does not take
+RETURNS_STATUS = {"tc_decode_attention", "tc_int4pack_gemv"}  # 0, or -1 for a shape the kernel does not take
 
 
 def cache_dir() -> Path:
@@ -146,3 +147,12 @@ def silu_mul(gate_up):
     out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype)
     library().tc_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n)
     return out
+
+
+def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features):
+    """One bf16 row x [..., in] (one row in all) @ W.T from torch's CPU int4 layout -> [..., out] bf16, or
+    None where the kernel does not run (no AVX-512, or out not a multiple of 64): then torch's kernel does."""
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    status = library().tc_int4pack_gemv(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(),
+                                        out_features, x.shape[-1], group_size)
+    return y if status == 0 else None

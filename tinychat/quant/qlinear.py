@@ -7,9 +7,10 @@ made by pack.py from the AWQ GEMM tensors) and exposing the same calls:
     matmul_silu_mul(x)   silu(gate) * up of a fused gate/up projection (one kernel where one exists)
     dequantized_weight() W [out, in], for tests and the fallbacks
 
-- Int4CpuKernel  ("cpu-int4"): torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu). The kernel is
-  fast only with bf16 activations (in fp32 it was 1.3x to 100x slower than dequantizing and calling an
-  fp32 matmul), so fp32/fp16 models dequantize per call from the same packed tensors.
+- Int4CpuKernel  ("cpu-int4"): torch's CPU int4 layout; one bf16 row (decode) runs tinychat's prefetching
+  GEMV on it (tinychat.ops.cpu_kernels), more rows torch's kernel (aten._weight_int4pack_mm_for_cpu). That
+  kernel is fast only with bf16 activations (in fp32 it was 1.3x to 100x slower than dequantizing and
+  calling an fp32 matmul), so fp32/fp16 models dequantize per call from the same packed tensors.
 - CudaW4A16      ("cuda"): fp16 on a GPU, the GEMV layout; 1..8 rows run tinychat's W4A16 GEMV kernel,
   more rows the tensor-core GEMM (tinychat.ops; each falls back to its torch implementation).
 - DequantReference ("dequant"): the AWQ tensors as loaded, dequantized per call; the fallback for shapes
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import cpu_kernels
 from . import pack
 
 
@@ -71,7 +73,12 @@ class Int4CpuKernel(_Strategy):
             return super().matmul(x)
         if x.dtype == torch.bfloat16 and x.is_contiguous():  # the model's activations: views around the kernel
             buffers = self._buffers  # not through nn.Module.__getattr__: this runs 120 times per decoded token
-            y = _INT4_MM(x.view(-1, self.in_features), buffers["packed"], self.group_size, buffers["scales_and_zeros"])
+            packed, scales_and_zeros = buffers["packed"], buffers["scales_and_zeros"]
+            if x.numel() == self.in_features and cpu_kernels.library() is not None:  # decode: the prefetching GEMV
+                y = cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, self.group_size, self.out_features)
+                if y is not None:
+                    return y
+            y = _INT4_MM(x.view(-1, self.in_features), packed, self.group_size, scales_and_zeros)
             return y.view(*x.shape[:-1], self.out_features)
         return pack.int4pack_mm_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
