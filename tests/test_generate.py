@@ -78,3 +78,47 @@ def test_stop_string_matcher_holds_back_partial_matches():
     assert m.feed("a\n") == ("a", False)
     assert m.feed("b") == ("\nb", False)
     assert m.flush() == ""
+
+
+class LookaheadDecoder:
+    """The eager step with lookahead on, as the CUDA-graph decoder has it: the next step is queued before
+    the host reads the token."""
+
+    lookahead = True
+
+    def __init__(self):
+        from tinychat.generate import EagerDecoder
+
+        self.eager, self.steps = EagerDecoder(), 0
+
+    def bind(self, model, cache, sampler, processors=()):
+        step, sample = self.eager.bind(model, cache, sampler, processors)
+
+        def counted(token, position):
+            self.steps += 1
+            return step(token, position)
+
+        return counted, sample
+
+
+def test_lookahead_decoding_gives_the_same_tokens_and_cache(model):
+    prompt = torch.randint(0, 97, (9,)).tolist()
+    plain = model.make_cache(64)
+    want = list(generate_step(model, prompt, plain, greedy, max_tokens=10))
+    decoder, cache = LookaheadDecoder(), model.make_cache(64)
+    assert list(generate_step(model, prompt, cache, greedy, max_tokens=10, decoder=decoder)) == want
+    assert cache.offset == plain.offset and cache.token_ids == plain.token_ids
+    assert decoder.steps == 9  # never a step past max_tokens
+
+
+def test_lookahead_decoding_stopped_early_keeps_the_cache_consistent(model):
+    """A consumer that stops at a token (EOS, a stop string) leaves the cache holding what it took before:
+    the step queued for the next token wrote past the offset, which nothing reads."""
+    prompt = torch.randint(0, 97, (9,)).tolist()
+    cache = model.make_cache(64)
+    steps = generate_step(model, prompt, cache, greedy, max_tokens=10, decoder=LookaheadDecoder())
+    taken = [next(steps) for _ in range(4)]
+    steps.close()
+    assert cache.offset == len(prompt) + 3 and cache.token_ids == prompt + taken[:3]
+    again = list(generate_step(model, prompt + taken, cache, greedy, max_tokens=3))
+    assert again == list(generate_step(model, prompt + taken, model.make_cache(64), greedy, max_tokens=3))

@@ -82,8 +82,7 @@ class Step:
     def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
                  window: int | None):
         self.positions, self.cos, self.sin, self.cache, self.window = positions, cos, sin, cache, window
-        # one token per sequence: each row's position as the decode attention takes it ([B])
-        self.last_positions = positions[:, -1] if positions.shape[0] > 1 or positions.shape[1] == 1 else None
+        self.last_positions = positions[:, -1]  # with one token per sequence: each row's position [B or 1]
 
     def kv(self, layer: int, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device) -> tuple:
         if self.cache is not None:
@@ -120,9 +119,8 @@ class Attention(nn.Module):
         q = ops.rope_kv_write(qkv, step.cos, step.sin, step.positions, keys, values,
                               self.n_heads, self.n_kv_heads, self.head_dim)
         if t == 1:  # one new token per sequence: the decode kernel, over each row's own length
-            positions = step.last_positions if step.last_positions.shape[0] == b else step.last_positions.expand(b)
-            out = ops.decode_attention(q.view(b, self.n_heads, self.head_dim), keys, values, positions.contiguous(),
-                                       step.window)
+            out = ops.decode_attention(q.view(b, self.n_heads, self.head_dim), keys, values,
+                                       step.last_positions.expand(b).contiguous(), step.window)
         else:
             out = ops.attention(q, keys, values, step.positions, step.window)
         return self.o_proj(out.reshape(b, t, self.q_size))
