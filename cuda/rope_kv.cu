@@ -29,6 +29,7 @@ extern "C" __global__ void __launch_bounds__(128)
         src = row + (size_t)head * head_dim;
         dst = q_out + ((size_t)bt * n_heads + head) * head_dim;
     } else {
+        if (pos >= max_seq) return;  // outside the cache: the callers never ask, but never write past it
         const int kh = head - n_heads;
         const size_t off = (((size_t)b * n_kv + kh) * max_seq + pos) * head_dim;
         src = row + (size_t)(n_heads + kh) * head_dim;

@@ -193,3 +193,13 @@ def test_awq_linear_decodes_one_row_with_the_gemv_and_prompts_with_torch(monkeyp
         x = torch.randn(1, rows, k).to(BF16)
         assert rel(layer(x), x.float() @ w.T) < 1e-2
     assert calls == ["gemv"]  # the 7-row prompt went to torch's kernel
+
+
+def test_positions_outside_the_cache_are_refused_not_written():
+    q, cache = torch.randn(1, 4, 64).to(BF16), torch.randn(1, 2, 8, 64).to(BF16)
+    with pytest.raises(IndexError):
+        cpu_kernels.decode_attention(q, cache, cache, torch.tensor([8]), None)
+    qkv = torch.randn(1, 1, 8 * 64).to(BF16)
+    cos, sin = reference.rope_cos_sin(torch.rand(32), torch.tensor([[8]]), BF16)
+    with pytest.raises(IndexError):
+        cpu_kernels.rope_kv_write(qkv, cos, sin, torch.tensor([[8]]), cache, cache.clone(), 4, 2, 64)

@@ -841,17 +841,24 @@ def test_graph_decoder_protocol(monkeypatch):
         return torch.tensor([3])
 
     decoder = cuda_graph.GraphDecoder()
-    step, sample = decoder.bind(model, None, sampler)
+    cache = type("Cache", (), {"room": 5})()
+    step, sample = decoder.bind(model, cache, sampler)
     token = sample(torch.ones(1, 5))          # prefill logits: the real sampler
     logits = step(token, 10)                  # copies the eager token in, replays both graphs
-    token2 = sample(logits)                   # the graph's token, no sampler call
-    step(token2, 11)                          # no copy: the graph already wrote it
-    assert token2 is dec.sampler_graphs[0][1].token
+    token2 = sample(logits)                   # the graph's token (a copy of its buffer), no sampler call
+    step(token2, 11)                          # no copy in: the graph already wrote it
+    assert torch.equal(token2, dec.sampler_graphs[0][1].token) and token2 is not dec.sampler_graphs[0][1].token
     assert calls == [("eager-sample",), ("replay", 3, 10), ("sample-graph",), ("replay", None, 11),
                      ("sample-graph",)]
     assert sample(logits * 2) is not None and calls[-1] == ("eager-sample",)  # processed logits
     # with processors nothing is sampled in the graph
-    step, sample = decoder.bind(model, None, sampler, processors=[lambda h, x: x])
+    step, sample = decoder.bind(model, cache, sampler, processors=[lambda h, x: x])
     calls.clear()
     sample(step(torch.tensor([4]), 12))
     assert calls == [("replay", 4, 12), ("eager-sample",)]
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    model = LlamaForCausalLM(small_config(rope_theta=500000.0)).half()
+    assert model.rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(model.rotary.inv_freq, RotaryEmbedding(small_config(rope_theta=500000.0)).inv_freq)

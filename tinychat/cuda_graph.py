@@ -84,7 +84,9 @@ class DecodeGraph(StaticStep):
     def _capture(self, cache: KVCache) -> None:
         # Warm up eagerly at the first free slot (slots >= offset hold nothing valid): this runs every
         # kernel's first-use self-check and lets cuBLAS set up, both of which must precede capture.
-        self.positions.fill_(min(cache.offset, cache.max_seq - 1))
+        if cache.offset >= cache.max_seq:
+            raise ValueError("the cache is full: no free slot to warm the graph up in")
+        self.positions.fill_(cache.offset)
         device = self.model.device
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -100,10 +102,14 @@ class DecodeGraph(StaticStep):
 
     def can_adopt(self, cache: KVCache) -> bool:
         """A different cache of the same shape may take over this graph's storage when the cache the
-        graph was bound to is gone and the new one holds nothing yet."""
-        return self._owner() is None and _cache_key(cache) == self.key and cache.offset == 0
+        graph was bound to is gone."""
+        return self._owner() is None and _cache_key(cache) == self.key
 
     def adopt(self, cache: KVCache) -> None:
+        """Move the cache's valid positions (its prefill) into the graph's storage and hand it that storage."""
+        with torch.inference_mode():
+            for mine, theirs in zip(self.storage.keys + self.storage.values, cache.keys + cache.values):
+                mine[:, :, :cache.offset].copy_(theirs[:, :, :cache.offset])
         cache.keys[:] = self.storage.keys
         cache.values[:] = self.storage.values
         self._owner = weakref.ref(cache)
@@ -129,9 +135,12 @@ class SamplerGraph:
             warnings.simplefilter("ignore")  # register_generator_state is a deprecated no-op in newer torch
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
+            before = None if generator is None else generator.get_state()
             with torch.cuda.stream(stream):
                 sampler(decode.logits)
             torch.cuda.current_stream(device).wait_stream(stream)
+            if generator is not None:  # the warm-up draw must not shift the seeded sequence
+                generator.set_state(before)
             self.graph = torch.cuda.CUDAGraph()
             if generator is not None and hasattr(self.graph, "register_generator_state"):
                 self.graph.register_generator_state(generator)
@@ -180,7 +189,7 @@ class GraphDecoder:
         graph; sample(logits) returns the token the sampler graph drew for that step's logits, and calls
         `sampler` otherwise (the prefill's logits, or logits changed by processors).
         """
-        if self.failed or unsupported_reason(model, cache) is not None:
+        if self.failed or cache.room == 0 or unsupported_reason(model, cache) is not None:
             return None
         try:
             dec = self.graph_for(model, cache)
@@ -195,7 +204,8 @@ class GraphDecoder:
 
         def step(token: torch.Tensor, position: int) -> torch.Tensor:
             logits = dec.replay(None if token is state["token"] else token, position)
-            state["token"] = sampled() if sampled is not None else None
+            # a copy: the sampler graph's buffer is overwritten by the next replay, maybe before it is read
+            state["token"] = sampled().clone() if sampled is not None else None
             return logits
 
         def sample(logits: torch.Tensor) -> torch.Tensor:

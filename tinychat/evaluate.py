@@ -133,7 +133,6 @@ def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto",
                   settings=SearchSettings(scaling=scaling), progress=progress)
     fake_quantize_model(model, w_bit, group_size)
     model = model.to(device=device, dtype=parse_dtype(dtype))
-    model.rotary.to(device=device, dtype=torch.float32)
     return model, tokenizer, f"fake-quant {fake_quant} w{w_bit} g{group_size}, {dtype} compute"
 
 

@@ -114,20 +114,22 @@ def generate_step(model, prompt_ids: list[int], cache: KVCache, sampler: Callabl
     with torch.inference_mode():
         logits, stats.prefilled_tokens = prefill(model, cache, prompt_ids)
         decoder = decoder if decoder is not None else EagerDecoder()
-        bound = decoder.bind(model, cache, sampler, processors) if max_tokens > 1 else None
+        bound = decoder.bind(model, cache, sampler, processors) if max_tokens > 1 and cache.room > 0 else None
         if bound is None:
             decoder = EagerDecoder()
             bound = decoder.bind(model, cache, sampler, processors)
         step, sample = bound
         ahead = decoder.lookahead and not processors  # processors need each token's id before the next step
         history = torch.tensor([prompt_ids], device=model.device) if processors else None
+        host = torch.empty(1, dtype=torch.long, pin_memory=model.device.type == "cuda") if ahead else None
         for n in range(max_tokens):
             for process in processors:
                 logits = process(history, logits)
             token = sample(logits)
             more = n + 1 < max_tokens and cache.room > 0
-            queued = step(token, cache.offset) if more and ahead else None  # written past the offset until kept
-            token_id = int(token[0])  # the one host sync per token
+            read = start_read(token, host) if more and ahead else None  # copy out before the step reuses buffers
+            queued = step(token, cache.offset) if read is not None else None  # written past the offset until kept
+            token_id = read() if read is not None else int(token[0])  # the one host sync per token
             if n == 0:
                 stats.prefill_seconds = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -140,6 +142,21 @@ def generate_step(model, prompt_ids: list[int], cache: KVCache, sampler: Callabl
                 history = torch.cat([history, token.view(1, 1)], dim=1)
             logits = queued if queued is not None else step(token, cache.offset)
             cache.append(token_id)
+
+
+def start_read(token: torch.Tensor, host: torch.Tensor) -> Callable[[], int]:
+    """Start copying token [1] to the host; the returned function waits for that copy only (an event after
+    it), not for work queued later, so the device computes the next step while the host handles this token."""
+    if not token.is_cuda:
+        return lambda: int(token[0])
+    host.copy_(token.view(1), non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> int:
+        done.synchronize()
+        return int(host[0])
+    return read
 
 
 class StopStringMatcher:

@@ -20,7 +20,6 @@ from torch import nn
 from .. import ops
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..quant.qlinear import AWQLinear
 # Default cache length: a Llama-3 128k context would preallocate gigabytes that a chat rarely uses.
 DEFAULT_MAX_CONTEXT = 8192
 
@@ -69,7 +68,14 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(dtype) must move the frequencies but never round them: they stay fp32, as HF's
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.rope_cos_sin(self.inv_freq, positions, dtype)
@@ -134,8 +140,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.gate_up_proj, AWQLinear):  # its strategy may fuse SiLU-and-multiply into the GEMV
-            return self.down_proj(self.gate_up_proj.forward_silu_mul(x))
+        fused = getattr(self.gate_up_proj, "forward_silu_mul", None)  # a quantized strategy may fuse it (GEMV)
+        if fused is not None:
+            return self.down_proj(fused(x))
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 

@@ -45,9 +45,9 @@ static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 // h_out is not written).
 void tc_add_rmsnorm(const bf16* x, const bf16* delta, const bf16* weight, bf16* out, bf16* h_out, int64_t rows,
                     int64_t n, float eps) {
-    float h[n];
     for (int64_t r = 0; r < rows; ++r) {
         const bf16* xr = x + r * n;
+        const bf16* hr = delta ? h_out + r * n : xr;  // h, in bf16 (exact: it was rounded there)
         float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int64_t i = 0; i < n; ++i) {
             float v = bf2f(xr[i]);
@@ -55,13 +55,12 @@ void tc_add_rmsnorm(const bf16* x, const bf16* delta, const bf16* weight, bf16* 
                 v = round_bf(v + bf2f(delta[r * n + i]));
                 h_out[r * n + i] = f2bf(v);
             }
-            h[i] = v;
             sum[i & 7] += v * v;
         }
         const float total = ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
         const float inv = 1.0f / sqrtf(total / (float)n + eps);
         bf16* o = out + r * n;
-        for (int64_t i = 0; i < n; ++i) o[i] = f2bf(bf2f(weight[i]) * round_bf(h[i] * inv));
+        for (int64_t i = 0; i < n; ++i) o[i] = f2bf(bf2f(weight[i]) * round_bf(bf2f(hr[i]) * inv));
     }
 }
 
@@ -271,6 +270,14 @@ void tc_silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t n) {
             o[i] = f2bf(round_bf(x / (1.0f + vexp(-x))) * bf2f(u[i]));
         }
     }
+}
+
+int tc_has_avx512(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 #ifdef __AVX512F__

@@ -224,7 +224,7 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
 def attention_splits(batch: int, n_kv: int, max_seq: int, device) -> int:
     """How many sequence splits the decode attention uses: about two blocks per SM, at least 64 keys
     per split at full context. Depends only on the cache shape, so a captured graph keeps it."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(torch.device(device))
     want = -(-2 * sms // max(1, batch * n_kv))
     return max(1, min(want, max_seq // 64, 64))
 
