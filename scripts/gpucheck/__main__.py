@@ -25,19 +25,12 @@ def run_stage(ctx: Context, stage: str, variant: str) -> int:
     from . import end_to_end, env, gemv_gemm, kernel_tests
 
     machine = Machine(ctx.dry_run)
-    if stage == "env":
-        return env.stage_env(ctx, machine)
-    if stage == "compile":
-        return env.stage_compile(ctx, machine)
-    if stage == "tests":
-        return kernel_tests.stage_tests(ctx, machine)
-    if stage == "gemv":
-        return gemv_gemm.stage_gemv(ctx, machine)
-    if stage == "gemm":
-        return gemv_gemm.stage_gemm(ctx, machine)
-    if stage == "prefill_attention":
-        return gemv_gemm.stage_prefill_attention(ctx, machine)
-    return end_to_end.stage_e2e(ctx, machine, variant)
+    if stage == "e2e":
+        return end_to_end.stage_e2e(ctx, machine, variant)
+    run = {"env": env.stage_env, "compile": env.stage_compile, "tests": kernel_tests.stage_tests,
+           "gemv": gemv_gemm.stage_gemv, "gemm": gemv_gemm.stage_gemm,
+           "prefill_attention": gemv_gemm.stage_prefill_attention}[stage]
+    return run(ctx, machine)
 
 
 def main(argv=None) -> int:

@@ -41,6 +41,8 @@ static inline bf16 f2bf(float f) {  // round to nearest even, as torch does; NaN
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
+#define OUT_OF_CACHE -2  // a position outside the cache: the caller raises, as torch's index ops would
+
 // out = weight * bf16(h * rsqrt(mean(h^2) + eps)), h = x + delta (bf16; delta may be NULL, then h = x and
 // h_out is not written).
 void tc_add_rmsnorm(const bf16* x, const bf16* delta, const bf16* weight, bf16* out, bf16* h_out, int64_t rows,
@@ -67,10 +69,13 @@ void tc_add_rmsnorm(const bf16* x, const bf16* delta, const bf16* weight, bf16* 
 // Rotate q and k heads of qkv [b * t, (hq + 2 hkv) * d] with the rope tables cos, sin [b * t, d] (sin
 // signed: the rotation is x * cos + roll(x, d/2) * sin, each product and the sum rounded to bf16 as torch
 // does), write q into q_out [b * t, hq, d], and k (rotated) and v into the caches [b, hkv, max_seq, d]:
-// token j is sequence j / t's, at position pos[j].
-void tc_rope_kv_write(const bf16* qkv, const bf16* cos_t, const bf16* sin_t, const int64_t* pos, bf16* q_out,
+// token j is sequence j / t's, at position pos[j]. Returns 0, or OUT_OF_CACHE (nothing written) when a
+// position falls outside [0, max_seq).
+int tc_rope_kv_write(const bf16* qkv, const bf16* cos_t, const bf16* sin_t, const int64_t* pos, bf16* q_out,
                       bf16* k_cache, bf16* v_cache, int64_t n_tokens, int64_t t, int64_t hq, int64_t hkv, int64_t d,
                       int64_t max_seq) {
+    for (int64_t j = 0; j < n_tokens; ++j)
+        if (pos[j] < 0 || pos[j] >= max_seq) return OUT_OF_CACHE;
     const int64_t half = d / 2, width = (hq + 2 * hkv) * d;
     for (int64_t j = 0; j < n_tokens; ++j) {
         const bf16* src = qkv + j * width;
@@ -90,6 +95,7 @@ void tc_rope_kv_write(const bf16* qkv, const bf16* cos_t, const bf16* sin_t, con
         for (int64_t head = 0; head < hkv; ++head)
             memcpy(v_cache + base + head * max_seq * d, src + (hq + hkv + head) * d, (size_t)d * sizeof(bf16));
     }
+    return 0;
 }
 
 // exp(x) for x in [-87, 88] in a form the compiler vectorises (glibc's expf is a scalar call): Cody-Waite
@@ -189,6 +195,8 @@ int tc_decode_attention(const bf16* q, const bf16* k_cache, const bf16* v_cache,
                         int64_t b, int64_t hq, int64_t hkv, int64_t d, int64_t max_seq, int64_t window) {
     const int64_t group = hq / hkv;
     if (group > MAX_GROUP || d > MAX_DIM) return -1;
+    for (int64_t r = 0; r < b; ++r)
+        if (pos[r] < 0 || pos[r] >= max_seq) return OUT_OF_CACHE;
     int64_t splits = 1;
     for (int64_t r = 0; r < b; ++r) {
         const int64_t s = (pos[r] + SPLIT_KEYS) / SPLIT_KEYS;

@@ -39,7 +39,7 @@ SIGNATURES = {
 }
 
 
-RETURNS_STATUS = {"tc_decode_attention", "tc_int4pack_gemv", "tc_has_avx512"}  # int results (0 / -1, flags)
+RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_int4pack_gemv", "tc_has_avx512"}  # int results (0 / -1, flags)
 _gemv_refused = False  # set once the GEMV said it cannot run on this CPU (no AVX-512)
 
 
@@ -110,9 +110,12 @@ def applies(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and t.device.type == "cpu" and library() is not None
 
 
-def _check_positions(positions: torch.Tensor, max_seq: int) -> None:
-    """C indexes the cache with these unchecked; torch's index ops would raise, so do the same here."""
-    if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < max_seq:
+OUT_OF_CACHE = -2  # cpu_kernels.c: a position outside the cache (checked in C: no tensor ops per call)
+
+
+def _check_positions(status: int, positions: torch.Tensor, max_seq: int) -> None:
+    """Raise as torch's index ops would when the kernel refused positions outside the cache."""
+    if status == OUT_OF_CACHE:
         raise IndexError(f"cache positions {positions.tolist()} outside the cache of {max_seq}")
 
 
@@ -132,22 +135,22 @@ def rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, hea
     qkv = qkv.contiguous()
     # one row of positions/tables may be shared by the batch: the kernel reads dense rows, one per token
     positions, cos, sin = (z.expand(b, *z.shape[1:]).contiguous() for z in (positions, cos, sin))
-    _check_positions(positions, k_cache.shape[2])
     q = torch.empty(b, t, n_heads, head_dim, dtype=qkv.dtype)
-    library().tc_rope_kv_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(),
+    status = library().tc_rope_kv_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(),
                                k_cache.data_ptr(), v_cache.data_ptr(), b * t, t, n_heads, n_kv, head_dim,
                                k_cache.shape[2])
+    _check_positions(status, positions, k_cache.shape[2])
     return q
 
 
 def decode_attention(q, k_cache, v_cache, positions, window):
     b, n_heads, head_dim = q.shape
     q, positions = q.contiguous(), positions.contiguous()
-    _check_positions(positions, k_cache.shape[2])
     out = torch.empty_like(q)
     status = library().tc_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                            positions.data_ptr(), out.data_ptr(), b, n_heads, k_cache.shape[1],
                                            head_dim, k_cache.shape[2], window or 0)
+    _check_positions(status, positions, k_cache.shape[2])
     return out if status == 0 else None
 
 
@@ -163,7 +166,7 @@ def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features):
     """One bf16 row x [..., in] (one row in all) @ W.T from torch's CPU int4 layout -> [..., out] bf16, or
     None where the kernel does not run (no AVX-512, or out not a multiple of 64): then torch's kernel does."""
     global _gemv_refused
-    if _gemv_refused:
+    if _gemv_refused or out_features % 64:  # the kernel's blocks are 64 outputs wide
         return None
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     status = library().tc_int4pack_gemv(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(),
