@@ -80,3 +80,14 @@ class KVCache:
             common += 1
         self.trim(self.offset - common)
         return common
+
+
+class CacheRows:
+    """Rows [start, stop) of a KVCache's batch, as the cache `model.run` writes into: views of the same storage
+    (contiguous, since the batch is the outer dimension). The bookkeeping of which tokens each row holds is
+    the caller's (tinychat.batching)."""
+
+    def __init__(self, cache: KVCache, start: int, stop: int):
+        self.keys = [k[start:stop] for k in cache.keys]
+        self.values = [v[start:stop] for v in cache.values]
+        self.max_seq = cache.max_seq

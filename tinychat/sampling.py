@@ -33,6 +33,8 @@ class SamplingParams:
     top_k: int = 0  # 0 disables
     min_p: float = 0.0  # 0 disables
     repetition_penalty: float = 1.0  # 1 disables
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per earlier occurrence in the reply
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token the reply already holds
     seed: int | None = None  # None: a fresh random seed per sampler
     max_tokens: int = 256
 
@@ -49,6 +51,10 @@ class SamplingParams:
         if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0 \
                 or math.isinf(self.repetition_penalty):
             _bad("--repetition-penalty must be a finite number > 0 (1 disables it)", self.repetition_penalty)
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                _bad(f"--{name.replace('_', '-')} must be in [-2, 2] (0 disables it)", value)
         if self.seed is not None and not _is_int(self.seed):
             _bad("--seed must be an integer", self.seed)
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -133,6 +139,19 @@ def apply_repetition_penalty(logits: Tensor, token_ids: Tensor, penalty: float) 
     return logits.scatter(-1, ids, penalized)
 
 
+def apply_frequency_presence(logits: Tensor, token_ids: Tensor, frequency: float, presence: float) -> Tensor:
+    """OpenAI's penalties: logit -= frequency * count + presence * (count > 0), counting each id's
+    occurrences in token_ids ([seq] for every row, or [batch, seq])."""
+    logits = logits.float()
+    if token_ids.numel() == 0 or (frequency == 0 and presence == 0):
+        return logits.clone()
+    ids = token_ids.to(device=logits.device, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids.expand(*logits.shape[:-1], ids.shape[-1])
+    counts = torch.zeros_like(logits).scatter_add_(-1, ids, torch.ones_like(ids, dtype=logits.dtype))
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 def greedy(logits: Tensor) -> Tensor:
     """The most likely token per row (lowest id on ties)."""
     return torch.argmax(logits, dim=-1)
@@ -208,4 +227,20 @@ def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
             return apply_repetition_penalty(logits, history_ids, penalty)
 
         processors.append(repetition_penalty)
+    if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+        processors.append(FrequencyPresencePenalty(params.frequency_penalty, params.presence_penalty))
     return processors
+
+
+class FrequencyPresencePenalty:
+    """Penalizes the tokens of the reply only, as OpenAI and vLLM do: the history seen on the first call is the
+    prompt, and later calls count what came after it. One instance serves one generation."""
+
+    def __init__(self, frequency: float, presence: float):
+        self.frequency, self.presence = frequency, presence
+        self.prompt_len: int | None = None
+
+    def __call__(self, history_ids: Tensor, logits: Tensor) -> Tensor:
+        if self.prompt_len is None:
+            self.prompt_len = history_ids.shape[-1]
+        return apply_frequency_presence(logits, history_ids[..., self.prompt_len:], self.frequency, self.presence)

@@ -1,0 +1,326 @@
+"""Continuous batching: one thread owns the model and decodes every running request together.
+
+The KV cache has `slots` rows (its batch dimension), each `max_seq` positions long. Running requests sit
+in rows 0..n-1, so each decode step is one `model.decode_step` over the contiguous first n rows, every row
+at its own position, with its own sampler, logits processors and stop strings. Rows n.. keep the keys and
+values of finished requests: that is the prefix cache. A new request takes the idle row whose tokens share
+the longest prefix with its prompt (the least recently used row when none does), swaps it into row n,
+prefills only the tokens after the shared prefix, samples its first token and joins the next step. A
+finished or cancelled request swaps places with the last running row and leaves; its row stays cached.
+
+Callers (the server, benchmarks, tests) `submit` a Job and receive its events through `job.emit`, called on
+the scheduler's thread: one TokenEvent per sampled token, then one DoneEvent.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cache import CacheRows
+from .errors import TinychatError
+from .generate import PREFILL_CHUNK, ReplyText, eos_ids
+from .sampling import SamplingParams, make_logits_processors, make_sampler
+
+
+class QueueFull(TinychatError):
+    """More requests are waiting than the queue holds."""
+
+
+@dataclass
+class TokenEvent:
+    text: str  # new text (may be empty while bytes or a possible stop string are held back)
+    token: int
+    logprob: float | None = None  # of the sampled token under the model's distribution, with top_logprobs
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class DoneEvent:
+    finish_reason: str  # "stop", "length", "cancelled" or "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    error: str | None = None
+    time_to_first_token: float = 0.0  # seconds from submit to the first token
+    decode_seconds: float = 0.0  # from the first token to the last
+
+
+@dataclass
+class Job:
+    """One request. `processors` run after the sampling parameters' own (e.g. a grammar constraint);
+    `logprobs` None returns none, k >= 0 the sampled token's log-probability and the k most likely."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[object], None]
+    stop: list[str] = field(default_factory=list)
+    processors: list[Callable] = field(default_factory=list)
+    logprobs: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Stop generating (within one decode step); a DoneEvent("cancelled") follows."""
+        self.cancelled.set()
+
+
+class _Running:
+    """A job in its row: the sampler and processors of its parameters, and the text and token counts so far."""
+
+    def __init__(self, job: Job, reply: ReplyText, cached: int):
+        self.job = job
+        self.sampler = make_sampler(job.params)
+        self.processors = make_logits_processors(job.params) + list(job.processors)
+        self.reply = reply
+        self.history = list(job.prompt_ids)  # prompt + sampled tokens, for the processors
+        self.generated = 0
+        self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.cached = cached
+        self.first_token_at: float | None = None
+
+    def done(self, reason: str, error: str | None = None) -> DoneEvent:
+        now = time.perf_counter()
+        first = self.first_token_at
+        return DoneEvent(reason, len(self.job.prompt_ids), self.generated, self.cached, error,
+                         (first or now) - self.job.submitted, now - first if first is not None else 0.0)
+
+
+class BatchScheduler:
+    """Runs jobs on `model` in a background thread; at most `slots` decode together, `max_queue` wait."""
+
+    def __init__(self, model, tokenizer, slots: int = 8, max_seq: int | None = None, max_queue: int = 64):
+        if slots < 1:
+            raise TinychatError(f"--slots must be at least 1, got {slots}")
+        if max_queue < 0:
+            raise TinychatError(f"--max-queue must be >= 0, got {max_queue}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos = eos_ids(model, tokenizer)
+        self.cache = model.make_cache(max_seq, batch=slots)
+        self.slots, self.max_queue = slots, max_queue
+        self.row_tokens: list[list[int]] = [[] for _ in range(slots)]  # tokens whose keys/values each row holds
+        self.row_used = [0] * slots  # when each row last served a request (least recently used goes first)
+        self._clock = 0
+        self.running: list[_Running] = []  # running[i] lives in row i
+        self._pending: collections.deque[Job] = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._views: dict[tuple[int, int], CacheRows] = {}
+        self._thread = threading.Thread(target=self._loop, name="tinychat-batch", daemon=True)
+        self._thread.start()
+
+    @property
+    def max_seq(self) -> int:
+        return self.cache.max_seq
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raises QueueFull when `max_queue` jobs already wait for a free slot."""
+        if len(job.prompt_ids) > self.max_seq:
+            raise TinychatError(f"the prompt has {len(job.prompt_ids)} tokens but the context holds "
+                                f"{self.max_seq}; shorten it or raise --max-context")
+        with self._wake:
+            if self._closed:
+                raise TinychatError("the scheduler is closed")
+            free = self.slots - len(self.running)
+            if len(self._pending) >= self.max_queue + max(0, free):
+                raise QueueFull(f"{len(self._pending)} requests are waiting (--max-queue {self.max_queue}); "
+                                "retry shortly")
+            self._pending.append(job)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._pending and not self.running and not self._closed:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    admitted = []
+                    while self._pending and len(self.running) + len(admitted) < self.slots:
+                        admitted.append(self._pending.popleft())
+                for job in admitted:
+                    self._admit(job)
+                if self.running:
+                    self._step_all()
+        for job in [r.job for r in self.running] + list(self._pending):
+            job.emit(DoneEvent("cancelled", len(job.prompt_ids)))
+
+    def _admit(self, job: Job) -> None:
+        try:
+            self._start(job)
+        except Exception as e:  # noqa: BLE001 - a server must outlive one failed request
+            # the row it was prefilled into may hold half-written keys/values: forget them
+            self.row_tokens[len(self.running)] = []
+            job.emit(DoneEvent("error", len(job.prompt_ids), error=_failure(e)))
+
+    def _step_all(self) -> None:
+        try:
+            self._step()
+        except Exception as e:  # noqa: BLE001 - fail this batch, keep serving
+            for row, running in enumerate(self.running):
+                running.job.emit(running.done("error", _failure(e)))
+                self.row_tokens[row] = []
+            self.running = []
+
+    def _start(self, job: Job) -> None:
+        """Prefill a job into row n (after the prefix its best row already holds) and sample its first token."""
+        if job.cancelled.is_set():
+            job.emit(DoneEvent("cancelled", len(job.prompt_ids)))
+            return
+        n = len(self.running)
+        common = self._claim_row(job.prompt_ids, n)
+        tokens = self.row_tokens[n]
+        self._clock += 1
+        self.row_used[n] = self._clock
+        new = job.prompt_ids[common:]
+        device = self.model.device
+        logits = None
+        for i in range(0, len(new), PREFILL_CHUNK):
+            chunk = new[i:i + PREFILL_CHUNK]
+            ids = torch.tensor([chunk], dtype=torch.long, device=device)
+            positions = torch.arange(len(tokens), len(tokens) + len(chunk), device=device).unsqueeze(0)
+            logits = self.model.run(ids, positions, self._rows(n, n + 1), last_only=True)[:, -1]
+            tokens.extend(chunk)
+        running = _Running(job, ReplyText(self.tokenizer, self.eos, job.stop), common)
+        if self._sample(running, n, logits) is None:
+            self.running.append(running)
+
+    def _step(self) -> None:
+        """One decode step for every running row, after letting cancelled jobs go."""
+        for row in reversed(range(len(self.running))):
+            running = self.running[row]
+            if running.job.cancelled.is_set():
+                running.job.emit(running.done("cancelled"))
+                self._retire(row)
+        n = len(self.running)
+        if n == 0:
+            return
+        device = self.model.device
+        tokens = torch.tensor([r.next_token for r in self.running], dtype=torch.long, device=device)
+        positions = torch.tensor([len(self.row_tokens[row]) for row in range(n)], dtype=torch.long, device=device)
+        logits = self.model.decode_step(tokens, positions, self._rows(0, n))
+        for row, running in enumerate(self.running):
+            self.row_tokens[row].append(running.next_token)
+        finished = [row for row, running in enumerate(self.running)
+                    if self._sample(running, row, logits[row:row + 1]) is not None]
+        for row in reversed(finished):
+            self._retire(row)
+
+    def _sample(self, running: _Running, row: int, logits: torch.Tensor) -> str | None:
+        """Sample the next token of a running job from its logits [1, vocab], send it, and end the job
+        (returning why) when it is finished."""
+        job = running.job
+        raw = logits
+        try:
+            if running.processors:
+                history = torch.tensor([running.history], dtype=torch.long, device=logits.device)
+                for process in running.processors:
+                    logits = process(history, logits)
+            token = int(running.sampler(logits)[0])
+        except Exception as e:  # noqa: BLE001 - e.g. a grammar that rejects; only this job fails
+            job.emit(running.done("error", _failure(e)))
+            return "error"
+        if running.first_token_at is None:
+            running.first_token_at = time.perf_counter()
+        running.generated += 1
+        running.history.append(token)
+        running.next_token = token
+        text, stopped = running.reply.add(token)
+        reason = "stop" if stopped else None
+        room = len(self.row_tokens[row]) < self.max_seq  # the next step writes this token's keys there
+        if reason is None and (running.generated >= job.params.max_tokens or not room):
+            text, stopped = running.reply.finish()
+            reason = "stop" if stopped else "length"
+        job.emit(TokenEvent(text, token, *self._logprobs(raw, token, job.logprobs)))
+        if reason is not None:
+            job.emit(running.done(reason))
+        return reason
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, token: int, k: int | None) -> tuple:
+        """The model's own log-probabilities (before temperature and processors), as OpenAI reports them."""
+        if k is None:
+            return None, None
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        top = torch.topk(logprobs, k) if k > 0 else None
+        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return float(logprobs[token]), pairs
+
+    # -- rows ----------------------------------------------------------------------------------------------
+
+    def _rows(self, start: int, stop: int) -> CacheRows:
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self._views[(start, stop)] = CacheRows(self.cache, start, stop)
+        return view
+
+    def _claim_row(self, prompt: list[int], n: int) -> int:
+        """Make row n (the first idle one) hold the longest cached prefix of the prompt and return its length.
+
+        The idle row sharing the longest prefix (the least recently used among equals, so a row sharing nothing
+        is evicted oldest first) moves to row n; when a running row shares more (concurrent requests with one
+        system prompt), its prefix is copied into row n instead. The prompt's last token is always left to
+        prefill, since its logits give the first token."""
+        limit = len(prompt) - 1
+        idle = max(range(n, self.slots),
+                   key=lambda row: (common_prefix(self.row_tokens[row], prompt, limit), -self.row_used[row]))
+        self._swap_rows(idle, n)
+        common = common_prefix(self.row_tokens[n], prompt, limit)
+        shared = [(common_prefix(self.row_tokens[row], prompt, limit), row) for row in range(n)]
+        longest, donor = max(shared, default=(0, -1))
+        if longest > common:
+            for tensor in self.cache.keys + self.cache.values:
+                tensor[n, :, :longest] = tensor[donor, :, :longest]
+            self.row_tokens[n] = self.row_tokens[donor][:longest]
+            return longest
+        del self.row_tokens[n][common:]
+        return common
+
+    def _swap_rows(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        length = max(len(self.row_tokens[a]), len(self.row_tokens[b]))
+        if length:
+            for tensor in self.cache.keys + self.cache.values:
+                held = tensor[a, :, :length].clone()
+                tensor[a, :, :length] = tensor[b, :, :length]
+                tensor[b, :, :length] = held
+        self.row_tokens[a], self.row_tokens[b] = self.row_tokens[b], self.row_tokens[a]
+        self.row_used[a], self.row_used[b] = self.row_used[b], self.row_used[a]
+
+    def _retire(self, row: int) -> None:
+        """Take a finished job out of the batch: the last running row moves into its place."""
+        last = len(self.running) - 1
+        self._swap_rows(row, last)
+        self.running[row] = self.running[last]
+        self.running.pop()
+
+
+def _failure(e: Exception) -> str:
+    return str(e) if isinstance(e, TinychatError) else f"generation failed: {type(e).__name__}: {e}"
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    limit = min(limit, len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n

@@ -1,0 +1,222 @@
+"""`tinychat serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one BatchScheduler.
+
+Request handlers run on uvicorn's event loop and never touch the model: they validate the body
+(tinychat.openai_api), submit a Job to the scheduler's thread and relay its events, which the scheduler
+hands over with `loop.call_soon_threadsafe`. A client that goes away cancels its job; the scheduler drops
+it before its next decode step.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at definition.
+import asyncio
+import hmac
+import json
+import socket
+import sys
+import time
+
+from .errors import TinychatError
+from .openai_api import APIError, Reply, RequestContext, error_body, models_list, parse_request
+
+DISCONNECT_POLL_SECONDS = 0.2  # how often a waiting handler checks that its client is still there
+
+
+def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = None):
+    """The FastAPI app serving `engine` through `scheduler` under the names `model_ids` (the first is listed)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    from .batching import Job, QueueFull
+    from .generate import eos_ids
+
+    app = FastAPI(title="tinychat", docs_url=None, redoc_url=None, openapi_url=None)
+    started = int(time.time())
+    ctx = RequestContext(model_ids, engine.tokenizer, engine.encode_chat, scheduler.max_seq,
+                         eos_ids(engine.model, engine.tokenizer), engine.model.config.vocab_size)
+
+    def error_response(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", kind),
+                            status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        return JSONResponse(error_body(f"invalid request: {e.errors()[:1]}"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, e: Exception):
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+
+    @app.middleware("http")
+    async def _check_key(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return JSONResponse(error_body("missing or wrong API key: send the header "
+                                               "'Authorization: Bearer KEY' with the server's --api-key",
+                                               code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": len(scheduler.running), "waiting": scheduler.waiting}
+
+    @app.get("/v1/models")
+    async def models():
+        return models_list(model_ids, started)
+
+    async def read_body(request: Request):
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+
+    async def complete(request: Request, chat: bool):
+        body = await read_body(request)
+        # tokenizing and compiling a grammar take milliseconds: off the event loop
+        parsed = await run_in_threadpool(parse_request, body, ctx, chat)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(parsed.prompt_ids, parsed.params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                  stop=parsed.stop, processors=parsed.processors, logprobs=parsed.logprobs)
+        try:
+            scheduler.submit(job)
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full", kind="rate_limit_error", headers={"Retry-After": "1"})
+        except TinychatError as e:
+            raise APIError(400, str(e)) from None
+        reply = Reply(parsed, model_ids[0], engine.tokenizer)
+        if parsed.stream:
+            return StreamingResponse(stream(request, job, events, reply), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            while reply.done is None:
+                event = await next_event(request, job, events)
+                if event is None:
+                    return JSONResponse(error_body("client closed the request"), status_code=499)
+                reply.add(event)
+        finally:
+            job.cancel()  # a no-op when it finished
+        if reply.done.finish_reason == "error":
+            return JSONResponse(error_body(reply.done.error or "generation failed", "server_error"), status_code=500)
+        return reply.response()
+
+    async def next_event(request: Request, job, events: asyncio.Queue):
+        """The job's next event, or None once the client has gone (the job is then cancelled)."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return None
+
+    async def stream(request: Request, job, events: asyncio.Queue, reply: Reply):
+        try:
+            for chunk in reply.first_chunks():
+                yield sse(chunk)
+            while reply.done is None:
+                event = await next_event(request, job, events)
+                if event is None:
+                    return
+                if getattr(event, "finish_reason", None) == "error":
+                    reply.done = event
+                    yield sse(error_body(event.error or "generation failed", "server_error"))
+                    break
+                for chunk in reply.chunks(event):
+                    yield sse(chunk)
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client went away (the response task is cancelled) or the reply ended
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    return app
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(subparsers) -> None:
+    from .args import add_model_args
+
+    p = subparsers.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API (chat completions, completions)",
+        description="An OpenAI-compatible server: POST /v1/chat/completions and /v1/completions (streaming or "
+                    "not), GET /v1/models and /health. Concurrent requests decode together (continuous "
+                    "batching); recent conversations stay cached, so a resent conversation prefills only "
+                    "what is new.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--slots", type=int, default=8,
+                   help="sequences decoded together and conversations kept cached (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; more get 429 (default %(default)s)")
+    p.add_argument("--max-context", type=int, default=4096,
+                   help="tokens per sequence, prompt and reply (default %(default)s, at most the model's)")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .batching import BatchScheduler
+    from .engine import load_engine_from_args
+
+    if not 0 < args.port < 65536:
+        raise TinychatError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_context < 1:
+        raise TinychatError(f"--max-context must be a positive number of tokens, got {args.max_context}")
+    check_port_free(args.host, args.port)
+    engine = load_engine_from_args(args)
+    max_seq = min(args.max_context, engine.model.config.max_position_embeddings)
+    scheduler = BatchScheduler(engine.model, engine.tokenizer, args.slots, max_seq, args.max_queue)
+    model_ids = served_names(args.model, engine.path)
+    app = create_app(scheduler, engine, model_ids, args.api_key)
+    kv_gb = sum(t.numel() * t.element_size() for t in scheduler.cache.keys + scheduler.cache.values) / 1e9
+    print(f"serving {model_ids[0]} at http://{args.host}:{args.port}/v1 · {args.slots} slots x {max_seq} tokens "
+          f"(KV cache {kv_gb:.2f} GB)" + (" · API key required" if args.api_key else ""), file=sys.stderr, flush=True)
+    import uvicorn
+
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+    finally:
+        scheduler.close()
+    return 0
+
+
+def served_names(model_arg: str, path) -> list[str]:
+    """The id /v1/models lists (--model as the user gave it) and the other names requests may use for it."""
+    return list(dict.fromkeys([model_arg, path.name, str(path)]))
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before loading the model when the address is taken (uvicorn would only log and exit)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise TinychatError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from None
