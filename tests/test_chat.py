@@ -1,5 +1,6 @@
-"""`tinychat chat`: the REPL driven through prompt_toolkit's pipe input, the conversation logic, commands,
-interruption, context overflow, save/load, and piped stdin (in-process and as a real subprocess)."""
+"""`tinychat chat`: the REPL driven through prompt_toolkit's pipe input over a ChatSession with the default
+model (commands, interruption, context overflow, save/load as a user types them), and piped stdin
+(in-process and as a real subprocess). The session core alone is tested in test_session.py."""
 
 import io
 import json
@@ -13,10 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from tinychat.chat import ChatRepl, ChatSession, Conversation, MessageTooLong, history_path, make_prompt_session
-from tinychat.errors import TinychatError
+from tinychat.chat import ChatRepl, history_path, make_prompt_session
 from tinychat.generate import GenerationResponse, GenerationStats, stream_generate
 from tinychat.sampling import SamplingParams
+from tinychat.session import ChatSession
 
 pytest.importorskip("prompt_toolkit")
 from prompt_toolkit.input import create_pipe_input  # noqa: E402
@@ -237,9 +238,9 @@ def test_save_load_round_trip(engine, tmp_path):
                           f"/save {tmp_path}/no/such/dir/x.json\r/save\r{CTRL_D}")
     lines = out.splitlines()
     assert any("bad.json: not valid JSON" in line for line in lines)
-    assert any("message 0 needs a role" in line for line in lines)
+    assert any("roles.json: messages[0].role: expected one of system, user, assistant" in line for line in lines)
     assert any("nope.json: no such file" in line for line in lines)
-    assert any(line.startswith("cannot write") for line in lines)
+    assert any(line.startswith(f"/save {tmp_path}/no/such/dir/x.json: cannot write") for line in lines)
     assert "/save needs a file name, e.g. /save chat.json" in lines
     assert chat.conversation.to_json() == saved
 
@@ -248,41 +249,6 @@ def test_history_path_follows_xdg(state_dir, monkeypatch):
     assert history_path() == state_dir / "tinychat" / "history"
     monkeypatch.setenv("XDG_STATE_HOME", "relative/dir")  # the XDG spec says to ignore relative paths
     assert history_path() == Path.home() / ".local" / "state" / "tinychat" / "history"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Conversation alone (a fake encoder: one token per word)
-
-
-def word_encode(messages):
-    return [0] * sum(len(m["content"].split()) + 2 for m in messages)
-
-
-def test_conversation_fit_drops_whole_turns_keeps_system_and_rejects_a_lone_long_message():
-    conv = Conversation(system="sys prompt")  # 4 tokens
-    for i in range(3):
-        conv.add_user(f"question {i}")  # 4 tokens
-        conv.add_assistant(f"answer number {i}")  # 5 tokens
-    conv.add_user("last question")
-    ids, dropped = conv.fit(word_encode, 4 + 9 + 4)  # room for one old turn beside the new one
-    assert (len(ids), dropped) == (17, 2)
-    assert [m["content"] for m in conv.messages] == ["question 2", "answer number 2", "last question"]
-    assert conv.system == "sys prompt"
-    conv.add_assistant("ok")
-    conv.add_user("word " * 50)
-    before = list(conv.messages)
-    with pytest.raises(MessageTooLong, match="message too long: 56 tokens"):
-        conv.fit(word_encode, 20)
-    assert conv.messages == before  # the caller decides what to do with it
-    conv.drop_last_turn()
-    assert conv.messages[-1] == {"role": "assistant", "content": "ok"}
-
-
-def test_conversation_loads_a_bare_message_list_and_rejects_a_late_system_message():
-    conv = Conversation.from_json([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
-    assert conv.turns == 1 and conv.system is None
-    with pytest.raises(TinychatError, match="only the first may be"):
-        Conversation.from_json({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}]})
 
 
 # ----------------------------------------------------------------------------------------------------------
