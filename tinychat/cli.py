@@ -9,7 +9,7 @@ from .errors import TinychatError
 
 # Each module exposes register(subparsers) that adds its subcommand and sets `func` on the parser.
 # Imports stay inside main() so `import tinychat.cli` is cheap and never needs a GPU.
-COMMAND_MODULES = ("chat", "quantize_cmd", "evaluate", "bench", "plan")
+COMMAND_MODULES = ("chat", "server", "quantize_cmd", "evaluate", "bench", "plan")
 
 
 def register_generate(subparsers) -> None:
@@ -21,6 +21,10 @@ def register_generate(subparsers) -> None:
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: model context)")
+    structured = p.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE", default=None,
+                            help="constrain the reply to JSON matching this JSON Schema file")
+    structured.add_argument("--json", action="store_true", help="constrain the reply to a JSON object")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=run_generate)
@@ -34,20 +38,69 @@ def run_generate(args) -> int:
     params = sampling_from_args(args)
     if args.max_context is not None and args.max_context < 1:
         raise TinychatError(f"--max-context must be a positive number of tokens, got {args.max_context}")
+    schema = read_json_schema(args.json_schema) if args.json_schema else None
     engine = load_engine_from_args(args)
+    processors = []
+    if args.json_schema or args.json:
+        from .grammar import compile_json_grammar, json_processor
+
+        grammar = compile_json_grammar(engine.tokenizer, schema)
+        eos = set(engine.tokenizer.eos_token_ids) | set(engine.model.config.eos_token_ids)
+        processors.append(json_processor(grammar, engine.model.config.vocab_size, eos))
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     ids = engine.encode_chat(messages, use_template=not args.no_chat_template)
     cache = engine.model.make_cache(args.max_context)
     cache.check_room(len(ids))
-    response = None
+    response, reply = None, []
     for response in stream_generate(engine.model, engine.tokenizer, ids, params, cache, args.stop,
-                                    decoder=engine.decoder):
+                                    decoder=engine.decoder, processors=processors):
         sys.stdout.write(response.text)
         sys.stdout.flush()
+        reply.append(response.text)
     sys.stdout.write("\n")
     print(f"[{response.finish_reason}] {response.stats.summary()}", file=sys.stderr)
+    if processors and not _is_json("".join(reply)):
+        print("tinychat: warning: the JSON is incomplete (the reply hit --max-tokens, the context or a stop "
+              "string); raise --max-tokens", file=sys.stderr)
+        return 1
     return 0
+
+
+def _is_json(text: str) -> bool:
+    import json
+
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_json_schema(path: str) -> dict:
+    """The JSON Schema in the file at path, checked by the grammar engine before any model is loaded."""
+    import json
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TinychatError(f"{path}: no such file; give the path of a JSON Schema file to --json-schema") from None
+    except IsADirectoryError:
+        raise TinychatError(f"{path}: is a directory; give the path of a JSON Schema file to --json-schema") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinychatError(f"{path}: cannot read the JSON Schema ({e}); check the file") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TinychatError(f"{path}: not valid JSON ({e}); fix the JSON Schema file") from None
+    from .grammar import GrammarError, check_json_schema
+
+    try:
+        check_json_schema(schema)
+    except GrammarError as e:
+        raise GrammarError(f"{path}: {e}") from None
+    return schema
 
 
 def build_parser() -> argparse.ArgumentParser:

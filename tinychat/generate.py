@@ -191,16 +191,19 @@ class StopStringMatcher:
 
 def stream_generate(model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
                     cache: KVCache | None = None, stop_strings: list[str] = (),
-                    decoder=None) -> Iterator[GenerationResponse]:
-    """Yield text deltas as tokens arrive; the last response carries the finish reason and final stats."""
+                    decoder=None, processors: list[Callable] = ()) -> Iterator[GenerationResponse]:
+    """Yield text deltas as tokens arrive; the last response carries the finish reason and final stats.
+
+    processors: extra logits processors for this generation (e.g. tinychat.grammar's JSON constraint), run
+    after the ones `params` asks for."""
     params.validate()
     cache = cache if cache is not None else model.make_cache()
     stats = GenerationStats()
     detok = StreamingDetokenizer(tokenizer)
     matcher = StopStringMatcher(list(stop_strings))
     eos = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
-    steps = generate_step(model, prompt_ids, cache, make_sampler(params), make_logits_processors(params),
-                          params.max_tokens, stats, decoder)
+    steps = generate_step(model, prompt_ids, cache, make_sampler(params),
+                          make_logits_processors(params) + list(processors), params.max_tokens, stats, decoder)
     for token in steps:
         if token in eos:
             yield GenerationResponse(matcher.feed(detok.finalize())[0] + matcher.flush(), token, "stop", stats)

@@ -42,6 +42,9 @@ class _HFBackend:
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
 
 class _SentencePieceBackend:
     """SentencePiece with control tokens (<s>, </s>, ...) recognised in text and shown when decoding,
@@ -220,6 +223,12 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
+
+    def hf_json(self) -> str | None:
+        """This tokenizer as HF `tokenizers` JSON (tokenizer.json text), or None for a SentencePiece model:
+        grammar engines build their token tables from it."""
+        to_json = getattr(self._backend, "to_json", None)
+        return to_json() if to_json is not None else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; special-token strings in it (e.g. from a chat template) become their ids.
