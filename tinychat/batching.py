@@ -120,7 +120,7 @@ class BatchScheduler:
 
     @property
     def waiting(self) -> int:
-        return len(self._pending)
+        return sum(not job.cancelled.is_set() for job in self._pending)
 
     def submit(self, job: Job) -> None:
         """Queue a job; raises QueueFull when `max_queue` jobs already wait for a free slot."""
@@ -130,9 +130,9 @@ class BatchScheduler:
         with self._wake:
             if self._closed:
                 raise TinychatError("the scheduler is closed")
-            free = self.slots - len(self.running)
-            if len(self._pending) >= self.max_queue + max(0, free):
-                raise QueueFull(f"{len(self._pending)} requests are waiting (--max-queue {self.max_queue}); "
+            waiting = self.waiting
+            if waiting >= self.max_queue + max(0, self.slots - len(self.running)):
+                raise QueueFull(f"{waiting} requests are waiting for a slot (--max-queue {self.max_queue}); "
                                 "retry shortly")
             self._pending.append(job)
             self._wake.notify()
@@ -150,12 +150,16 @@ class BatchScheduler:
             while True:
                 with self._wake:
                     while not self._pending and not self.running and not self._closed:
-                        self._wake.wait()
+                        self._wake.wait(timeout=0.5)
                     if self._closed:
                         break
+                    gone = [job for job in self._pending if job.cancelled.is_set()]  # left before their turn
+                    self._pending = collections.deque(job for job in self._pending if not job.cancelled.is_set())
                     admitted = []
                     while self._pending and len(self.running) + len(admitted) < self.slots:
                         admitted.append(self._pending.popleft())
+                for job in gone:
+                    job.emit(DoneEvent("cancelled", len(job.prompt_ids)))
                 for job in admitted:
                     self._admit(job)
                 if self.running:

@@ -189,6 +189,33 @@ class StopStringMatcher:
         return out
 
 
+class ReplyText:
+    """Sampled token ids -> text deltas, ending at an end-of-sequence token or a stop string: the text side of
+    one reply, shared by stream_generate and the server's batch scheduler."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_ids, stop_strings: list[str] = ()):
+        self.detok = StreamingDetokenizer(tokenizer)
+        self.matcher = StopStringMatcher(list(stop_strings))
+        self.eos = set(eos_ids)
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """The text this token adds (held back while it could still begin a stop string), and whether the
+        reply ends here ("stop": an end-of-sequence token, whose text is not shown, or a stop string)."""
+        if token in self.eos:
+            return self.matcher.feed(self.detok.finalize())[0] + self.matcher.flush(), True
+        return self.matcher.feed(self.detok.add_token(token))
+
+    def finish(self) -> tuple[str, bool]:
+        """The reply ended for another reason (max tokens, full context): the text held back, and whether a
+        stop string turned up in it after all."""
+        text, stopped = self.matcher.feed(self.detok.finalize())
+        return text + ("" if stopped else self.matcher.flush()), stopped
+
+
+def eos_ids(model, tokenizer: Tokenizer) -> set[int]:
+    return set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
+
+
 def stream_generate(model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
                     cache: KVCache | None = None, stop_strings: list[str] = (),
                     decoder=None, processors: list[Callable] = ()) -> Iterator[GenerationResponse]:
@@ -199,20 +226,15 @@ def stream_generate(model, tokenizer: Tokenizer, prompt_ids: list[int], params: 
     params.validate()
     cache = cache if cache is not None else model.make_cache()
     stats = GenerationStats()
-    detok = StreamingDetokenizer(tokenizer)
-    matcher = StopStringMatcher(list(stop_strings))
-    eos = set(tokenizer.eos_token_ids) | set(model.config.eos_token_ids)
+    reply = ReplyText(tokenizer, eos_ids(model, tokenizer), stop_strings)
     steps = generate_step(model, prompt_ids, cache, make_sampler(params),
                           make_logits_processors(params) + list(processors), params.max_tokens, stats, decoder)
     for token in steps:
-        if token in eos:
-            yield GenerationResponse(matcher.feed(detok.finalize())[0] + matcher.flush(), token, "stop", stats)
-            return
-        text, stopped = matcher.feed(detok.add_token(token))
+        text, stopped = reply.add(token)
         if stopped:
             steps.close()
             yield GenerationResponse(text, token, "stop", stats)
             return
         yield GenerationResponse(text, token, None, stats)
-    text, stopped = matcher.feed(detok.finalize())
-    yield GenerationResponse(text + ("" if stopped else matcher.flush()), None, "length" if not stopped else "stop", stats)
+    text, stopped = reply.finish()
+    yield GenerationResponse(text, None, "stop" if stopped else "length", stats)
