@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from tinychat.errors import TinychatError
 from tinychat.sampling import (
     SamplingParams,
+    apply_frequency_presence,
     apply_min_p,
     apply_repetition_penalty,
     apply_top_k,
@@ -385,3 +386,33 @@ def test_valid_params_pass():
     SamplingParams().validate()
     SamplingParams(temperature=0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, seed=0, max_tokens=1).validate()
     SamplingParams(temperature=2.0, top_p=1e-3, top_k=100_000, min_p=0.999, repetition_penalty=0.5).validate()
+
+
+# ---------------------------------------------------------------- OpenAI frequency / presence penalties
+
+def test_frequency_presence_penalty_matches_openai_formula():
+    logits = random_logits(11, 2, 12)
+    history = torch.tensor([[3, 3, 5, 7], [1, 1, 1, 0]])
+    out = apply_frequency_presence(logits, history, 0.5, 0.25)
+    for row, hist, new in zip(logits.tolist(), history.tolist(), out.tolist()):
+        for i, (x, y) in enumerate(zip(row, new)):
+            count = hist.count(i)
+            assert y == pytest.approx(x - 0.5 * count - 0.25 * (count > 0), abs=1e-6)
+
+
+def test_frequency_presence_processor_counts_the_reply_only():
+    (proc,) = make_logits_processors(SamplingParams(frequency_penalty=1.0, presence_penalty=0.5))
+    logits = random_logits(12, 1, 10)
+    prompt = torch.tensor([[2, 2, 2]])
+    assert torch.equal(proc(prompt, logits), logits.float())  # the first call sees the prompt: nothing yet
+    out = proc(torch.tensor([[2, 2, 2, 4, 4]]), logits)
+    want = logits.float().clone()
+    want[0, 4] -= 2 * 1.0 + 0.5
+    assert torch.allclose(out, want)
+
+
+@pytest.mark.parametrize("name,value", [("frequency_penalty", 2.5), ("presence_penalty", -3.0),
+                                        ("frequency_penalty", float("nan"))])
+def test_frequency_presence_ranges(name, value):
+    with pytest.raises(TinychatError, match=name.replace("_", "-")):
+        SamplingParams(**{name: value}).validate()

@@ -251,7 +251,8 @@ class BatchScheduler:
         reason = "stop" if stopped else None
         room = len(self.row_tokens[row]) < self.max_seq  # the next step writes this token's keys there
         if reason is None and (running.generated >= job.params.max_tokens or not room):
-            text, stopped = running.reply.finish()
+            held, stopped = running.reply.finish()
+            text += held
             reason = "stop" if stopped else "length"
         job.emit(TokenEvent(text, token, *self._logprobs(raw, token, job.logprobs)))
         if reason is not None:
@@ -279,24 +280,31 @@ class BatchScheduler:
     def _claim_row(self, prompt: list[int], n: int) -> int:
         """Make row n (the first idle one) hold the longest cached prefix of the prompt and return its length.
 
-        The idle row sharing the longest prefix (the least recently used among equals, so a row sharing nothing
-        is evicted oldest first) moves to row n; when a running row shares more (concurrent requests with one
-        system prompt), its prefix is copied into row n instead. The prompt's last token is always left to
-        prefill, since its logits give the first token."""
+        An idle row that mostly holds this prompt's own beginning (the previous turn of this conversation, or
+        the same prompt again) is taken as it is, its other tokens forgotten. Otherwise an empty row, else the
+        least recently used idle row, is overwritten, and the longest prefix any row shares with the prompt
+        (a running row included: concurrent requests with one system prompt) is copied into it, so another
+        conversation's cache is not cut short for a shared preamble. The prompt's last token is always left
+        to prefill, since its logits give the first token."""
         limit = len(prompt) - 1
-        idle = max(range(n, self.slots),
-                   key=lambda row: (common_prefix(self.row_tokens[row], prompt, limit), -self.row_used[row]))
-        self._swap_rows(idle, n)
-        common = common_prefix(self.row_tokens[n], prompt, limit)
-        shared = [(common_prefix(self.row_tokens[row], prompt, limit), row) for row in range(n)]
-        longest, donor = max(shared, default=(0, -1))
-        if longest > common:
+        shared = [common_prefix(tokens, prompt, limit) for tokens in self.row_tokens]
+        idle = range(n, self.slots)
+        extended = [row for row in idle if shared[row] > 0 and 2 * shared[row] >= len(self.row_tokens[row])]
+        if extended:
+            target = max(extended, key=shared.__getitem__)
+        else:
+            target = min(idle, key=lambda row: (len(self.row_tokens[row]) > 0, self.row_used[row]))
+        donor = max(range(self.slots), key=shared.__getitem__)
+        longest = shared[donor]
+        self._swap_rows(target, n)
+        donor = {n: target, target: n}.get(donor, donor)  # where the donor's tokens are after the swap
+        if donor != n and longest > shared[target]:
             for tensor in self.cache.keys + self.cache.values:
                 tensor[n, :, :longest] = tensor[donor, :, :longest]
             self.row_tokens[n] = self.row_tokens[donor][:longest]
             return longest
-        del self.row_tokens[n][common:]
-        return common
+        del self.row_tokens[n][shared[target]:]
+        return shared[target]
 
     def _swap_rows(self, a: int, b: int) -> None:
         if a == b:

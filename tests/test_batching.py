@@ -1,0 +1,184 @@
+"""BatchScheduler in process, with the default model in fp32 (see test_server.py for why fp32): batched
+requests equal the same requests run alone, the prefix cache, least-recently-used eviction, cancellation,
+a full context, a failing processor and a full queue."""
+
+import queue
+import threading
+
+import pytest
+import torch
+
+from tinychat.batching import BatchScheduler, DoneEvent, Job, QueueFull, TokenEvent
+from tinychat.generate import stream_generate
+from tinychat.sampling import SamplingParams
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+             "Who wrote Hamlet?", "Name a color."]
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    from tinychat.engine import load_engine
+    from tinychat.hub import DEFAULT_MODEL
+
+    return load_engine(DEFAULT_MODEL, "fp32", quiet=True)
+
+
+@pytest.fixture
+def scheduler(engine):
+    s = BatchScheduler(engine.model, engine.tokenizer, slots=3, max_seq=256, max_queue=2)
+    yield s
+    s.close()
+
+
+def greedy(n=12, **kw):
+    return SamplingParams(temperature=0, max_tokens=n, **kw)
+
+
+def chat_ids(engine, text, system="You are brief."):
+    return engine.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": text}])
+
+
+class Collector:
+    """A job's events, gathered from the scheduler thread."""
+
+    def __init__(self):
+        self.events = queue.Queue()
+
+    def __call__(self, event):
+        self.events.put(event)
+
+    def result(self, timeout=120) -> tuple[list[int], str, DoneEvent]:
+        tokens, text = [], []
+        while True:
+            event = self.events.get(timeout=timeout)
+            if isinstance(event, DoneEvent):
+                return tokens, "".join(text), event
+            tokens.append(event.token)
+            text.append(event.text)
+
+
+def submit(scheduler, ids, params, **kw) -> Collector:
+    collector = Collector()
+    scheduler.submit(Job(ids, params, collector, **kw))
+    return collector
+
+
+def alone(engine, ids, params) -> str:
+    return "".join(r.text for r in stream_generate(engine.model, engine.tokenizer, ids, params))
+
+
+def test_batched_requests_equal_each_alone(engine, scheduler):
+    prompts = [chat_ids(engine, q, system=f"You are brief. Request {i}.") for i, q in enumerate(QUESTIONS)]
+    runs = [submit(scheduler, ids, greedy()) for ids in prompts]  # 5 jobs, 3 slots: two wait, then join
+    results = [run.result() for run in runs]
+    for ids, (tokens, text, done) in zip(prompts, results):
+        assert text == alone(engine, ids, greedy())
+        assert done.finish_reason in ("stop", "length") and done.completion_tokens == len(tokens)
+        assert done.prompt_tokens == len(ids)
+    assert not scheduler.running
+
+
+def test_prefix_cache_reuses_a_finished_conversation(engine, scheduler):
+    ids = chat_ids(engine, QUESTIONS[0])
+    first_tokens, first_text, first = submit(scheduler, ids, greedy(8)).result()
+    assert first.cached_tokens == 0
+    follow = engine.encode_chat([{"role": "system", "content": "You are brief."},
+                                 {"role": "user", "content": QUESTIONS[0]},
+                                 {"role": "assistant", "content": first_text},
+                                 {"role": "user", "content": "Why?"}])
+    _, text, second = submit(scheduler, follow, greedy(8)).result()
+    assert second.cached_tokens >= len(ids) and second.cached_tokens < len(follow)
+    assert text == alone(engine, follow, greedy(8))  # fp32: cached prefix + the rest equals a whole prefill
+
+
+def test_least_recently_used_row_is_evicted(engine, scheduler):
+    prompts = [chat_ids(engine, q, system=f"System {i}.") for i, q in enumerate(QUESTIONS[:4])]
+    for ids in prompts[:3]:  # fill the 3 rows, oldest first
+        submit(scheduler, ids, greedy(2)).result()
+    submit(scheduler, prompts[0], greedy(2)).result()  # row of prompt 0 becomes the most recent
+    submit(scheduler, prompts[3], greedy(2)).result()  # evicts prompt 1's row, the least recently used
+    assert submit(scheduler, prompts[0], greedy(2)).result()[2].cached_tokens == len(prompts[0]) - 1
+    assert submit(scheduler, prompts[2], greedy(2)).result()[2].cached_tokens == len(prompts[2]) - 1
+    assert submit(scheduler, prompts[1], greedy(2)).result()[2].cached_tokens < len(prompts[1]) - 1
+
+
+def test_running_rows_share_their_prefix_with_a_new_request(engine, scheduler):
+    slow = submit(scheduler, chat_ids(engine, "Write a long story about a dragon."), greedy(60))
+    first = slow.events.get(timeout=60)  # the first job is decoding
+    assert isinstance(first, TokenEvent)
+    _, _, done = submit(scheduler, chat_ids(engine, QUESTIONS[3]), greedy(4)).result()
+    assert done.cached_tokens > 5  # the shared system prompt came from the running row
+    slow.result()
+
+
+def test_cancel_ends_a_job_within_a_step_and_frees_its_row(engine, scheduler):
+    long = Collector()
+    job = Job(chat_ids(engine, "Write a long story about a dragon."), greedy(200), long)
+    scheduler.submit(job)
+    assert isinstance(long.events.get(timeout=60), TokenEvent)
+    job.cancel()
+    tokens, _, done = long.result()
+    assert done.finish_reason == "cancelled" and len(tokens) < 20
+    assert not scheduler.running
+    assert submit(scheduler, chat_ids(engine, QUESTIONS[0]), greedy(3)).result()[2].finish_reason == "length"
+
+
+def test_full_context_ends_with_length(engine):
+    ids = chat_ids(engine, QUESTIONS[1])
+    s = BatchScheduler(engine.model, engine.tokenizer, slots=1, max_seq=len(ids) + 3)
+    try:
+        tokens, _, done = submit(s, ids, greedy(50)).result()
+    finally:
+        s.close()
+    assert done.finish_reason == "length" and len(tokens) == 4  # 3 positions left + the last sampled token
+
+
+def test_a_failing_processor_fails_only_its_job(engine, scheduler):
+    calls = []
+
+    def broken(history, logits):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("broken processor")
+        return logits
+
+    ok = submit(scheduler, chat_ids(engine, QUESTIONS[0]), greedy(10))
+    bad = submit(scheduler, chat_ids(engine, QUESTIONS[1]), greedy(10), processors=[broken])
+    _, _, failed = bad.result()
+    assert failed.finish_reason == "error" and "broken processor" in failed.error
+    assert ok.result()[2].finish_reason in ("stop", "length")
+
+
+def test_full_queue_raises(engine):
+    s = BatchScheduler(engine.model, engine.tokenizer, slots=1, max_seq=256, max_queue=1)
+    gate = threading.Event()
+
+    def slow_processor(history, logits):
+        gate.wait(30)
+        return logits
+
+    try:
+        running = submit(s, chat_ids(engine, QUESTIONS[0]), greedy(3), processors=[slow_processor])
+        while not s.running and running.events.empty():
+            threading.Event().wait(0.01)
+        waiting = submit(s, chat_ids(engine, QUESTIONS[1]), greedy(3))
+        with pytest.raises(QueueFull):
+            submit(s, chat_ids(engine, QUESTIONS[2]), greedy(3))
+        gate.set()
+        assert running.result()[2].finish_reason in ("stop", "length")
+        assert waiting.result()[2].finish_reason in ("stop", "length")
+    finally:
+        gate.set()
+        s.close()
+
+
+def test_logprobs_are_the_models_distribution(engine, scheduler):
+    ids = chat_ids(engine, QUESTIONS[0])
+    collector = submit(scheduler, ids, greedy(1), logprobs=3)
+    event = collector.events.get(timeout=60)
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([ids]), last_only=True)[0, -1]
+    want = torch.log_softmax(logits.float(), -1)
+    assert event.logprob == pytest.approx(float(want.max()), abs=1e-4)
+    assert [t for t, _ in event.top_logprobs] == torch.topk(want, 3).indices.tolist()
