@@ -154,10 +154,8 @@ def test_without_a_compiler_the_ops_fall_back(monkeypatch, tmp_path):
     assert out.returncode == 0 and "32" in out.stdout, out.stderr
 
 
-@pytest.mark.parametrize("k,n,g", [(576, 960, 64), (256, 128, 32), (1536, 576, 128), (512, 64, 256)])
-def test_int4pack_gemv_matches_the_int4_layouts_reference(k, n, g):
-    """The decode GEMV reads torch's CPU int4 layout; it must equal the layout's dequantized weight @ x (fp32)
-    up to the one bf16 rounding of the output, as torch's own kernel does."""
+def int4pack_weights(k, n, g):
+    """A random layer in torch's CPU int4 layout: packed, scales_and_zeros and the dequantized W [n, k] fp32."""
     from tinychat.quant import pack
 
     codes = torch.randint(0, 16, (k, n), dtype=torch.int32)
@@ -165,18 +163,52 @@ def test_int4pack_gemv_matches_the_int4_layouts_reference(k, n, g):
     scales = (torch.rand(k // g, n) * 0.02 + 0.002).half()
     packed, scales_and_zeros = pack.awq_to_int4pack_cpu(pack.pack_awq(codes), pack.pack_awq(zeros), scales, g,
                                                         dtype=BF16)
-    x = torch.randn(1, k).to(BF16)
+    return packed, scales_and_zeros, pack.int4pack_cpu_dequant(packed, scales_and_zeros, g, n, k, torch.float32)
+
+
+def gemv_or_skip(x, packed, scales_and_zeros, g, n):
     got = cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, g, n)
     if got is None:
         pytest.skip("the GEMV needs AVX-512")
-    exact = x.float() @ pack.int4pack_cpu_dequant(packed, scales_and_zeros, g, n, k, torch.float32).T
+    return got
+
+
+@pytest.mark.parametrize("k,n,g", [(576, 960, 64), (256, 128, 32), (1536, 576, 128), (512, 64, 256)])
+def test_int4pack_gemv_matches_the_int4_layouts_reference(k, n, g):
+    """The decode GEMV reads torch's CPU int4 layout; it must equal the layout's dequantized weight @ x (fp32)
+    up to the one bf16 rounding of the output, as torch's own kernel does."""
+    packed, scales_and_zeros, w = int4pack_weights(k, n, g)
+    x = torch.randn(1, k).to(BF16)
+    got = gemv_or_skip(x, packed, scales_and_zeros, g, n)
     assert got.shape == (1, n) and got.dtype == BF16
-    assert rel(got, exact) < 4e-3  # bf16 output rounding
+    assert rel(got, x.float() @ w.T) < 4e-3  # bf16 output rounding
     torch_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, scales_and_zeros)
     assert rel(got, torch_kernel) < 8e-3
 
 
-def test_awq_linear_decodes_one_row_with_the_gemv_and_prompts_with_torch(monkeypatch):
+@pytest.mark.parametrize("k,n,g", [(576, 960, 64), (256, 128, 32), (1536, 576, 128), (512, 64, 256), (576, 192, 64)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16])
+def test_int4pack_gemv_rows_are_bit_identical_to_one_row_calls(m, k, n, g):
+    """A batched decode step's rows: each must get the bits it gets alone (a sequence decodes the same in a
+    batch as by itself), and be as close to the reference as one row is."""
+    packed, scales_and_zeros, w = int4pack_weights(k, n, g)
+    x = torch.randn(m, k).to(BF16)
+    got = gemv_or_skip(x, packed, scales_and_zeros, g, n)
+    alone = torch.cat([cpu_kernels.int4pack_gemv(x[r:r + 1], packed, scales_and_zeros, g, n) for r in range(m)])
+    assert got.shape == (m, n) and got.dtype == BF16
+    assert torch.equal(got, alone)
+    assert rel(got, x.float() @ w.T) < 4e-3  # bf16 output rounding
+    leading = gemv_or_skip(x.view(m, 1, k), packed, scales_and_zeros, g, n)  # [B, 1, in]: a decode step's shape
+    assert leading.shape == (m, 1, n) and torch.equal(leading.view(m, n), got)
+
+
+def test_int4pack_gemv_declines_more_rows_than_it_takes():
+    packed, scales_and_zeros, _ = int4pack_weights(128, 64, 32)
+    x = torch.randn(cpu_kernels.GEMV_MAX_ROWS + 1, 128).to(BF16)
+    assert cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, 32, 64) is None
+
+
+def test_awq_linear_decodes_up_to_16_rows_with_the_gemv_and_prompts_with_torch(monkeypatch):
     from tinychat.quant import pack
     from tinychat.quant.qlinear import AWQLinear
 
@@ -187,12 +219,15 @@ def test_awq_linear_decodes_one_row_with_the_gemv_and_prompts_with_torch(monkeyp
     assert layer.implementation == "cpu-int4"
     calls = []
     real = cpu_kernels.int4pack_gemv
-    monkeypatch.setattr(cpu_kernels, "int4pack_gemv", lambda *a: calls.append("gemv") or real(*a))
+    monkeypatch.setattr(cpu_kernels, "int4pack_gemv", lambda *a: calls.append(a[0].shape) or real(*a))
     w = layer.dequantized_weight().float()
-    for rows in (1, 7):
-        x = torch.randn(1, rows, k).to(BF16)
-        assert rel(layer(x), x.float() @ w.T) < 1e-2
-    assert calls == ["gemv"]  # the 7-row prompt went to torch's kernel
+    for shape in ((1, 1, k), (8, 1, k), (16, k), (1, 17, k)):
+        x = torch.randn(shape).to(BF16)
+        y = layer(x)
+        assert y.shape == (*shape[:-1], n) and rel(y, x.float() @ w.T) < 1e-2
+    assert calls == [(1, 1, k), (8, 1, k), (16, k)]  # the 17-row prompt went to torch's kernel
+    x = torch.randn(5, 1, k).to(BF16)
+    assert torch.equal(layer(x), torch.cat([layer(x[r:r + 1]) for r in range(5)]))
 
 
 def test_positions_outside_the_cache_are_refused_not_written():

@@ -34,7 +34,7 @@ SIGNATURES = {
     "tc_rope_kv_write": (_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
     "tc_decode_attention": (_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
     "tc_silu_mul": (_p, _p, _i64, _i64),
-    "tc_int4pack_gemv": (_p, _p, _p, _p, _i64, _i64, _i64),
+    "tc_int4pack_gemv": (_p, _i64, _p, _p, _p, _i64, _i64, _i64),
     "tc_has_avx512": (),
 }
 
@@ -162,14 +162,20 @@ def silu_mul(gate_up):
     return out
 
 
+GEMV_MAX_ROWS = 16  # cpu_kernels.c GEMV_MAX_ROWS: a batched decode step's rows; more (prompts) run torch's kernel
+
+
 def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features):
-    """One bf16 row x [..., in] (one row in all) @ W.T from torch's CPU int4 layout -> [..., out] bf16, or
-    None where the kernel does not run (no AVX-512, or out not a multiple of 64): then torch's kernel does."""
+    """x [..., in] bf16, contiguous, 1..GEMV_MAX_ROWS rows in all, @ W.T from torch's CPU int4 layout ->
+    [..., out] bf16; each row's bits are those of that row alone. None where the kernel does not run (no
+    AVX-512, out not a multiple of 64, too many rows): then torch's kernel does."""
     global _gemv_refused
-    if _gemv_refused or out_features % 64:  # the kernel's blocks are 64 outputs wide
+    k = x.shape[-1]
+    m = x.numel() // k
+    if _gemv_refused or out_features % 64 or not 1 <= m <= GEMV_MAX_ROWS:  # the kernel's blocks: 64 outputs
         return None
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    status = library().tc_int4pack_gemv(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(),
-                                        out_features, x.shape[-1], group_size)
+    status = library().tc_int4pack_gemv(x.data_ptr(), m, packed.data_ptr(), scales_and_zeros.data_ptr(),
+                                        y.data_ptr(), out_features, k, group_size)
     _gemv_refused = status != 0 and library().tc_has_avx512() == 0  # no AVX-512: never again this process
     return y if status == 0 else None
