@@ -135,6 +135,17 @@ def test_completions_with_stop_and_logprobs(server, model_id):
     assert cut.choices[0].finish_reason == "stop" and "." not in cut.choices[0].text
 
 
+def test_chat_logprobs(server, model_id):
+    r = ask(server.client(), model_id, QUESTIONS[0], max_tokens=5, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy takes the most likely token
+        assert entry.token == entry.top_logprobs[0].token
+    assert "".join(e.token for e in content).startswith(r.choices[0].message.content[:10])
+
+
 def test_seeded_sampling_is_reproducible(server, model_id):
     client = server.client()
     runs = [ask(client, model_id, QUESTIONS[1], max_tokens=10, temperature=1.0, seed=7).choices[0].message.content
