@@ -26,7 +26,7 @@ def engine(default_model_dir):
 
 @pytest.fixture
 def scheduler(engine):
-    s = BatchScheduler(engine.model, engine.tokenizer, slots=3, max_seq=256, max_queue=2)
+    s = BatchScheduler(engine.model, engine.tokenizer, slots=3, max_seq=256, max_queue=2).start()
     yield s
     s.close()
 
@@ -126,7 +126,7 @@ def test_cancel_ends_a_job_within_a_step_and_frees_its_row(engine, scheduler):
 
 def test_full_context_ends_with_length(engine):
     ids = chat_ids(engine, QUESTIONS[1])
-    s = BatchScheduler(engine.model, engine.tokenizer, slots=1, max_seq=len(ids) + 3)
+    s = BatchScheduler(engine.model, engine.tokenizer, slots=1, max_seq=len(ids) + 3).start()
     try:
         tokens, _, done = submit(s, ids, greedy(50)).result()
     finally:
@@ -151,7 +151,7 @@ def test_a_failing_processor_fails_only_its_job(engine, scheduler):
 
 
 def test_full_queue_raises(engine):
-    s = BatchScheduler(engine.model, engine.tokenizer, slots=1, max_seq=256, max_queue=1)
+    s = BatchScheduler(engine.model, engine.tokenizer, slots=1, max_seq=256, max_queue=1).start()
     gate = threading.Event()
 
     def slow_processor(history, logits):
@@ -182,3 +182,24 @@ def test_logprobs_are_the_models_distribution(engine, scheduler):
     want = torch.log_softmax(logits.float(), -1)
     assert event.logprob == pytest.approx(float(want.max()), abs=1e-4)
     assert [t for t, _ in event.top_logprobs] == torch.topk(want, 3).indices.tolist()
+
+
+def test_int4_bf16_batch_rows_equal_rows_alone(default_model_dir):
+    """The CPU's 4-bit bf16 path: a row's decode step in a batch is bit-identical to the row alone (the
+    int4 GEMV, the int8 head and the attention compute each row as they would alone), so greedy text
+    matches exactly when the prompts share no prefix (a prefix copied from the cache is the one thing
+    that changes bf16 rounding: its keys were computed in another prefill)."""
+    from tinychat.engine import load_engine
+    from tinychat.hub import DEFAULT_MODEL
+
+    engine = load_engine(DEFAULT_MODEL, quiet=True)  # w4a16, bf16 on the CPU
+    prompts = [engine.tokenizer.encode(text, add_special_tokens=False) for text in
+               ("Once upon a time", "The capital of France", "In 1492, Columbus", "def fibonacci(n):")]
+    assert len({ids[0] for ids in prompts}) == len(prompts)
+    s = BatchScheduler(engine.model, engine.tokenizer, slots=4, max_seq=128).start()
+    try:
+        runs = [submit(s, ids, greedy(24)) for ids in prompts]
+        texts = [run.result()[1] for run in runs]
+    finally:
+        s.close()
+    assert texts == [alone(engine, ids, greedy(24)) for ids in prompts]

@@ -9,7 +9,8 @@ prefills only the tokens after the shared prefix, samples its first token and jo
 finished or cancelled request swaps places with the last running row and leaves; its row stays cached.
 
 Callers (the server, benchmarks, tests) `submit` a Job and receive its events through `job.emit`, called on
-the scheduler's thread: one TokenEvent per sampled token, then one DoneEvent.
+the scheduler's thread (`run` on the caller's, or `start` for a background one): one TokenEvent per
+sampled token, then one DoneEvent.
 """
 
 from __future__ import annotations
@@ -111,8 +112,20 @@ class BatchScheduler:
         self._wake = threading.Condition()
         self._closed = False
         self._views: dict[tuple[int, int], CacheRows] = {}
-        self._thread = threading.Thread(target=self._loop, name="tinychat-batch", daemon=True)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> BatchScheduler:
+        """Run the loop on a background thread (tests, benchmarks); `run` is the other way."""
+        self._thread = threading.Thread(target=self.run, name="tinychat-batch", daemon=True)
         self._thread.start()
+        return self
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until `close`. The server calls it on the thread that loaded
+        the model: torch's OpenMP keeps one team of worker threads per calling thread, and a second team
+        on a machine with few cores stops libgomp's workers from spinning between the many small parallel
+        regions of a decode step (measured: one stream decoded at half speed from a second thread)."""
+        self._loop()
 
     @property
     def max_seq(self) -> int:
@@ -141,7 +154,8 @@ class BatchScheduler:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     # -- the loop ------------------------------------------------------------------------------------------
 

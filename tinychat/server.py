@@ -1,9 +1,9 @@
 """`tinychat serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one BatchScheduler.
 
-Request handlers run on uvicorn's event loop and never touch the model: they validate the body
-(tinychat.openai_api), submit a Job to the scheduler's thread and relay its events, which the scheduler
-hands over with `loop.call_soon_threadsafe`. A client that goes away cancels its job; the scheduler drops
-it before its next decode step.
+Request handlers run on uvicorn's event loop (a second thread) and never touch the model: they validate
+the body (tinychat.openai_api), submit a Job to the scheduler, which decodes on the main thread, and relay
+its events, which the scheduler hands over with `loop.call_soon_threadsafe`. A client that goes away
+cancels its job; the scheduler drops it before its next decode step.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at definition.
@@ -198,12 +198,27 @@ def run(args) -> int:
     kv_gb = sum(t.numel() * t.element_size() for t in scheduler.cache.keys + scheduler.cache.values) / 1e9
     print(f"serving {model_ids[0]} at http://{args.host}:{args.port}/v1 · {args.slots} slots x {max_seq} tokens "
           f"(KV cache {kv_gb:.2f} GB)" + (" · API key required" if args.api_key else ""), file=sys.stderr, flush=True)
+    import threading
+
     import uvicorn
 
+    # HTTP on a second thread, the model on this one, which loaded it (see BatchScheduler.run for why).
+    http = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                         timeout_graceful_shutdown=2))
+
+    def serve_http():
+        try:
+            http.run()
+        finally:
+            scheduler.close()  # uvicorn stopped (or failed to start): stop decoding too
+
+    threading.Thread(target=serve_http, name="tinychat-http", daemon=True).start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+        scheduler.run()
+    except KeyboardInterrupt:
+        print("\ntinychat: server stopped", file=sys.stderr)
     finally:
-        scheduler.close()
+        http.should_exit = True
     return 0
 
 
