@@ -13,14 +13,49 @@
 // shared memory at the end. With one split the block writes the normalised fp16 output directly; otherwise
 // it writes (unnormalised accumulator, m, l) and kernel 2 merges the splits.
 // Kernel 2 (attn_combine), grid (Hq, B), D threads: out = sum_p 2^(m_p - M) o_p / sum_p 2^(m_p - M) l_p.
+//
+// int8 caches (attn_decode_q8_d{D}_g{GMAX}): k_cache, v_cache hold int8 codes [B, Hkv, S, D] and k_scale,
+// v_scale [B, Hkv, S] fp16 one scale per (token, kv head) (--kv-cache int8; rope_kv_write_q8 writes them).
+// The same loop reads 8 codes (8 bytes) per lane where it read 8 halves (16 bytes); a key's scale multiplies
+// its dot product after the lane reduction and a value's scale its softmax weight, so the codes go into the
+// sums as they are: a key row costs one extra 2-byte load and one multiply, and half the bytes.
 
 #include "common.cuh"
 
 #define ATTN_THREADS 128
 
-template <int D, int GMAX>
-__device__ __forceinline__ void attn_partial(const f16* __restrict__ q, const f16* __restrict__ k_cache,
-                                             const f16* __restrict__ v_cache, float* __restrict__ part_o,
+__device__ __forceinline__ float s8_f(unsigned int w, int byte) {  // a signed byte of w as a float
+    return (float)(int)(signed char)((w >> (8 * byte)) & 0xffu);
+}
+
+__device__ __forceinline__ void ld_nc_v2(const void* p, unsigned int& x, unsigned int& y) {
+    asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(x), "=r"(y) : "l"(p));
+}
+
+// One lane's 8 elements of a key or value row as floats: 8 halves (16 bytes), or 8 int8 codes (8 bytes,
+// in .x and .y of the vector).
+template <bool Q8>
+__device__ __forceinline__ void row_floats(const u32x4& v, float* f) {
+    if constexpr (Q8) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            f[e] = s8_f(v.x, e);
+            f[4 + e] = s8_f(v.y, e);
+        }
+    } else {
+        const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            f[2 * e] = lo_f(w[e]);
+            f[2 * e + 1] = hi_f(w[e]);
+        }
+    }
+}
+
+template <int D, int GMAX, bool Q8>
+__device__ __forceinline__ void attn_partial(const f16* __restrict__ q, const void* __restrict__ k_cache,
+                                             const void* __restrict__ v_cache, const f16* __restrict__ k_scale,
+                                             const f16* __restrict__ v_scale, float* __restrict__ part_o,
                                              float* __restrict__ part_ml, f16* __restrict__ out,
                                              const long long* __restrict__ positions, int n_heads, int n_kv,
                                              int max_seq, int n_splits, int window, float scale_log2) {
@@ -66,33 +101,37 @@ __device__ __forceinline__ void attn_partial(const f16* __restrict__ q, const f1
         for (int e = 0; e < 8; ++e) acc[g][e] = 0.0f;
     }
 
-    const size_t head_base = ((size_t)b * n_kv + kh) * max_seq * D + li * 8;
-    const f16* kb = k_cache + head_base;
-    const f16* vb = v_cache + head_base;
+    const size_t head_row = ((size_t)b * n_kv + kh) * max_seq;  // this (sequence, kv head)'s first row
+    constexpr int ELEM = Q8 ? 1 : 2;                                // bytes per cached element
+    const char* kb = (const char*)k_cache + (head_row * D + li * 8) * ELEM;
+    const char* vb = (const char*)v_cache + (head_row * D + li * 8) * ELEM;
     // The loop bound is block-uniform so the shuffles below always run with the whole warp.
     for (int base = t0; base < t1; base += RPI * UNR) {
         u32x4 kv[UNR], vv[UNR];
+        float ks[UNR], vs[UNR];  // int8: the rows' scales (1 for fp16 caches, folded away)
 #pragma unroll
         for (int u = 0; u < UNR; ++u) {
             const int t = base + u * RPI + rg;
+            kv[u].x = kv[u].y = kv[u].z = kv[u].w = 0u;
+            vv[u].x = vv[u].y = vv[u].z = vv[u].w = 0u;
+            ks[u] = vs[u] = Q8 ? 0.0f : 1.0f;
             if (t < t1) {
-                kv[u] = ld_nc_v4(kb + (size_t)t * D);
-                vv[u] = ld_nc_v4(vb + (size_t)t * D);
-            } else {
-                kv[u].x = kv[u].y = kv[u].z = kv[u].w = 0u;
-                vv[u].x = vv[u].y = vv[u].z = vv[u].w = 0u;
+                if constexpr (Q8) {
+                    ld_nc_v2(kb + (size_t)t * D, kv[u].x, kv[u].y);
+                    ld_nc_v2(vb + (size_t)t * D, vv[u].x, vv[u].y);
+                    ks[u] = h2f(ld_nc_f16(k_scale + head_row + t));
+                    vs[u] = h2f(ld_nc_f16(v_scale + head_row + t));
+                } else {
+                    kv[u] = ld_nc_v4(kb + (size_t)t * D * ELEM);
+                    vv[u] = ld_nc_v4(vb + (size_t)t * D * ELEM);
+                }
             }
         }
         float sc[GMAX][UNR];
 #pragma unroll
         for (int u = 0; u < UNR; ++u) {
-            const unsigned int w[4] = {kv[u].x, kv[u].y, kv[u].z, kv[u].w};
             float kf[8];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                kf[2 * e] = lo_f(w[e]);
-                kf[2 * e + 1] = hi_f(w[e]);
-            }
+            row_floats<Q8>(kv[u], kf);
             const bool valid = base + u * RPI + rg < t1;
 #pragma unroll
             for (int g = 0; g < GMAX; ++g) {
@@ -101,19 +140,12 @@ __device__ __forceinline__ void attn_partial(const f16* __restrict__ q, const f1
                 for (int e = 0; e < 8; ++e) d += qf[g][e] * kf[e];
 #pragma unroll
                 for (int o = LPR / 2; o >= 1; o >>= 1) d += shfl_xor_f(d, o);
-                sc[g][u] = valid ? d : TC_NEG_INF;
+                sc[g][u] = valid ? d * ks[u] : TC_NEG_INF;
             }
         }
         float vf[UNR][8];
 #pragma unroll
-        for (int u = 0; u < UNR; ++u) {
-            const unsigned int w[4] = {vv[u].x, vv[u].y, vv[u].z, vv[u].w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                vf[u][2 * e] = lo_f(w[e]);
-                vf[u][2 * e + 1] = hi_f(w[e]);
-            }
-        }
+        for (int u = 0; u < UNR; ++u) row_floats<Q8>(vv[u], vf[u]);
 #pragma unroll
         for (int g = 0; g < GMAX; ++g) {
             float mx = m[g];
@@ -128,8 +160,9 @@ __device__ __forceinline__ void attn_partial(const f16* __restrict__ q, const f1
             for (int u = 0; u < UNR; ++u) {
                 const float p = ex2f(sc[g][u] - mx);  // 0 for invalid keys (whose v is zeroed)
                 l[g] += p;
+                const float pv = p * vs[u];  // the value row's scale (int8; 1 for fp16)
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc[g][e] += p * vf[u][e];
+                for (int e = 0; e < 8; ++e) acc[g][e] += pv * vf[u][e];
             }
             m[g] = mx;
         }
@@ -179,8 +212,17 @@ __device__ __forceinline__ void attn_partial(const f16* __restrict__ q, const f1
         float* __restrict__ part_o, float* __restrict__ part_ml, f16* __restrict__ out,                    \
         const long long* __restrict__ positions, int n_heads, int n_kv, int max_seq, int n_splits, int window,\
         float scale_log2) {                                                                                \
-        attn_partial<D, GMAX>(q, k_cache, v_cache, part_o, part_ml, out, positions, n_heads, n_kv, max_seq,\
-                              n_splits, window, scale_log2);                                               \
+        attn_partial<D, GMAX, false>(q, k_cache, v_cache, nullptr, nullptr, part_o, part_ml, out, positions,\
+                                     n_heads, n_kv, max_seq, n_splits, window, scale_log2);                \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attn_decode_q8_d##D##_g##GMAX(              \
+        const f16* __restrict__ q, const signed char* __restrict__ k_cache,                                \
+        const signed char* __restrict__ v_cache, const f16* __restrict__ k_scale,                          \
+        const f16* __restrict__ v_scale, float* __restrict__ part_o, float* __restrict__ part_ml,          \
+        f16* __restrict__ out, const long long* __restrict__ positions, int n_heads, int n_kv, int max_seq, \
+        int n_splits, int window, float scale_log2) {                                                      \
+        attn_partial<D, GMAX, true>(q, k_cache, v_cache, k_scale, v_scale, part_o, part_ml, out, positions,\
+                                    n_heads, n_kv, max_seq, n_splits, window, scale_log2);                 \
     }
 
 TC_ATTN_KERNEL(64, 1)

@@ -290,6 +290,61 @@ def test_decode_attention_batch():
     assert rel(got, reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), p)) <= TOL
 
 
+# ---- int8 KV cache (--kv-cache int8) -------------------------------------------------------------------
+
+def q8(b, hkv, s, d, scale=1.0):
+    """(codes, fp16 scales) of a random cache, rows of different magnitudes, quantized by the reference."""
+    x = torch.randn(b, hkv, s, d, device="cuda") * torch.exp(torch.randn(b, hkv, s, 1, device="cuda")) * scale
+    return reference.quantize_kv(x, torch.float16)
+
+
+def dequant(codes, scales):
+    return reference.dequantize_kv(codes, scales, torch.float32)
+
+
+@cases("hq,hkv,d", [(32, 8, 128), (9, 3, 64), (8, 1, 256), (32, 32, 128)])
+@cases("pos", [0, 383, 4000])
+def test_rope_kv_write_q8_matches_reference(hq, hkv, d, pos):
+    b, t, s = 2, 3, 4096 + 8
+    qkv = (torch.randn(b, t, (hq + 2 * hkv) * d, device="cuda") * 3).half()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    p = torch.tensor([[pos], [pos // 2]], device="cuda") + torch.arange(t, device="cuda")
+    cos, sin = reference.rope_cos_sin(inv_freq, p, torch.float16)
+    (kc, ks), (vc, vs) = q8(b, hkv, s, d), q8(b, hkv, s, d)
+    mine, theirs = [kc, vc, ks, vs], [x.clone() for x in (kc, vc, ks, vs)]
+    got = cuda_ops._launch_rope_kv(qkv, cos, sin, p, mine[0], mine[1], hq, hkv, d, mine[2], mine[3])
+    want = reference.rope_kv_write(qkv, cos, sin, p, theirs[0], theirs[1], hq, hkv, d, k_scale=theirs[2],
+                                   v_scale=theirs[3])
+    assert rel(got, want) <= 1e-3
+    assert torch.equal(mine[1], theirs[1]) and torch.equal(mine[3], theirs[3])  # v: the same formula, no rotation
+    assert rel(dequant(mine[0], mine[2]), dequant(theirs[0], theirs[2])) <= 1e-3  # k: fp16 rotation ulps apart
+    assert (mine[0].int() - theirs[0].int()).abs().max() <= 1
+
+
+@cases("hq,hkv,d", [(32, 32, 128), (32, 8, 128), (9, 3, 64), (28, 4, 128), (16, 2, 256)])
+@cases("pos,window", [(0, None), (383, None), (4095, None), (3000, 1024)])
+def test_decode_attention_q8_matches_dequantize_then_attend(hq, hkv, d, pos, window):
+    b, s = 1, 4096
+    q = torch.randn(b, hq, d, device="cuda").half()
+    (kc, ks), (vc, vs) = q8(b, hkv, s, d, 1.5), q8(b, hkv, s, d)
+    p = torch.tensor([pos], device="cuda")
+    want = reference.decode_attention(q.float(), kc, vc, p, window, k_scale=ks, v_scale=vs)
+    for splits in (1, cuda_ops.attention_splits(b, hkv, s, "cuda"), 64):
+        got = cuda_ops._launch_attention(q, kc, vc, p, window, splits, ks, vs)
+        assert rel(got, want) <= TOL, splits
+
+
+def test_decode_attention_q8_batch_and_dispatch():
+    b, hq, hkv, d, s = 4, 8, 2, 128, 300
+    q = torch.randn(b, hq, d, device="cuda").half()
+    (kc, ks), (vc, vs) = q8(b, hkv, s, d), q8(b, hkv, s, d)
+    p = torch.tensor([211, 0, 299, 57], device="cuda")  # each row at its own length
+    want = reference.decode_attention(q.float(), kc, vc, p, k_scale=ks, v_scale=vs)
+    assert rel(cuda_ops._launch_attention(q, kc, vc, p, None, 5, ks, vs), want) <= TOL
+    assert rel(cuda_ops.decode_attention(q, kc, vc, p, k_scale=ks, v_scale=vs), want) <= TOL
+    assert kernels.check_report().get("attn_decode_q8_d128_g4") == "ok"
+
+
 @cases("rows,inter", [(1, 11008), (8, 11008), (3, 1536)])
 def test_silu_mul_matches_reference(rows, inter):
     gate_up = (torch.randn(rows, 2 * inter, device="cuda") * 3).half()
@@ -304,9 +359,12 @@ def test_every_self_check_passes():
             assert kernels.verified(cuda_ops._gemv_key(m, silu), lambda: cuda_ops._check_gemv(m, silu, device))
     for d in cuda_ops.ATTN_HEAD_DIMS:
         for g in cuda_ops.ATTN_GROUPS:
-            assert kernels.verified(cuda_ops._attn_variant(d, g), lambda: cuda_ops._check_attention(d, g, device))
+            for int8 in (False, True):
+                assert kernels.verified(cuda_ops._attn_variant(d, g, int8),
+                                        lambda: cuda_ops._check_attention(d, g, device, int8))
     assert kernels.verified("rmsnorm_residual", lambda: cuda_ops._check_add_rmsnorm(device))
     assert kernels.verified("rope_kv_write", lambda: cuda_ops._check_rope_kv(device))
+    assert kernels.verified("rope_kv_write_q8", lambda: cuda_ops._check_rope_kv(device, True))
     assert kernels.verified("silu_mul", lambda: cuda_ops._check_silu_mul(device))
     for name in cuda_ops.GEMM_CONFIGS:
         assert kernels.verified(f"gemm_w4a16_{name}", lambda: cuda_ops._check_gemm(name, device))
@@ -350,14 +408,16 @@ def tiny_model(awq_group=None, **extra):
     return model.half().cuda().eval()
 
 
-@cases("variant", ["fp16", "awq-g64", "mistral-window", "qwen2-bias"])
+@cases("variant", ["fp16", "awq-g64", "mistral-window", "qwen2-bias", "int8-kv"])
 def test_graph_decode_matches_eager_forward(variant):
     from tinychat.cuda_graph import GraphDecoder
 
     extra, group = {"fp16": ({}, None), "awq-g64": ({}, 64),
                     "mistral-window": (dict(model_type="mistral", sliding_window=9), None),
-                    "qwen2-bias": (dict(model_type="qwen2"), None)}[variant]
+                    "qwen2-bias": (dict(model_type="qwen2"), None), "int8-kv": ({}, 64)}[variant]
     model = tiny_model(group, **extra)
+    if variant == "int8-kv":
+        model.kv_cache = "int8"
     if group:
         assert implementation(model.model.layers[0].self_attn.qkv_proj) == "cuda"
     eager_cache, graph_cache = model.make_cache(64), model.make_cache(64)
@@ -372,7 +432,10 @@ def test_graph_decode_matches_eager_forward(variant):
             want = model(token.view(1, 1), eager_cache)[:, -1]
             assert rel(got, want) <= TOL
         end = eager_cache.offset
-        assert rel(graph_cache.keys[1][:, :, :end], eager_cache.keys[1][:, :, :end]) <= TOL
+        for graph_t, eager_t in zip(graph_cache.tensors(), eager_cache.tensors()):  # int8: codes and scales
+            assert rel(graph_t[:, :, :end].float(), eager_t[:, :, :end].float()) <= TOL
+    if variant == "int8-kv":
+        assert graph_cache.quantized and kernels.check_report().get("attn_decode_q8_d64_g2") == "ok"
 
 
 def test_generate_step_with_graph_follows_the_eager_model():

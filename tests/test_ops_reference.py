@@ -433,13 +433,15 @@ def test_emulated_gemv_matches_reference(gen, m, silu, k, n, g):
 
 # ---- NumPy emulation of cuda/decode_attention.cu --------------------------------------------------
 
-def emulate_attention(q, k_cache, v_cache, pos, window, n_splits):
-    """attn_partial + attn_combine with the kernel's split ranges, row groups and online softmax (float64)."""
+def emulate_attention(q, k_cache, v_cache, pos, window, n_splits, k_scale=None, v_scale=None):
+    """attn_partial + attn_combine with the kernel's split ranges, row groups and online softmax (float64);
+    with scales, the int8 variant (attn_decode_q8_*): codes in the sums, a key's scale on its dot product,
+    a value's on its softmax weight."""
     with np.errstate(invalid="ignore"):  # -inf - -inf in the masked-out branches of np.where
-        return _emulate_attention(q, k_cache, v_cache, pos, window, n_splits)
+        return _emulate_attention(q, k_cache, v_cache, pos, window, n_splits, k_scale, v_scale)
 
 
-def _emulate_attention(q, k_cache, v_cache, pos, window, n_splits):
+def _emulate_attention(q, k_cache, v_cache, pos, window, n_splits, k_scale, v_scale):
     b_sz, n_heads, d = q.shape
     n_kv, max_seq = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv
@@ -449,6 +451,8 @@ def _emulate_attention(q, k_cache, v_cache, pos, window, n_splits):
     unr = 4 if gmax <= 2 else 2 if gmax <= 4 else 1
     scale_log2 = cuda_ops.LOG2E / math.sqrt(d)
     qf, kf, vf = (t.double().numpy().reshape(-1) for t in (q, k_cache, v_cache))
+    ones = np.ones(k_cache.shape[:3]).reshape(-1)
+    ksf, vsf = (ones if s is None else s.double().numpy().reshape(-1) for s in (k_scale, v_scale))
     part_o = np.zeros((b_sz, n_heads, n_splits, d))
     part_ml = np.zeros((b_sz, n_heads, n_splits, 2))
     out = np.zeros((b_sz, n_heads, d))
@@ -458,7 +462,8 @@ def _emulate_attention(q, k_cache, v_cache, pos, window, n_splits):
     rg = np.arange(rpi)
     for b in range(b_sz):
         for kh in range(n_kv):
-            head_base = (b * n_kv + kh) * max_seq * d
+            head_row = (b * n_kv + kh) * max_seq
+            head_base = head_row * d
             for split in range(n_splits):
                 t0 = start + split * per
                 t1 = min(t0 + per, length)
@@ -470,13 +475,15 @@ def _emulate_attention(q, k_cache, v_cache, pos, window, n_splits):
                 for base in range(t0, t1, rpi * unr):
                     sc = np.full((unr, rpi, group), -np.inf)
                     vrows = np.zeros((unr, rpi, d))
+                    vs = np.zeros((unr, rpi))
                     for u in range(unr):
                         t = base + u * rpi + rg
                         valid = t < t1
                         for r in np.nonzero(valid)[0]:
                             off = head_base + t[r] * d
-                            sc[u, r] = qv @ kf[off:off + d]
+                            sc[u, r] = (qv @ kf[off:off + d]) * ksf[head_row + t[r]]
                             vrows[u, r] = vf[off:off + d]
+                            vs[u, r] = vsf[head_row + t[r]]
                     mx = np.maximum(m, sc.max(axis=0))
                     upd = mx != -np.inf
                     alpha = np.where(upd, np.exp2(np.where(upd, m - mx, 0)), 1.0)
@@ -486,7 +493,7 @@ def _emulate_attention(q, k_cache, v_cache, pos, window, n_splits):
                     for u in range(unr):
                         p = np.where(upd, np.exp2(np.where(upd, sc[u] - mx, -np.inf)), 0.0)
                         l_ += p
-                        acc += p[..., None] * vrows[u][:, None, :]
+                        acc += (p * vs[u][:, None])[..., None] * vrows[u][:, None, :]
                     m = np.where(upd, mx, m)
                 for g in range(group):  # merge the row groups (shared memory in the kernel)
                     big = m[:, g].max()
@@ -520,6 +527,22 @@ def test_emulated_attention_matches_reference(gen, d, group, n_kv, seq, pos, win
     want = reference.decode_attention(q.double(), k_cache.double(), v_cache.double(), torch.tensor([pos] * b),
                                       window)
     assert rel(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("d,group,n_kv,seq,pos,window,splits", [
+    (64, 3, 2, 100, 99, None, 7),     # GMAX 4, full cache, uneven splits
+    (128, 4, 1, 300, 17, None, 9),    # short context: trailing splits are empty
+    (64, 6, 2, 80, 60, 10, 2),        # sliding window, GMAX 8
+    (256, 1, 2, 40, 25, None, 1),
+])
+def test_emulated_int8_attention_matches_dequantize_then_attend(gen, d, group, n_kv, seq, pos, window, splits):
+    b = 2
+    q = torch.randn(b, n_kv * group, d).half()
+    kc, ks = reference.quantize_kv(torch.randn(b, n_kv, seq, d) * 2, torch.float16)
+    vc, vs = reference.quantize_kv(torch.randn(b, n_kv, seq, d), torch.float16)
+    got = emulate_attention(q, kc, vc, pos, window, splits, ks, vs)
+    want = reference.decode_attention(q.double(), kc, vc, torch.tensor([pos] * b), window, k_scale=ks, v_scale=vs)
+    assert rel(got, want) < 1e-6  # the reference dequantizes in fp32 (exact: 7-bit codes x 11-bit scales)
 
 
 def test_attention_splits_are_static_per_cache_shape(monkeypatch):
@@ -581,6 +604,79 @@ def test_emulated_rope_kv_matches_reference(gen):
     # fp16 op by op: the only freedom is torch's CPU add rounding through fp32 first (1 ulp at most)
     for got, want in ((q_e, q_r), (k_e, k_r)):
         assert (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max()
+
+
+def emulate_rope_kv_q8(qkv, cos, sin, positions, k_cache, v_cache, k_scale, v_scale, n_heads, n_kv, d):
+    """rope_kv_write_q8 over its grid (Hq + Hkv, B*T) x D/2 threads: the fp16 rotation of rope_kv_write, then
+    per k/v head the block's max |x| (every thread's pair, as the warp shuffles and shared memory reduce it),
+    scale = fp16(fp32(max) / 127) written by thread 0, and thread i's codes rint(x / scale) at i, i + D/2."""
+    b_sz, t_len, _ = qkv.shape
+    max_seq = k_cache.shape[2]
+    src_all = qkv.numpy().astype(np.float64).reshape(-1)
+    cs, sn = cos.numpy().astype(np.float64).reshape(-1), sin.numpy().astype(np.float64).reshape(-1)
+    q_out = np.zeros(b_sz * t_len * n_heads * d, dtype=np.float16)
+    kc, vc = k_cache.numpy().reshape(-1).copy(), v_cache.numpy().reshape(-1).copy()
+    ksc, vsc = k_scale.numpy().reshape(-1).copy(), v_scale.numpy().reshape(-1).copy()
+    half = d // 2
+    r16, f32 = np.float16, np.float32
+
+    def code(x, scale):
+        if not scale > 0:
+            return 0
+        return int(min(127, max(-127, np.rint(f32(x) / f32(scale)))))
+
+    for bt in range(b_sz * t_len):
+        b = bt // t_len
+        p = int(positions.reshape(-1)[bt])
+        row = bt * (n_heads + 2 * n_kv) * d
+        for head in range(n_heads + n_kv):
+            pairs = []  # each thread's rotated (y1, y2)
+            for i in range(half):
+                c, s = cs[bt * d + i], sn[bt * d + half + i]
+                x1, x2 = src_all[row + head * d + i], src_all[row + head * d + i + half]
+                pairs.append((r16(float(r16(x1 * c)) + float(r16(-x2 * s))),
+                              r16(float(r16(x2 * c)) + float(r16(x1 * s)))))
+            if head < n_heads:
+                for i, (y1, y2) in enumerate(pairs):
+                    q_out[(bt * n_heads + head) * d + i], q_out[(bt * n_heads + head) * d + i + half] = y1, y2
+                continue
+            kh = head - n_heads
+            vsrc = row + (n_heads + n_kv + kh) * d
+            vpairs = [(src_all[vsrc + i], src_all[vsrc + i + half]) for i in range(half)]
+            km = max(max(abs(float(a)), abs(float(b_))) for a, b_ in pairs)
+            vm = max(max(abs(a), abs(b_)) for a, b_ in vpairs)
+            ks, vs = r16(f32(km) / f32(127)), r16(f32(vm) / f32(127))
+            at = (b * n_kv + kh) * max_seq + p
+            ksc[at], vsc[at] = ks, vs
+            for i in range(half):
+                kc[at * d + i], kc[at * d + i + half] = code(pairs[i][0], ks), code(pairs[i][1], ks)
+                vc[at * d + i], vc[at * d + i + half] = code(vpairs[i][0], vs), code(vpairs[i][1], vs)
+    return (torch.from_numpy(q_out.reshape(b_sz, t_len, n_heads, d)),
+            *(torch.from_numpy(a.reshape(t.shape)) for a, t in ((kc, k_cache), (vc, v_cache), (ksc, k_scale),
+                                                                 (vsc, v_scale))))
+
+
+def test_emulated_rope_kv_q8_matches_reference(gen):
+    b, t, hq, hkv, d, s = 2, 2, 4, 2, 64, 12
+    qkv = (torch.randn(b, t, (hq + 2 * hkv) * d) * torch.rand(b, t, 1) * 4).half()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    positions = torch.tensor([[7, 8], [3, 4]])
+    cos, sin = reference.rope_cos_sin(inv_freq, positions, torch.float16)
+    kc, ks = reference.quantize_kv(torch.randn(b, hkv, s, d), torch.float16)
+    vc, vs = reference.quantize_kv(torch.randn(b, hkv, s, d), torch.float16)
+    q_e, *cache_e = emulate_rope_kv_q8(qkv, cos, sin, positions, kc, vc, ks, vs, hq, hkv, d)
+    cache_r = [x.clone() for x in (kc, vc, ks, vs)]
+    q_r = reference.rope_kv_write(qkv, cos, sin, positions, *cache_r[:2], hq, hkv, d, k_scale=cache_r[2],
+                                  v_scale=cache_r[3])
+    assert (q_e.float() - q_r.float()).abs().max() <= 2e-3 * q_r.float().abs().max()
+    # codes and scales: the same formula; a rotated k may differ by an fp16 ulp (torch's add through fp32), which
+    # can move its max (so the scale) by an ulp or a code near a rounding tie by one
+    for i, (got, want) in enumerate(zip(cache_e, cache_r)):
+        if i < 2:
+            assert (got.int() - want.int()).abs().max() <= 1 and (got != want).float().mean() < 0.02
+        else:
+            assert torch.allclose(got.float(), want.float(), rtol=2e-3, atol=0)
+    assert torch.equal(cache_e[1], cache_r[1]) and torch.equal(cache_e[3], cache_r[3])  # v: no rotation, exact
 
 
 def emulate_rmsnorm(x, weight, eps, delta=None):
@@ -767,7 +863,7 @@ def _kernel_params(name: str) -> list[str]:
     from tinychat.ops import kernels
 
     generic = re.sub(r"_m\d$", "_m##M", name)
-    generic = re.sub(r"^attn_decode_d\d+_g\d+$", "attn_decode_d##D##_g##GMAX", generic)
+    generic = re.sub(r"^attn_decode(_q8)?_d\d+_g\d+$", r"attn_decode\1_d##D##_g##GMAX", generic)
     for source in kernels.SOURCES:
         text = kernels.load_source(source)
         at = text.find(generic + "(")
@@ -795,11 +891,16 @@ def test_launchers_pass_what_each_kernel_declares(fake_cupy):
     cache = torch.rand(1, 2, 16, 64).to(h)
     cuda_ops._launch_rope_kv(torch.randn(1, 1, 8 * 64).to(h), cos, sin, torch.tensor([[3]]), cache, cache.clone(),
                              4, 2, 64)
+    codes, scales = reference.quantize_kv(cache.float(), h)
+    cuda_ops._launch_rope_kv(torch.randn(1, 1, 8 * 64).to(h), cos, sin, torch.tensor([[3]]), codes, codes.clone(),
+                             4, 2, 64, scales, scales.clone())
     for splits in (1, 4):
         cuda_ops._launch_attention(torch.randn(1, 4, 64).to(h), cache, cache, torch.tensor([3]), None, splits)
+        cuda_ops._launch_attention(torch.randn(1, 4, 64).to(h), codes, codes, torch.tensor([3]), None, splits,
+                                   scales, scales)
     launched = {entry[0] for entry in fake_cupy.launches}
     assert {"gemv_w4a16_m1", "gemv_w4a16_silu_m8", "silu_mul", "rmsnorm_residual", "rope_kv_write",
-            "attn_decode_d64_g2", "attn_combine"} <= launched
+            "rope_kv_write_q8", "attn_decode_d64_g2", "attn_decode_q8_d64_g2", "attn_combine"} <= launched
     bounds = {"gemv": 128, "attn_decode": 128, "attn_combine": 256, "rmsnorm": 256, "rope": 128, "silu": 256}
     for name, grid, block, args, shared, _ in fake_cupy.launches:
         assert [kinds[type(a)] for a in args] == _kernel_params(name), name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .cache import KV_CACHE_TYPES
 from .hub import DEFAULT_MODEL, PRECISIONS
 from .sampling import SamplingParams
 
@@ -23,6 +24,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", default="auto", choices=["auto", "graph", "eager"],
                         help="decode step: CUDA graphs where the model and device allow (auto, graph) or "
                              "eager calls (eager); the CPU always decodes eagerly")
+    add_kv_cache_arg(parser)
+
+
+def add_kv_cache_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache", default=None, choices=list(KV_CACHE_TYPES),
+                        help="KV cache storage (default: the compute dtype); int8 keeps one scale per token and "
+                             "kv head and takes about half the memory of fp16/bf16 (llama.cpp's "
+                             "--cache-type-k/-v q8_0)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:

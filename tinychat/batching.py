@@ -313,7 +313,7 @@ class BatchScheduler:
         self._swap_rows(target, n)
         donor = {n: target, target: n}.get(donor, donor)  # where the donor's tokens are after the swap
         if donor != n and longest > shared[target]:
-            for tensor in self.cache.keys + self.cache.values:
+            for tensor in self.cache.tensors():
                 tensor[n, :, :longest] = tensor[donor, :, :longest]
             self.row_tokens[n] = self.row_tokens[donor][:longest]
             return longest
@@ -325,7 +325,7 @@ class BatchScheduler:
             return
         length = max(len(self.row_tokens[a]), len(self.row_tokens[b]))
         if length:
-            for tensor in self.cache.keys + self.cache.values:
+            for tensor in self.cache.tensors():
                 held = tensor[a, :, :length].clone()
                 tensor[a, :, :length] = tensor[b, :, :length]
                 tensor[b, :, :length] = held

@@ -58,8 +58,13 @@ def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
     run_once(model, min(prompt_len, 16), 4, seed=0, decoder=engine.decoder)  # warm-up: allocations, kernels
     results = [run_once(model, prompt_len, gen, seed=i + 1, decoder=engine.decoder) for i in range(runs)]
     row = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    from .cache import kv_bytes_per_token, kv_cache_dtype
+
+    kv_dtype = kv_cache_dtype(model.kv_cache, model.dtype)
     row.update({
         "model": args.model, "path": str(engine.path), "precision": args.precision,
+        "kv_cache": str(kv_dtype).split(".")[-1], "kv_bytes_per_token": kv_bytes_per_token(model.config, kv_dtype,
+                                                                                           model.dtype),
         "dtype": str(model.dtype).split(".")[-1], "device": args.device, "int8_head": not args.full_head, "threads": torch.get_num_threads(), "prompt_len": prompt_len, "gen": gen,
         "runs": runs, "load_s": load_s, "weight_bytes": weight_bytes(model),
         "rss_model_bytes": engine.model_rss_bytes, "peak_rss_bytes": peak_rss_bytes(),
@@ -70,11 +75,12 @@ def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("model", "precision", "dtype", "prefill tok/s", "decode tok/s", "TTFT s", "weights MB",
+    head = ("model", "precision", "dtype", "KV cache", "prefill tok/s", "decode tok/s", "TTFT s", "weights MB",
             "RSS of model MB", "peak RSS MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = (Path(r["model"]).name, r["precision"], r["dtype"], f"{r['prefill_tps']:.1f}",
+        cells = (Path(r["model"]).name, r["precision"], r["dtype"],
+                 f"{r['kv_cache']} ({r['kv_bytes_per_token'] / 1e3:.1f} kB/token)", f"{r['prefill_tps']:.1f}",
                  f"{r['decode_tps']:.1f}", f"{r['ttft_s']:.3f}", f"{r['weight_bytes'] / 1e6:.1f}",
                  f"{r['rss_model_bytes'] / 1e6:.1f}", f"{r['peak_rss_bytes'] / 1e6:.1f}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
 from . import ops
-from .cache import KVCache
+from .cache import KVCache, KVStorage
 
 MAX_GRAPHS = 2
 MAX_SAMPLER_GRAPHS = 4
@@ -37,19 +37,14 @@ def unsupported_reason(model, cache: KVCache) -> str | None:
     reason = ops.unavailable_reason(model.device)
     if reason is not None:
         return reason
-    if cache.keys[0].dtype != torch.float16 or cache.keys[0].device != model.device:
-        return "the KV cache is not fp16 on the model's device"
+    if cache.keys[0].dtype not in (torch.float16, torch.int8) or cache.keys[0].device != model.device:
+        return "the KV cache is neither fp16 nor int8 on the model's device"
     return None
 
 
-class _Storage(NamedTuple):
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-
-def _cache_key(cache: KVCache) -> tuple:
+def _cache_key(cache: KVStorage) -> tuple:
     k = cache.keys[0]
-    return (len(cache.keys), tuple(k.shape), k.dtype, k.device)
+    return (len(cache.keys), tuple(k.shape), k.dtype, k.device, cache.quantized)
 
 
 class StaticStep:
@@ -60,8 +55,9 @@ class StaticStep:
     def __init__(self, model, cache: KVCache):
         self.model = model
         # The storage the step writes, apart from the cache object (which may die and be replaced by a
-        # new cache adopting this storage); decode_step reads only .keys and .values of what it is given.
-        self.storage = _Storage(list(cache.keys), list(cache.values))
+        # new cache adopting this storage); decode_step reads only the tensors of what it is given.
+        self.storage = KVStorage(list(cache.keys), list(cache.values), list(cache.key_scales),
+                                 list(cache.value_scales))
         self.batch = cache.keys[0].shape[0]
         self.tokens = torch.zeros(self.batch, dtype=torch.long, device=model.device)
         self.positions = torch.zeros(self.batch, dtype=torch.long, device=model.device)
@@ -108,10 +104,9 @@ class DecodeGraph(StaticStep):
     def adopt(self, cache: KVCache) -> None:
         """Move the cache's valid positions (its prefill) into the graph's storage and hand it that storage."""
         with torch.inference_mode():
-            for mine, theirs in zip(self.storage.keys + self.storage.values, cache.keys + cache.values):
+            for mine, theirs in zip(self.storage.tensors(), cache.tensors()):
                 mine[:, :, :cache.offset].copy_(theirs[:, :, :cache.offset])
-        cache.keys[:] = self.storage.keys
-        cache.values[:] = self.storage.values
+        cache.replace(self.storage)
         self._owner = weakref.ref(cache)
 
     def replay(self, token: torch.Tensor | None, position: int) -> torch.Tensor:

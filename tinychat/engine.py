@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cache import check_kv_cache
 from .config import ModelConfig
 from .errors import TinychatError
 from .generate import make_decoder
@@ -58,9 +59,13 @@ def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig, path: Path) 
 
 
 def load_engine(name: str, precision: str = "w4a16", dtype: str = "auto", device: str = "cpu",
-                quiet: bool = False, full_head: bool = False, decode: str = "auto") -> Engine:
+                quiet: bool = False, full_head: bool = False, decode: str = "auto",
+                kv_cache: str | None = None) -> Engine:
+    """kv_cache: the KV cache storage every cache of this engine's model gets ("fp16", "bf16", "int8";
+    None: the compute dtype)."""
     t0 = time.perf_counter()
     decoder = make_decoder(decode)
+    check_kv_cache(kv_cache)  # before the load
     path = resolve_model(name, precision)
     dtype = compute_dtype(path, precision, dtype, device)
     if not quiet:
@@ -72,6 +77,7 @@ def load_engine(name: str, precision: str = "w4a16", dtype: str = "auto", device
     rss_before = anon_rss_bytes()
     model = load_model(path, dtype=dtype, device=device, int8_head=int8_head)
     model_rss = anon_rss_bytes() - rss_before
+    model.kv_cache = kv_cache
     if not quiet:
         print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return Engine(model, tokenizer, path, model_rss, decoder)
@@ -80,4 +86,4 @@ def load_engine(name: str, precision: str = "w4a16", dtype: str = "auto", device
 def load_engine_from_args(args, quiet: bool = False) -> Engine:
     """load_engine with the flags of tinychat.args.add_model_args."""
     return load_engine(args.model, args.precision, args.dtype, args.device, quiet=quiet, full_head=args.full_head,
-                       decode=args.decode)
+                       decode=args.decode, kv_cache=args.kv_cache)

@@ -4,6 +4,10 @@ model (RTN or AWQ applied in memory), all measured by the one function `perplexi
 Protocol: the text file's lines joined with "\\n", tokenized with the model's own tokenizer (no special
 tokens added), cut into non-overlapping windows of --seqlen tokens (the tail shorter than a window is
 dropped), exp(mean NLL) over every predicted token (seqlen - 1 per window).
+
+Each window runs through a KV cache of the model's --kv-cache storage, as a prompt does in generation: its
+attention reads the keys and values back from the cache, so `--kv-cache int8` scores the quantized cache
+(with the default storage the figures equal a forward without a cache).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cache import check_kv_cache
 from .errors import TinychatError
 
 LOGITS_CHUNK = 512  # rows of logits materialised at once: a 2048 x 49152 fp32 block would be 400 MB
@@ -72,18 +77,28 @@ def make_windows(ids, seqlen: int, max_tokens: int | None = None) -> torch.Tenso
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
                label: str = "") -> PerplexityResult:
-    """exp(mean NLL) of `model` over windows [n, seqlen], each window scored on its own (no cache)."""
+    """exp(mean NLL) of `model` over windows [n, seqlen], each window scored on its own, in one forward
+    through a fresh KV cache (model.make_cache: the model's --kv-cache storage). Stand-in models without
+    make_cache run a plain forward."""
     from tqdm import tqdm
 
     n, seqlen = windows.shape
     device = model.device
+    make_cache = getattr(model, "make_cache", None)
+    caches = {}  # by batch size (the last batch may be smaller)
     total_nll, count = 0.0, 0
     t0 = time.perf_counter()
     with torch.no_grad():
         for lo in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress,
                        file=sys.stderr, dynamic_ncols=True):
             batch = windows[lo:lo + batch_size].to(device)
-            hidden = model(batch, return_hidden=True)
+            if make_cache is None:
+                hidden = model(batch, return_hidden=True)
+            else:
+                rows = batch.shape[0]
+                cache = caches[rows] = caches.get(rows) or make_cache(seqlen, batch=rows)
+                cache.reset()
+                hidden = model(batch, cache, return_hidden=True)
             for start in range(0, seqlen - 1, LOGITS_CHUNK):
                 stop = min(seqlen - 1, start + LOGITS_CHUNK)
                 logits = model.lm_head(hidden[:, start:stop]).float()
@@ -98,8 +113,19 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
 def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto", device: str = "cpu",
                   fake_quant: str | None = None, w_bit: int = 4, group_size: int = 128, calib=None,
                   n_samples: int = 128, calib_seqlen: int = 512, seed: int = 0, load_search_file=None,
-                  scaling: str = "best", progress: bool = True):
-    """(model, tokenizer, label): the checkpoint as it is, or fake-quantized in memory."""
+                  scaling: str = "best", progress: bool = True, kv_cache: str | None = None):
+    """(model, tokenizer, label): the checkpoint as it is, or fake-quantized in memory; its KV caches are
+    stored as kv_cache (None: the compute dtype)."""
+    check_kv_cache(kv_cache)
+    model, tokenizer, label = _load_for_eval(model_name, precision, dtype, device, fake_quant, w_bit, group_size,
+                                             calib, n_samples, calib_seqlen, seed, load_search_file, scaling,
+                                             progress)
+    model.kv_cache = kv_cache
+    return model, tokenizer, label + (f", {kv_cache} KV cache" if kv_cache else "")
+
+
+def _load_for_eval(model_name, precision, dtype, device, fake_quant, w_bit, group_size, calib, n_samples,
+                   calib_seqlen, seed, load_search_file, scaling, progress):
     from .config import ModelConfig
     from .devices import parse_device, parse_dtype
     from .engine import check_tokenizer_fits
@@ -160,6 +186,7 @@ def evaluate_ppl(model_name: str, data, seqlen: int = 2048, max_tokens: int | No
 
 
 def register(subparsers) -> None:
+    from .args import add_kv_cache_arg
     from .hub import DEFAULT_MODEL, PRECISIONS
     from .quantize_cmd import add_scaling_args
 
@@ -178,6 +205,7 @@ def register(subparsers) -> None:
     ppl.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default %(default)s)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
     ppl.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    add_kv_cache_arg(ppl)
     q = ppl.add_argument_group("fake quantization (quantize-dequantize in memory, any bit width)")
     q.add_argument("--fake-quant", choices=["rtn", "awq"], default=None)
     q.add_argument("--w-bit", type=int, default=4, choices=[3, 4])
@@ -202,11 +230,12 @@ def run_ppl(args) -> int:
                           progress=not args.quiet, precision=args.precision, dtype=args.dtype, device=args.device,
                           fake_quant=args.fake_quant, w_bit=args.w_bit, group_size=args.group_size,
                           calib=args.calib, n_samples=args.n_samples, calib_seqlen=args.calib_seqlen,
-                          seed=args.seed, load_search_file=args.load_search, scaling=args.scaling)
+                          seed=args.seed, load_search_file=args.load_search, scaling=args.scaling,
+                          kv_cache=args.kv_cache)
     print(result.line())
     if args.json:
         record = {**asdict(result), "model": args.model, "data": str(args.data), "fake_quant": args.fake_quant,
-                  "w_bit": args.w_bit if args.fake_quant else None,
+                  "kv_cache": args.kv_cache, "w_bit": args.w_bit if args.fake_quant else None,
                   "group_size": args.group_size if args.fake_quant else None}
         from .atomic import write_text
 

@@ -37,7 +37,8 @@ class Launchers:
             self.gemv = reference.gemv_w4a16
             self.gemm = lambda x, q, sz, g: reference.gemm_w4a16(x, q, sz, g)
             self.dequant = reference.dequant_w4a16
-            self.attention = lambda q, k, v, p, window, splits: reference.decode_attention(q, k, v, p, window)
+            self.attention = lambda q, k, v, p, window, splits, ks=None, vs=None: reference.decode_attention(
+                q, k, v, p, window, k_scale=ks, v_scale=vs)
             self.splits = lambda b, h, s: 1
         else:
             self.gemv = cuda_ops._launch_gemv
@@ -118,29 +119,34 @@ def stage_gemv(ctx: Context, machine) -> int:
 
 
 def _decode_attention(ctx: Context, machine, run, bandwidth) -> bool:
-    """Decode attention over a fp16 KV cache (Llama-2-7B heads) at two context lengths, as % of copy BW."""
+    """Decode attention over a fp16 and an int8 KV cache (Llama-2-7B heads) at two context lengths, as % of
+    copy BW (bytes: the cache rows read, int8 scales included)."""
     import torch
 
     b, h, d, s = (1, 4, 64, 256) if machine.dry_run else (1, 32, 128, 4096)
     dev, dt = machine.device, machine.dtype
     q = torch.randn(b, h, d, device=dev).to(dt)
     kc, vc = torch.randn(b, h, s, d, device=dev).to(dt), torch.randn(b, h, s, d, device=dev).to(dt)
+    (kq, ks), (vq, vs) = run.reference.quantize_kv(kc, dt), run.reference.quantize_kv(vc, dt)
+    caches = {"fp16": (kc, vc, None, None, 2 * d), "int8": (kq, vq, ks, vs, d + 2)}
     splits = run.splits(b, h, s)
     failed = False
-    for pos in (s // 10, s - 1):
-        if ctx.left() < MARGIN_S:
-            ctx.row("truncated", reason="out of time", before=f"attention {pos + 1}")
-            return True
-        p = torch.tensor([pos], dtype=torch.int64, device=dev)
-        err = relative_error(run.attention(q, kc, vc, p, None, splits),
-                             run.reference.decode_attention(q.float(), kc.float(), vc.float(), p))
-        t = machine.seconds_per_call(lambda i: run.attention(q, kc, vc, p, None, splits))
-        moved = 2 * b * h * (pos + 1) * d * 2
-        row = {"context": pos + 1, "heads": h, "head_dim": d, "splits": splits, "us": round(t * 1e6, 2),
-               "pct_copy_bw": round(100 * moved / t / bandwidth, 1), "rel_err": err, "pass": err <= TOL}
-        ctx.row("decode_attention", **row)
-        log(str(row))
-        failed |= not row["pass"]
+    for kv, (k, v, k_scale, v_scale, row_bytes) in caches.items():
+        for pos in (s // 10, s - 1):
+            if ctx.left() < MARGIN_S:
+                ctx.row("truncated", reason="out of time", before=f"attention {kv} {pos + 1}")
+                return True
+            p = torch.tensor([pos], dtype=torch.int64, device=dev)
+            want = run.reference.decode_attention(q.float(), k, v, p, k_scale=k_scale, v_scale=v_scale)
+            err = relative_error(run.attention(q, k, v, p, None, splits, k_scale, v_scale), want)
+            t = machine.seconds_per_call(lambda i: run.attention(q, k, v, p, None, splits, k_scale, v_scale))
+            moved = 2 * b * h * (pos + 1) * row_bytes
+            row = {"kv": kv, "context": pos + 1, "heads": h, "head_dim": d, "splits": splits,
+                   "us": round(t * 1e6, 2), "pct_copy_bw": round(100 * moved / t / bandwidth, 1), "rel_err": err,
+                   "pass": err <= TOL}
+            ctx.row("decode_attention", **row)
+            log(str(row))
+            failed |= not row["pass"]
     return failed
 
 

@@ -110,8 +110,8 @@ def section_gemv(rows):
                     r.get("fp16_us"), r.get("speedup_vs_fp16"),
                     _fmt(r.get("rel_err"), ".2e") + ("" if r.get("pass", True) else " FAIL")] for r in gemv])
     if attn:
-        out += _table(["decode attention context", "splits", "us", "% copy BW", "rel err"],
-                      [[a.get("context"), a.get("splits"), a.get("us"), a.get("pct_copy_bw"),
+        out += _table(["decode attention KV", "context", "splits", "us", "% copy BW", "rel err"],
+                      [[a.get("kv", "fp16"), a.get("context"), a.get("splits"), a.get("us"), a.get("pct_copy_bw"),
                         _fmt(a.get("rel_err"), ".2e")] for a in attn])
     return out
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..cache import KVCache
+from ..cache import KVCache, KVStorage, LayerKV, kv_cache_dtype
 from ..config import ModelConfig
 # Default cache length: a Llama-3 128k context would preallocate gigabytes that a chat rarely uses.
 DEFAULT_MAX_CONTEXT = 8192
@@ -85,18 +85,18 @@ class Step:
     """What every layer of one `run` needs besides its input, built once: the positions [B or 1, T],
     their rope tables, and where keys/values go (the cache's layers, or scratch buffers without one)."""
 
-    def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+    def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStorage | None,
                  window: int | None):
         self.positions, self.cos, self.sin, self.cache, self.window = positions, cos, sin, cache, window
         self.last_positions = positions[:, -1]  # with one token per sequence: each row's position [B or 1]
 
-    def kv(self, layer: int, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device) -> tuple:
+    def kv(self, layer: int, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device) -> LayerKV:
         if self.cache is not None:
-            return self.cache.keys[layer], self.cache.values[layer]
+            return self.cache.layer(layer)
         # No cache: this call's tokens only, at positions 0..T-1 (batch-agnostic, so the quantizer can
         # replay a layer on a subset of the sequences it was captured with)
         shape = (batch, n_kv, self.positions.shape[-1], head_dim)
-        return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+        return LayerKV(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
 
 
 def sequence_step(config: ModelConfig, rotary: RotaryEmbedding, seqlen: int, dtype: torch.dtype, device) -> Step:
@@ -121,14 +121,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv_proj(x)
-        keys, values = step.kv(self.layer_idx, b, self.n_kv_heads, self.head_dim, qkv.dtype, qkv.device)
-        q = ops.rope_kv_write(qkv, step.cos, step.sin, step.positions, keys, values,
-                              self.n_heads, self.n_kv_heads, self.head_dim)
+        kv = step.kv(self.layer_idx, b, self.n_kv_heads, self.head_dim, qkv.dtype, qkv.device)
+        scales = {"k_scale": kv.key_scales, "v_scale": kv.value_scales}  # None unless the cache is int8
+        q = ops.rope_kv_write(qkv, step.cos, step.sin, step.positions, kv.keys, kv.values,
+                              self.n_heads, self.n_kv_heads, self.head_dim, **scales)
         if t == 1:  # one new token per sequence: the decode kernel, over each row's own length
-            out = ops.decode_attention(q.view(b, self.n_heads, self.head_dim), keys, values,
-                                       step.last_positions.expand(b).contiguous(), step.window)
+            out = ops.decode_attention(q.view(b, self.n_heads, self.head_dim), kv.keys, kv.values,
+                                       step.last_positions.expand(b).contiguous(), step.window, **scales)
         else:
-            out = ops.attention(q, keys, values, step.positions, step.window)
+            out = ops.attention(q, kv.keys, kv.values, step.positions, step.window, **scales)
         return self.o_proj(out.reshape(b, t, self.q_size))
 
 
@@ -177,8 +178,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         with torch.device("cpu"):  # inv_freq is computed, never loaded: keep it off the meta device
             self.rotary = RotaryEmbedding(config)
+        self.kv_cache: str | None = None  # make_cache's storage (--kv-cache): None = the compute dtype
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVStorage | None = None,
             last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
         """The model's math: input_ids [B, T] at positions [B or 1, T] (int64, on the model's device) ->
         logits [B, T or 1, vocab] (or the final hidden states). Keys/values are written into `cache` at
@@ -194,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.norm(h)
         return h if return_hidden else self.lm_head(h)
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVStorage) -> torch.Tensor:
         """One new token per sequence: tokens [B] at positions [B] (device tensors) -> logits [B, vocab]."""
         return self.run(tokens.view(-1, 1), positions.view(-1, 1), cache)[:, 0]
 
@@ -213,10 +215,12 @@ class LlamaForCausalLM(nn.Module):
             cache.advance(input_ids)
         return out
 
-    def make_cache(self, max_seq: int | None = None, batch: int = 1) -> KVCache:
-        """A cache for up to max_seq positions (default: the model's context, at most DEFAULT_MAX_CONTEXT)."""
+    def make_cache(self, max_seq: int | None = None, batch: int = 1, kv_cache: str | None = None) -> KVCache:
+        """A cache for up to max_seq positions (default: the model's context, at most DEFAULT_MAX_CONTEXT),
+        stored as kv_cache ("fp16", "bf16", "int8"; default: self.kv_cache, else the compute dtype)."""
         max_seq = max_seq or min(self.config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-        return KVCache(self.config, max_seq, batch, dtype=self.dtype, device=self.device)
+        dtype = kv_cache_dtype(kv_cache or self.kv_cache, self.dtype)
+        return KVCache(self.config, max_seq, batch, dtype=dtype, device=self.device, scale_dtype=self.dtype)
 
     @property
     def dtype(self) -> torch.dtype:

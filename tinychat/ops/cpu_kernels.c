@@ -67,34 +67,68 @@ void tc_add_rmsnorm(const bf16* x, const bf16* delta, const bf16* weight, bf16* 
     }
 }
 
+#define MAX_DIM 256  // head_dim the kernels take with int8 caches and in the attention
+
+// Symmetric int8 codes of one head's d values (bf16 bits), as reference.quantize_kv computes them op by op:
+// scale = bf16(max|x| / 127) (fp32 division, rounded to nearest even), code = rint(x / scale) clamped to
+// +-127 (fp32 division, round half to even, as torch.round), all codes 0 for a zero scale.
+static inline void quantize_row(const bf16* x, int64_t d, int8_t* codes, bf16* scale) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < d; ++i) {
+        const float a = fabsf(bf2f(x[i]));
+        amax = a > amax ? a : amax;
+    }
+    const bf16 sb = f2bf(amax / 127.0f);
+    const float s = bf2f(sb);
+    *scale = sb;
+    for (int64_t i = 0; i < d; ++i) {
+        float c = s > 0.0f ? rintf(bf2f(x[i]) / s) : 0.0f;
+        c = c < -127.0f ? -127.0f : (c > 127.0f ? 127.0f : c);
+        codes[i] = (int8_t)c;
+    }
+}
+
 // Rotate q and k heads of qkv [b * t, (hq + 2 hkv) * d] with the rope tables cos, sin [b * t, d] (sin
 // signed: the rotation is x * cos + roll(x, d/2) * sin, each product and the sum rounded to bf16 as torch
 // does), write q into q_out [b * t, hq, d], and k (rotated) and v into the caches [b, hkv, max_seq, d]:
-// token j is sequence j / t's, at position pos[j]. Returns 0, or OUT_OF_CACHE (nothing written) when a
-// position falls outside [0, max_seq).
+// token j is sequence j / t's, at position pos[j]. With k_scale/v_scale (int8 caches; NULL for bf16 ones)
+// each head of k and v is quantized as it is written (quantize_row), its scale into [b, hkv, max_seq].
+// Returns 0, OUT_OF_CACHE (nothing written) when a position falls outside [0, max_seq), or -1 (nothing
+// written) for an int8 cache with d > MAX_DIM.
 int tc_rope_kv_write(const bf16* qkv, const bf16* cos_t, const bf16* sin_t, const int64_t* pos, bf16* q_out,
-                      bf16* k_cache, bf16* v_cache, int64_t n_tokens, int64_t t, int64_t hq, int64_t hkv, int64_t d,
-                      int64_t max_seq) {
+                      void* k_cache, void* v_cache, bf16* k_scale, bf16* v_scale, int64_t n_tokens, int64_t t,
+                      int64_t hq, int64_t hkv, int64_t d, int64_t max_seq) {
     for (int64_t j = 0; j < n_tokens; ++j)
         if (pos[j] < 0 || pos[j] >= max_seq) return OUT_OF_CACHE;
+    const int q8 = k_scale != NULL;
+    if (q8 && d > MAX_DIM) return -1;
     const int64_t half = d / 2, width = (hq + 2 * hkv) * d;
+    bf16 rotated[MAX_DIM];
     for (int64_t j = 0; j < n_tokens; ++j) {
         const bf16* src = qkv + j * width;
         const bf16* c = cos_t + j * d;
         const bf16* s = sin_t + j * d;
-        const int64_t base = (j / t) * hkv * max_seq * d + pos[j] * d;
+        const int64_t row = (j / t) * hkv * max_seq + pos[j];  // (sequence, kv head 0, position) in [b, hkv, S]
         for (int64_t head = 0; head < hq + hkv; ++head) {
             const bf16* x = src + head * d;
-            bf16* dst = head < hq ? q_out + (j * hq + head) * d : k_cache + base + (head - hq) * max_seq * d;
+            const int64_t at = row + (head - hq) * max_seq;  // k heads: the cache row (times d for the values)
+            bf16* dst = head < hq ? q_out + (j * hq + head) * d : q8 ? rotated : (bf16*)k_cache + at * d;
             for (int64_t i = 0; i < d; ++i) {
                 const int64_t r = i < half ? i + half : i - half;
                 const float a = round_bf(bf2f(x[i]) * bf2f(c[i]));
                 const float b = round_bf(bf2f(x[r]) * bf2f(s[i]));
                 dst[i] = f2bf(a + b);
             }
+            if (head >= hq && q8) quantize_row(rotated, d, (int8_t*)k_cache + at * d, k_scale + at);
         }
-        for (int64_t head = 0; head < hkv; ++head)
-            memcpy(v_cache + base + head * max_seq * d, src + (hq + hkv + head) * d, (size_t)d * sizeof(bf16));
+        for (int64_t head = 0; head < hkv; ++head) {
+            const bf16* v = src + (hq + hkv + head) * d;
+            const int64_t at = row + head * max_seq;
+            if (q8)
+                quantize_row(v, d, (int8_t*)v_cache + at * d, v_scale + at);
+            else
+                memcpy((bf16*)v_cache + at * d, v, (size_t)d * sizeof(bf16));
+        }
     }
     return 0;
 }
@@ -118,43 +152,63 @@ static inline float vexp(float x) {
     return y * scale;
 }
 
-#define ATTN_PREFETCH_ROWS 16  // key/value rows fetched ahead of use
+#define ATTN_PREFETCH_ROWS 16  // bf16 key/value rows fetched ahead of use (int8: as many bytes, twice the rows)
 #define MAX_GROUP 16   // query heads per kv head handled together (GQA groups are 1..8 in practice)
-#define MAX_DIM 256
+
+// One key or value row as d floats: bf16 bits, or int8 codes (their scale is applied by the caller).
+static inline __attribute__((always_inline)) void load_row(const void* base, int64_t t, int64_t d, int q8,
+                                                           float* row) {
+    if (q8) {
+        const int8_t* p = (const int8_t*)base + t * d;
+        for (int64_t i = 0; i < d; ++i) row[i] = (float)p[i];
+    } else {
+        const bf16* p = (const bf16*)base + t * d;
+        for (int64_t i = 0; i < d; ++i) row[i] = bf2f(p[i]);
+    }
+}
 
 // Partial attention of one kv head's query heads over keys [t0, t1) of keys/values [len, d]: for each query
 // head g, the running max m[g], the sum of exp(score - m) l[g] and the unnormalised output acc[g] (fp32).
-// Inlined per head_dim so the short inner loops are unrolled with the size known at compile time.
-static inline __attribute__((always_inline)) void attend_part(const float (*qf)[MAX_DIM], const bf16* kb,
-                                                              const bf16* vb, int64_t t0, int64_t t1,
+// Keys/values are bf16, or (q8) int8 codes with one scale per row in ks/vs: a key's scale multiplies its
+// dot product and a value's scale its softmax weight, so the codes go straight into the sums.
+// Inlined per head_dim and storage so the short inner loops are unrolled with the size known at compile time.
+static inline __attribute__((always_inline)) void attend_part(const float (*qf)[MAX_DIM], const void* kb,
+                                                              const void* vb, const bf16* ks, const bf16* vs,
+                                                              const int q8, int64_t t0, int64_t t1,
                                                               int64_t group, const int64_t d, float* scores,
                                                               float* m, float* l, float* acc) {
     const int64_t len = t1 - t0;
+    const int64_t row_bytes = q8 ? d : 2 * d, ahead = ATTN_PREFETCH_ROWS * 2 * d;
     float row[MAX_DIM];
+    (void)ahead;  // used by the AVX-512 loops only
 #ifdef __AVX512F__
     if (d % 16 == 0) {  // one key row in registers, a fused multiply-add chain per query head
         for (int64_t t = 0; t < len; ++t) {
-            for (int64_t c = 0; c < d * 2; c += 64)  // the cache streams from DRAM: fetch rows ahead
-                _mm_prefetch((const char*)(kb + (t0 + t + ATTN_PREFETCH_ROWS) * d) + c, _MM_HINT_T0);
+            const char* kr = (const char*)kb + (t0 + t) * row_bytes;
+            for (int64_t c = 0; c < row_bytes; c += 64)  // the cache streams from DRAM: fetch rows ahead
+                _mm_prefetch(kr + ahead + c, _MM_HINT_T0);
             __m512 k[MAX_DIM / 16];
             for (int64_t c = 0; c < d / 16; ++c)
-                k[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(kb + (t0 + t) * d + 16 * c))), 16));
+                k[c] = q8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(kr + 16 * c))))
+                          : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(kr + 32 * c))), 16));
+            const float scale = q8 ? bf2f(ks[t0 + t]) : 1.0f;
             for (int64_t g = 0; g < group; ++g) {
                 __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qf[g]), k[0]);
                 for (int64_t c = 1; c < d / 16; ++c) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qf[g] + 16 * c), k[c], sum);
-                scores[g * len + t] = _mm512_reduce_add_ps(sum);
+                scores[g * len + t] = scale * _mm512_reduce_add_ps(sum);
             }
         }
     } else
 #endif
     for (int64_t t = 0; t < len; ++t) {
-        for (int64_t i = 0; i < d; ++i) row[i] = bf2f(kb[(t0 + t) * d + i]);
+        load_row(kb, t0 + t, d, q8, row);
+        const float scale = q8 ? bf2f(ks[t0 + t]) : 1.0f;
         for (int64_t g = 0; g < group; ++g) {
             float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t i = 0; i < d; ++i) dot += qf[g][i] * row[i];
-            scores[g * len + t] = dot;
+            scores[g * len + t] = scale * dot;
         }
     }
     for (int64_t g = 0; g < group; ++g) {
@@ -173,12 +227,13 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
     }
     for (int64_t t = 0; t < len; ++t) {
 #ifdef __AVX512F__
-        for (int64_t c = 0; c < d * 2; c += 64)
-            _mm_prefetch((const char*)(vb + (t0 + t + ATTN_PREFETCH_ROWS) * d) + c, _MM_HINT_T0);
+        for (int64_t c = 0; c < row_bytes; c += 64)
+            _mm_prefetch((const char*)vb + (t0 + t) * row_bytes + ahead + c, _MM_HINT_T0);
 #endif
-        for (int64_t i = 0; i < d; ++i) row[i] = bf2f(vb[(t0 + t) * d + i]);
+        load_row(vb, t0 + t, d, q8, row);
+        const float scale = q8 ? bf2f(vs[t0 + t]) : 1.0f;
         for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * len + t];
+            const float p = scores[g * len + t] * scale;
             float* a = acc + g * d;
             for (int64_t i = 0; i < d; ++i) a[i] += p * row[i];
         }
@@ -189,15 +244,19 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
 
 // One new token per sequence: q [b, hq, d] attends over its row's cache [hkv, max_seq, d] positions
 // start .. pos[r] (start = pos - window + 1 with a sliding window, else 0); query head h reads kv head
-// h / (hq / hkv). Scores, softmax and the weighted sum in fp32; each key and value row is read once per
-// kv head for all its query heads. The keys are split into ranges computed in parallel (on torch's OpenMP
-// threads) and merged by their softmax statistics. Returns 0, or -1 for shapes it does not take.
-int tc_decode_attention(const bf16* q, const bf16* k_cache, const bf16* v_cache, const int64_t* pos, bf16* out,
-                        int64_t b, int64_t hq, int64_t hkv, int64_t d, int64_t max_seq, int64_t window) {
+// h / (hq / hkv). The caches are bf16, or int8 codes with scales k_scale, v_scale [b, hkv, max_seq] (bf16;
+// NULL for bf16 caches) applied inside the dot products. Scores, softmax and the weighted sum in fp32; each
+// key and value row is read once per kv head for all its query heads. The keys are split into ranges
+// computed in parallel (on torch's OpenMP threads) and merged by their softmax statistics. Returns 0, or
+// -1 for shapes it does not take.
+int tc_decode_attention(const bf16* q, const void* k_cache, const void* v_cache, const bf16* k_scale,
+                        const bf16* v_scale, const int64_t* pos, bf16* out, int64_t b, int64_t hq, int64_t hkv,
+                        int64_t d, int64_t max_seq, int64_t window) {
     const int64_t group = hq / hkv;
     if (group > MAX_GROUP || d > MAX_DIM) return -1;
     for (int64_t r = 0; r < b; ++r)
         if (pos[r] < 0 || pos[r] >= max_seq) return OUT_OF_CACHE;
+    const int q8 = k_scale != NULL;
     int64_t splits = 1;
     for (int64_t r = 0; r < b; ++r) {
         const int64_t s = (pos[r] + SPLIT_KEYS) / SPLIT_KEYS;
@@ -232,13 +291,27 @@ int tc_decode_attention(const bf16* q, const bf16* k_cache, const bf16* v_cache,
         const int64_t h0 = r * hq + kv * group;
         for (int64_t g = 0; g < group; ++g)
             for (int64_t i = 0; i < d; ++i) qf[g][i] = bf2f(q[(h0 + g) * d + i]) * scale;
-        const size_t base = (size_t)((r * hkv + kv) * max_seq * d);
-        if (d == 64)
-            attend_part(qf, k_cache + base, v_cache + base, t0, t1, group, 64, scores, m, l, acc);
-        else if (d == 128)
-            attend_part(qf, k_cache + base, v_cache + base, t0, t1, group, 128, scores, m, l, acc);
-        else
-            attend_part(qf, k_cache + base, v_cache + base, t0, t1, group, d, scores, m, l, acc);
+        const size_t rows = (size_t)((r * hkv + kv) * max_seq);  // this (sequence, kv head)'s first cache row
+        const size_t bytes = rows * (size_t)d * (q8 ? 1 : 2);
+        const void* kb = (const char*)k_cache + bytes;
+        const void* vb = (const char*)v_cache + bytes;
+        const bf16* ks = q8 ? k_scale + rows : NULL;
+        const bf16* vs = q8 ? v_scale + rows : NULL;
+        if (q8) {
+            if (d == 64)
+                attend_part(qf, kb, vb, ks, vs, 1, t0, t1, group, 64, scores, m, l, acc);
+            else if (d == 128)
+                attend_part(qf, kb, vb, ks, vs, 1, t0, t1, group, 128, scores, m, l, acc);
+            else
+                attend_part(qf, kb, vb, ks, vs, 1, t0, t1, group, d, scores, m, l, acc);
+        } else {
+            if (d == 64)
+                attend_part(qf, kb, vb, ks, vs, 0, t0, t1, group, 64, scores, m, l, acc);
+            else if (d == 128)
+                attend_part(qf, kb, vb, ks, vs, 0, t0, t1, group, 128, scores, m, l, acc);
+            else
+                attend_part(qf, kb, vb, ks, vs, 0, t0, t1, group, d, scores, m, l, acc);
+        }
         free(scores);
     }
     if (!failed)

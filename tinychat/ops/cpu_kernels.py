@@ -5,7 +5,8 @@ system C compiler and called through ctypes on tensors' data pointers.
   the flags and the CPU), written under a temporary name and renamed, so a half-built library is never
   loaded. Without a compiler, or with TINYCHAT_CPU_KERNELS=0, every op runs its torch implementation.
 - Only bf16 tensors on the CPU, contiguous, take these kernels (the dispatch in tinychat.ops.cuda_ops
-  checks); the decode step of a 4-bit model on the CPU is bf16 throughout.
+  checks); the decode step of a 4-bit model on the CPU is bf16 throughout. The KV cache they read and
+  write is bf16, or int8 with bf16 scales (--kv-cache int8).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 _i64, _f32, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     "tc_add_rmsnorm": (_p, _p, _p, _p, _p, _i64, _i64, _f32),
-    "tc_rope_kv_write": (_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
-    "tc_decode_attention": (_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
+    "tc_rope_kv_write": (_p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
+    "tc_decode_attention": (_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
     "tc_silu_mul": (_p, _p, _i64, _i64),
     "tc_int4pack_gemv": (_p, _i64, _p, _p, _p, _i64, _i64, _i64),
     "tc_has_avx512": (),
@@ -130,26 +131,33 @@ def add_rmsnorm(x, weight, eps, delta=None):
     return out, h
 
 
-def rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim):
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim, k_scale=None, v_scale=None):
+    """Rotated q; k and v written into the bf16 caches, or quantized into int8 caches with bf16 scales
+    (contiguous). None where the kernel does not run (int8 with head_dim > 256): nothing was written."""
     b, t, _ = qkv.shape
     qkv = qkv.contiguous()
     # one row of positions/tables may be shared by the batch: the kernel reads dense rows, one per token
     positions, cos, sin = (z.expand(b, *z.shape[1:]).contiguous() for z in (positions, cos, sin))
     q = torch.empty(b, t, n_heads, head_dim, dtype=qkv.dtype)
-    status = library().tc_rope_kv_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(),
-                               k_cache.data_ptr(), v_cache.data_ptr(), b * t, t, n_heads, n_kv, head_dim,
-                               k_cache.shape[2])
+    status = library().tc_rope_kv_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
+                                        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale),
+                                        _ptr(v_scale), b * t, t, n_heads, n_kv, head_dim, k_cache.shape[2])
     _check_positions(status, positions, k_cache.shape[2])
-    return q
+    return q if status == 0 else None
 
 
-def decode_attention(q, k_cache, v_cache, positions, window):
+def decode_attention(q, k_cache, v_cache, positions, window, k_scale=None, v_scale=None):
+    """Over bf16 caches, or int8 caches with their bf16 scales (contiguous); None for shapes it does not take."""
     b, n_heads, head_dim = q.shape
     q, positions = q.contiguous(), positions.contiguous()
     out = torch.empty_like(q)
-    status = library().tc_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                           positions.data_ptr(), out.data_ptr(), b, n_heads, k_cache.shape[1],
-                                           head_dim, k_cache.shape[2], window or 0)
+    status = library().tc_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale),
+                                           _ptr(v_scale), positions.data_ptr(), out.data_ptr(), b, n_heads,
+                                           k_cache.shape[1], head_dim, k_cache.shape[2], window or 0)
     _check_positions(status, positions, k_cache.shape[2])
     return out if status == 0 else None
 

@@ -172,6 +172,33 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return reference.add_rmsnorm(x, weight, eps, delta)
 
 
+# ---- KV caches as the kernels take them ------------------------------------------------------------
+
+def _kv_layout(dtype: torch.dtype, k_cache, v_cache, k_scale, v_scale) -> bool:
+    """Contiguous caches in `dtype`, or int8 codes with contiguous scales in `dtype` (--kv-cache int8)."""
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or (k_scale is None) != (v_scale is None):
+        return False
+    if k_scale is None:
+        return k_cache.dtype == v_cache.dtype == dtype
+    return (k_cache.dtype == v_cache.dtype == torch.int8 and k_scale.dtype == v_scale.dtype == dtype
+            and k_scale.is_contiguous() and v_scale.is_contiguous())
+
+
+def _fast_cache(ref: torch.Tensor, k_cache, v_cache, k_scale, v_scale) -> bool:
+    """Caches a CUDA kernel takes beside `ref` (a fast fp16 input): fp16 ones as _fast wants them, or int8
+    codes (8-byte aligned: each lane reads 8 of them) with fp16 scales, all contiguous on ref's device."""
+    if k_scale is None:
+        return v_scale is None and _fast(ref, k_cache, v_cache)
+    return (v_scale is not None and _kv_layout(torch.float16, k_cache, v_cache, k_scale, v_scale)
+            and all(t.device == ref.device for t in (k_cache, v_cache, k_scale, v_scale))
+            and k_cache.data_ptr() % 8 == 0 and v_cache.data_ptr() % 8 == 0)
+
+
+def _random_q8_cache(b, n_kv, seq, d, device, scale=1.0):
+    """(codes, scales) of a random fp16 cache quantized as rope_kv_write_q8 does."""
+    return reference.quantize_kv(_randn(b, n_kv, seq, d, device=device, scale=scale), torch.float16)
+
+
 # ---- RoPE + KV-cache write ------------------------------------------------------------------------
 
 def _per_token(t: torch.Tensor, b: int) -> torch.Tensor:
@@ -179,44 +206,63 @@ def _per_token(t: torch.Tensor, b: int) -> torch.Tensor:
     return (t if t.shape[0] == b else t.expand(b, *t.shape[1:])).contiguous()
 
 
-def _launch_rope_kv(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim):
+def _launch_rope_kv(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim, k_scale=None, v_scale=None):
     b, t, _ = qkv.shape
     q = torch.empty(b, t, n_heads, head_dim, dtype=torch.float16, device=qkv.device)
     cos, sin, positions = _per_token(cos, b), _per_token(sin, b), _per_token(positions, b)
-    kernels.launch("rope_kv.cu", "rope_kv_write", (n_heads + n_kv, b * t), (head_dim // 2,),
-                   (ptr(qkv), ptr(q), ptr(k_cache), ptr(v_cache), ptr(cos), ptr(sin), ptr(positions), i32(t),
+    caches = (ptr(k_cache), ptr(v_cache)) + (() if k_scale is None else (ptr(k_scale), ptr(v_scale)))
+    kernels.launch("rope_kv.cu", "rope_kv_write" if k_scale is None else "rope_kv_write_q8",
+                   (n_heads + n_kv, b * t), (head_dim // 2,),
+                   (ptr(qkv), ptr(q), *caches, ptr(cos), ptr(sin), ptr(positions), i32(t),
                     i32(n_heads), i32(n_kv), i32(head_dim), i32(k_cache.shape[2])), device=qkv.device)
     return q
 
 
-def _check_rope_kv(device) -> float:
+def _check_rope_kv(device, q8: bool = False) -> float:
     b, t, hq, hkv, d, s = 2, 2, 4, 2, 64, 40
     qkv = _randn(b, t, (hq + 2 * hkv) * d, device=device)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device).float() / d))
     positions = torch.tensor([[17, 18], [30, 31]], device=device)
     cos, sin = reference.rope_cos_sin(inv_freq, positions, torch.float16)
-    k_cache, v_cache = _randn(b, hkv, s, d, device=device), _randn(b, hkv, s, d, device=device)
-    caches = [k_cache, v_cache, k_cache.clone(), v_cache.clone()]
-    got = _launch_rope_kv(qkv, cos, sin, positions, caches[0], caches[1], hq, hkv, d)
-    want = reference.rope_kv_write(qkv, cos, sin, positions, caches[2], caches[3], hq, hkv, d)
-    return max(kernels.relative_error(got, want), kernels.relative_error(caches[0], caches[2]),
-               kernels.relative_error(caches[1], caches[3]))
+    if not q8:
+        k_cache, v_cache = _randn(b, hkv, s, d, device=device), _randn(b, hkv, s, d, device=device)
+        caches = [k_cache, v_cache, k_cache.clone(), v_cache.clone()]
+        got = _launch_rope_kv(qkv, cos, sin, positions, caches[0], caches[1], hq, hkv, d)
+        want = reference.rope_kv_write(qkv, cos, sin, positions, caches[2], caches[3], hq, hkv, d)
+        return max(kernels.relative_error(got, want), kernels.relative_error(caches[0], caches[2]),
+                   kernels.relative_error(caches[1], caches[3]))
+    (kc, ks), (vc, vs) = _random_q8_cache(b, hkv, s, d, device), _random_q8_cache(b, hkv, s, d, device)
+    mine, theirs = [kc, vc, ks, vs], [x.clone() for x in (kc, vc, ks, vs)]
+    got = _launch_rope_kv(qkv, cos, sin, positions, *mine[:2], hq, hkv, d, *mine[2:])
+    want = reference.rope_kv_write(qkv, cos, sin, positions, *theirs[:2], hq, hkv, d, k_scale=theirs[2],
+                                   v_scale=theirs[3])
+    return max(kernels.relative_error(got, want),
+               *(kernels.relative_error(reference.dequantize_kv(mine[i], mine[i + 2], torch.float32),
+                                        reference.dequantize_kv(theirs[i], theirs[i + 2], torch.float32))
+                 for i in (0, 1)))
 
 
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int,
-                  head_dim: int) -> torch.Tensor:
-    """Rotated q [B, T, Hq, D]; k (rotated) and v written into the caches at positions [B or 1, T]."""
-    if (cpu_kernels.applies(qkv) and k_cache.dtype == v_cache.dtype == cos.dtype == qkv.dtype
-            and k_cache.is_contiguous() and v_cache.is_contiguous() and positions.dtype == torch.int64
-            and qkv.dim() == 3 and qkv.shape[-1] == (n_heads + 2 * n_kv) * head_dim and cos.shape[-1] == head_dim):
-        return cpu_kernels.rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim)
-    if (_fast(qkv, cos, sin, k_cache, v_cache) and positions.is_cuda and positions.dtype == torch.int64
-            and head_dim % 2 == 0 and head_dim // 2 <= 128 and qkv.dim() == 3
-            and qkv.shape[-1] == (n_heads + 2 * n_kv) * head_dim and cos.shape[-1] == head_dim
-            and kernels.verified("rope_kv_write", lambda: _check_rope_kv(qkv.device))):
-        return _launch_rope_kv(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim)
-    return reference.rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim)
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, *,
+                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotated q [B, T, Hq, D]; k (rotated) and v written into the caches at positions [B or 1, T], quantized
+    with their scales written into k_scale, v_scale where the caches are int8."""
+    shapes_ok = (positions.dtype == torch.int64 and qkv.dim() == 3 and cos.shape[-1] == head_dim
+                 and qkv.shape[-1] == (n_heads + 2 * n_kv) * head_dim)
+    if (shapes_ok and cpu_kernels.applies(qkv) and cos.dtype == qkv.dtype
+            and _kv_layout(qkv.dtype, k_cache, v_cache, k_scale, v_scale)):
+        q = cpu_kernels.rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim,
+                                      k_scale, v_scale)
+        if q is not None:
+            return q
+    q8 = k_scale is not None
+    name = "rope_kv_write_q8" if q8 else "rope_kv_write"
+    if (shapes_ok and _fast(qkv, cos, sin) and _fast_cache(qkv, k_cache, v_cache, k_scale, v_scale)
+            and positions.is_cuda and head_dim % 2 == 0 and head_dim // 2 <= 128 and (not q8 or head_dim % 64 == 0)
+            and kernels.verified(name, lambda: _check_rope_kv(qkv.device, q8))):
+        return _launch_rope_kv(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim, k_scale, v_scale)
+    return reference.rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, head_dim,
+                                   k_scale=k_scale, v_scale=v_scale)
 
 
 # ---- decode attention -----------------------------------------------------------------------------
@@ -229,14 +275,14 @@ def attention_splits(batch: int, n_kv: int, max_seq: int, device) -> int:
     return max(1, min(want, max_seq // 64, 64))
 
 
-def _attn_variant(head_dim: int, group: int) -> str | None:
+def _attn_variant(head_dim: int, group: int, q8: bool = False) -> str | None:
     if head_dim not in ATTN_HEAD_DIMS:
         return None
     gmax = next((g for g in ATTN_GROUPS if g >= group), None)
-    return None if gmax is None else f"attn_decode_d{head_dim}_g{gmax}"
+    return None if gmax is None else f"attn_decode{'_q8' if q8 else ''}_d{head_dim}_g{gmax}"
 
 
-def _launch_attention(q, k_cache, v_cache, positions, window, n_splits):
+def _launch_attention(q, k_cache, v_cache, positions, window, n_splits, k_scale=None, v_scale=None):
     b, n_heads, d = q.shape
     n_kv, seq = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty(b, n_heads, d, dtype=torch.float16, device=q.device)
@@ -245,9 +291,11 @@ def _launch_attention(q, k_cache, v_cache, positions, window, n_splits):
         part_ml = torch.empty(b, n_heads, n_splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_o = part_ml = None
-    name = _attn_variant(d, n_heads // n_kv)
+    q8 = k_scale is not None
+    name = _attn_variant(d, n_heads // n_kv, q8)
+    caches = (ptr(k_cache), ptr(v_cache)) + ((ptr(k_scale), ptr(v_scale)) if q8 else ())
     kernels.launch("decode_attention.cu", name, (n_splits, n_kv, b), (128,),
-                   (ptr(q), ptr(k_cache), ptr(v_cache), ptr(part_o), ptr(part_ml), ptr(out), ptr(positions),
+                   (ptr(q), *caches, ptr(part_o), ptr(part_ml), ptr(out), ptr(positions),
                     i32(n_heads), i32(n_kv), i32(seq), i32(n_splits), i32(window or 0), f32(LOG2E / math.sqrt(d))),
                    device=q.device)
     if n_splits > 1:
@@ -256,39 +304,46 @@ def _launch_attention(q, k_cache, v_cache, positions, window, n_splits):
     return out
 
 
-def _check_attention(head_dim: int, group: int, device) -> float:
+def _check_attention(head_dim: int, group: int, device, q8: bool = False) -> float:
     worst = 0.0
     for b, n_kv, seq, pos, window, splits in ((1, 2, 96, 70, None, 1), (2, 1, 160, 150, None, 5),
                                               (1, 2, 128, 100, 48, 3), (1, 1, 64, 0, None, 4)):
         n_heads = n_kv * group
         q = _randn(b, n_heads, head_dim, device=device)
-        k_cache = _randn(b, n_kv, seq, head_dim, device=device, scale=2.0)
-        v_cache = _randn(b, n_kv, seq, head_dim, device=device)
+        if q8:
+            (k_cache, k_scale), (v_cache, v_scale) = (_random_q8_cache(b, n_kv, seq, head_dim, device, 2.0),
+                                                      _random_q8_cache(b, n_kv, seq, head_dim, device))
+        else:
+            k_cache = _randn(b, n_kv, seq, head_dim, device=device, scale=2.0)
+            v_cache = _randn(b, n_kv, seq, head_dim, device=device)
+            k_scale = v_scale = None
         p = torch.tensor([pos - i for i in range(b)], device=device)  # rows at different lengths
-        got = _launch_attention(q, k_cache, v_cache, p, window, splits)
-        want = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), p, window)
+        got = _launch_attention(q, k_cache, v_cache, p, window, splits, k_scale, v_scale)
+        want = reference.decode_attention(q.float(), k_cache, v_cache, p, window, k_scale=k_scale, v_scale=v_scale)
         worst = max(worst, kernels.relative_error(got, want))
     return worst
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     window: int | None = None, n_splits: int | None = None) -> torch.Tensor:
-    """One token's attention per sequence over cache positions 0..positions[b] (q [B, Hq, D] -> [B, Hq, D])."""
+                     window: int | None = None, n_splits: int | None = None, *, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One token's attention per sequence over cache positions 0..positions[b] (q [B, Hq, D] -> [B, Hq, D]);
+    int8 caches are dequantized with their scales inside the kernels' dot products."""
     b, n_heads, d = q.shape
     n_kv = k_cache.shape[1]
-    if (cpu_kernels.applies(q) and k_cache.dtype == v_cache.dtype == q.dtype and k_cache.is_contiguous()
-            and v_cache.is_contiguous() and n_heads % n_kv == 0 and positions.dtype == torch.int64
-            and positions.numel() == b):
-        out = cpu_kernels.decode_attention(q, k_cache, v_cache, positions, window)
+    shapes_ok = n_heads % n_kv == 0 and positions.dtype == torch.int64 and positions.numel() == b
+    if shapes_ok and cpu_kernels.applies(q) and _kv_layout(q.dtype, k_cache, v_cache, k_scale, v_scale):
+        out = cpu_kernels.decode_attention(q, k_cache, v_cache, positions, window, k_scale, v_scale)
         if out is not None:
             return out
-    name = _attn_variant(d, n_heads // n_kv) if n_heads % n_kv == 0 else None
-    if (name is not None and _fast(q, k_cache, v_cache) and positions.is_cuda and positions.dtype == torch.int64
-            and positions.numel() == b and positions.is_contiguous()
-            and kernels.verified(name, lambda: _check_attention(d, n_heads // n_kv, q.device))):
+    q8 = k_scale is not None
+    name = _attn_variant(d, n_heads // n_kv, q8) if n_heads % n_kv == 0 else None
+    if (name is not None and shapes_ok and _fast(q) and _fast_cache(q, k_cache, v_cache, k_scale, v_scale)
+            and positions.is_cuda and positions.is_contiguous()
+            and kernels.verified(name, lambda: _check_attention(d, n_heads // n_kv, q.device, q8))):
         splits = n_splits or attention_splits(b, n_kv, k_cache.shape[2], q.device)
-        return _launch_attention(q, k_cache, v_cache, positions, window, splits)
-    return reference.decode_attention(q, k_cache, v_cache, positions, window)
+        return _launch_attention(q, k_cache, v_cache, positions, window, splits, k_scale, v_scale)
+    return reference.decode_attention(q, k_cache, v_cache, positions, window, k_scale=k_scale, v_scale=v_scale)
 
 
 # ---- W4A16 GEMM (prefill, M > 8) ------------------------------------------------------------------
@@ -484,8 +539,9 @@ def kernel_names() -> dict[str, list[str]]:
     return {
         "gemv_w4a16.cu": [_gemv_key(m, silu) for m in range(1, GEMV_MAX_TOKENS + 1) for silu in (False, True)],
         "rmsnorm.cu": ["rmsnorm_residual"],
-        "rope_kv.cu": ["rope_kv_write"],
-        "decode_attention.cu": [_attn_variant(d, g) for d in ATTN_HEAD_DIMS for g in ATTN_GROUPS] + ["attn_combine"],
+        "rope_kv.cu": ["rope_kv_write", "rope_kv_write_q8"],
+        "decode_attention.cu": [_attn_variant(d, g, q8) for q8 in (False, True) for d in ATTN_HEAD_DIMS
+                                for g in ATTN_GROUPS] + ["attn_combine"],
         "silu_mul.cu": ["silu_mul"],
         "gemm_w4a16.cu": [f"gemm_w4a16_{name}" for name in GEMM_CONFIGS] + ["dequant_w4a16"],
     }

@@ -78,16 +78,24 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
 
 
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int,
-                  head_dim: int) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, *,
+                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate q and k of qkv [B, T, (Hq + 2 Hkv) * D], write k and v into the caches [B, Hkv, S, D] at
     `positions` [B or 1, T], and return the rotated q [B, T, Hq, D]. cos, sin: rope_cos_sin's tables
-    for these positions ([B or 1, T, D]); q and k heads rotate together in one multiply-add."""
+    for these positions ([B or 1, T, D]); q and k heads rotate together in one multiply-add. With int8
+    caches, k and v are quantized per (token, head) as they are written, their scales into k_scale,
+    v_scale [B, Hkv, S] (see quantize_kv)."""
     b, t, _ = qkv.shape
     qk_size = (n_heads + n_kv) * head_dim
     qk = qkv[..., :qk_size].reshape(b, t, n_heads + n_kv, head_dim)
     qk = qk * cos.unsqueeze(-2) + qk.roll(head_dim // 2, -1) * sin.unsqueeze(-2)
-    write_kv(k_cache, v_cache, qk[:, :, n_heads:], qkv[..., qk_size:].reshape(b, t, n_kv, head_dim), positions)
+    k, v = qk[:, :, n_heads:], qkv[..., qk_size:].reshape(b, t, n_kv, head_dim)
+    if k_scale is None:
+        write_kv(k_cache, v_cache, k, v, positions)
+    else:
+        (kq, ks), (vq, vs) = quantize_kv(k, k_scale.dtype), quantize_kv(v, v_scale.dtype)
+        write_kv(k_cache, v_cache, kq, vq, positions)
+        write_kv(k_scale.unsqueeze(-1), v_scale.unsqueeze(-1), ks.unsqueeze(-1), vs.unsqueeze(-1), positions)
     return qk[:, :, :n_heads]
 
 
@@ -106,6 +114,32 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.transpose(1, 2)[rows, positions] = v.to(v_cache.dtype)
 
 
+# ---- int8 KV cache -------------------------------------------------------------------------------------
+
+def quantize_kv(x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dim: (codes int8 [..., D], scale [...] in scale_dtype) with
+    scale = max|x| / 127 (in fp32, then rounded to scale_dtype) and codes = round(x / scale) in [-127, 127],
+    divided by the stored scale so that codes * scale is what attention reads. A zero row has scale 0 and
+    codes 0. The kernels (tc_rope_kv_write, rope_kv_write_q8) compute exactly this, op by op."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1) / 127.0).to(scale_dtype)
+    s = scale.float().unsqueeze(-1)
+    codes = torch.where(s > 0, torch.round(xf / torch.where(s > 0, s, 1.0)), 0.0).clamp_(-127, 127)
+    return codes.to(torch.int8), scale
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes [..., D] * scale [...] in fp32, cast once to dtype."""
+    return (codes.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+def _cache_as(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A (slice of a) cache in `dtype` for attention: dequantized when it is int8, cast when another float."""
+    if scale is not None:
+        return dequantize_kv(cache, scale, dtype)
+    return cache if cache.dtype == dtype else cache.to(dtype)
+
+
 # ---- attention ---------------------------------------------------------------------------------------
 
 def attention_mask(positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
@@ -120,9 +154,11 @@ def attention_mask(positions: torch.Tensor, length: int, window: int | None) -> 
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-              window: int | None = None) -> torch.Tensor:
+              window: int | None = None, *, k_scale: torch.Tensor | None = None,
+              v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of T new tokens per sequence, q [B, T, Hq, D] at positions [B or 1, T], over the caches
-    [B, Hkv, S, D] (which already hold these tokens' keys); returns [B, T, Hq, D].
+    [B, Hkv, S, D] (which already hold these tokens' keys); returns [B, T, Hq, D]. int8 caches (with their
+    scales [B, Hkv, S]) are dequantized to q's dtype first, other cache dtypes cast to it.
 
     For prompts (any T): torch's SDPA on every device (no kernel of ours), on the cache up to the last
     position, causal where the positions start at 0 and no window cuts in, else with an explicit mask.
@@ -130,7 +166,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
     n_heads, n_kv = q.shape[2], k_cache.shape[1]
     t = q.shape[1]
     length = int(positions[:, -1].max()) + 1  # positions increase along T; a host read once per layer
-    k, v = k_cache[:, :, :length], v_cache[:, :, :length]
+    k = _cache_as(k_cache[:, :, :length], None if k_scale is None else k_scale[:, :, :length], q.dtype)
+    v = _cache_as(v_cache[:, :, :length], None if v_scale is None else v_scale[:, :, :length], q.dtype)
     plain_causal = length == t and positions.shape[0] == 1 and (window is None or window <= 0 or window >= t)
     mask = None if plain_causal else attention_mask(positions, length, window).unsqueeze(1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=plain_causal,
@@ -139,9 +176,11 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     window: int | None = None) -> torch.Tensor:
+                     window: int | None = None, *, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per sequence, q [B, Hq, D], over cache positions 0..positions[b] (the
-    last `window` of them with a sliding window); returns [B, Hq, D].
+    last `window` of them with a sliding window); returns [B, Hq, D]. int8 caches are dequantized with
+    their scales [B, Hkv, S], then attended: the ground truth of the kernels' dequantize-in-the-dot-product.
 
     Computed in fp32 whatever the cache's dtype: the decode shape (a few query heads, one query row) is
     where torch's bf16 CPU attention is up to 7x slower than fp32 on CPUs without fast bf16 (AMD Zen 5
@@ -155,14 +194,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         last = int(positions.max())
         first = int(positions.min())
         start = max(0, first + 1 - window) if window is not None and window > 0 else 0
-        k, v = k_cache[:, :, start:last + 1], v_cache[:, :, start:last + 1]
+        span = slice(start, last + 1)
         mask = None
         if b > 1 and (first != last or start > 0):
             mask = attention_mask(positions.view(b, 1), last + 1, window)[:, :, start:].unsqueeze(1)
     else:  # the whole cache under a mask: no host read of the positions
-        k, v = k_cache, v_cache
+        span = slice(None)
         mask = attention_mask(positions.view(b, 1), k_cache.shape[2], window).unsqueeze(1)
     wide = torch.promote_types(q.dtype, torch.float32)
-    out = F.scaled_dot_product_attention(q.view(b, n_heads, 1, head_dim).to(wide), k.to(wide), v.to(wide),
+    k = _cache_as(k_cache[:, :, span], None if k_scale is None else k_scale[:, :, span], wide)
+    v = _cache_as(v_cache[:, :, span], None if v_scale is None else v_scale[:, :, span], wide)
+    out = F.scaled_dot_product_attention(q.view(b, n_heads, 1, head_dim).to(wide), k, v,
                                          attn_mask=mask, enable_gqa=n_heads != n_kv)
     return out.view(b, n_heads, head_dim).to(q.dtype)
