@@ -332,3 +332,26 @@ def test_full_queue_answers_429_with_retry_after(small_server):
     while small_server.health() != {"status": "ok", "running": 0, "waiting": 0} and time.time() < deadline:
         time.sleep(0.05)
     assert small_server.health() == {"status": "ok", "running": 0, "waiting": 0}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--port", "0"], "--port must be in 1..65535"),
+    (["--slots", "0"], "--slots must be >= 1"),
+    (["--max-queue", "-1"], "--max-queue >= 0"),
+    (["--max-context", "0"], "--max-context must be a positive"),
+])
+def test_bad_serve_flags_are_one_line_errors(flags, message):
+    r = subprocess.run([sys.executable, "-m", "tinychat", "serve", *flags], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and message in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_a_taken_port_is_refused_before_loading():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "tinychat", "serve", "--port", str(port)], capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "loading" not in r.stderr

@@ -189,13 +189,15 @@ def run(args) -> int:
         raise TinychatError(f"--port must be in 1..65535, got {args.port}")
     if args.max_context < 1:
         raise TinychatError(f"--max-context must be a positive number of tokens, got {args.max_context}")
+    if args.slots < 1 or args.max_queue < 0:
+        raise TinychatError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
     check_port_free(args.host, args.port)
     engine = load_engine_from_args(args)
     max_seq = min(args.max_context, engine.model.config.max_position_embeddings)
     scheduler = BatchScheduler(engine.model, engine.tokenizer, args.slots, max_seq, args.max_queue)
     model_ids = served_names(args.model, engine.path)
     app = create_app(scheduler, engine, model_ids, args.api_key)
-    kv_gb = scheduler.cache.nbytes / 1e9
+    kv_gb = sum(t.numel() * t.element_size() for t in scheduler.cache.keys + scheduler.cache.values) / 1e9
     print(f"serving {model_ids[0]} at http://{args.host}:{args.port}/v1 · {args.slots} slots x {max_seq} tokens "
           f"(KV cache {kv_gb:.2f} GB)" + (" · API key required" if args.api_key else ""), file=sys.stderr, flush=True)
     import threading
