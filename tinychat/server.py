@@ -197,7 +197,7 @@ def run(args) -> int:
     scheduler = BatchScheduler(engine.model, engine.tokenizer, args.slots, max_seq, args.max_queue)
     model_ids = served_names(args.model, engine.path)
     app = create_app(scheduler, engine, model_ids, args.api_key)
-    kv_gb = sum(t.numel() * t.element_size() for t in scheduler.cache.keys + scheduler.cache.values) / 1e9
+    kv_gb = scheduler.cache.nbytes / 1e9
     print(f"serving {model_ids[0]} at http://{args.host}:{args.port}/v1 · {args.slots} slots x {max_seq} tokens "
           f"(KV cache {kv_gb:.2f} GB)" + (" · API key required" if args.api_key else ""), file=sys.stderr, flush=True)
     import threading
