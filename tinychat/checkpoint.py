@@ -8,6 +8,8 @@ Only safetensors are read: pickle checkpoints (*.bin, *.pt) can run code and are
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -27,12 +29,19 @@ def _safe_open(file: Path):
         return safe_open(str(file), framework="pt")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class CheckpointReader:
     """Maps tensor name -> shard file; `get(name)` reads that one tensor."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}  # plain descriptors for get_rows
+        self._layouts: dict[Path, tuple[int, dict[str, int]]] = {}  # data start, tensor offsets
         self.shard_of = self._index()
 
     def _index(self) -> dict[str, Path]:
@@ -93,6 +102,63 @@ class CheckpointReader:
         except Exception as e:
             raise TinychatError(f"{file}: cannot read tensor {name!r} ({e}); the file may be truncated") from None
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 (along the first dimension) of one tensor, reading only their bytes, so a
+        loader can convert a big tensor (an embedding, a head) a range at a time.
+
+        Read here with preadv(2) straight into the returned tensor: safetensors' own get_slice with the
+        pread backend reads the whole tensor and then slices it (safetensors 0.8), and the mmap backend
+        keeps the pages mapped."""
+        shape, dtype = self.header(name)
+        dtype = SAFETENSORS_DTYPES.get(dtype)
+        if dtype is None or not 0 <= start <= stop <= (shape[0] if shape else 0):
+            raise TinychatError(f"{self.path}: cannot read rows {start}:{stop} of tensor {name!r} "
+                                f"({'shape ' + str(tuple(shape)) if dtype else 'unsupported dtype'})")
+        file = self.shard_of[name]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        want = (stop - start) * row_bytes
+        offset = self._data_offset(file, name) + start * row_bytes
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        got = 0
+        try:
+            fd = self._fd(file)
+            while got < want:  # a read may stop short (a signal, a network file system): go on from there
+                if hasattr(os, "preadv"):
+                    n = os.preadv(fd, [buffer[got:]], offset + got)
+                else:
+                    data = os.pread(fd, want - got, offset + got)
+                    n = len(data)
+                    buffer[got:got + n] = data
+                if n == 0:
+                    break
+                got += n
+        except OSError as e:
+            raise TinychatError(f"{file}: cannot read tensor {name!r} ({e})") from None
+        if got != want:
+            raise TinychatError(f"{file}: tensor {name!r} is cut short; the file is truncated, re-download it")
+        return out
+
+    def _fd(self, file: Path) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
+
+    def _data_offset(self, file: Path, name: str) -> int:
+        """Where tensor `name`'s bytes start in `file`: 8 + the header's length + its data_offsets[0]
+        (the safetensors layout; safetensors validated this header when the file was opened)."""
+        if file not in self._layouts:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            self._layouts[file] = (8 + size, {k: v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"})
+        base, offsets = self._layouts[file]
+        return base + offsets[name]
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The stored torch dtype of one tensor from the header (None for a dtype torch cannot hold)."""
+        return SAFETENSORS_DTYPES.get(self.header(name)[1])
+
     def header(self, name: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype such as "F16") from the shard's header, without reading the data."""
         if name not in self.shard_of:
@@ -103,3 +169,6 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

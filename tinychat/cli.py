@@ -20,7 +20,8 @@ def register_generate(subparsers) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--max-context", type=int, default=None, help="KV cache length (default: model context)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="KV cache length (default: the prompt plus --max-tokens, at most the model's context)")
     structured = p.add_mutually_exclusive_group()
     structured.add_argument("--json-schema", metavar="FILE", default=None,
                             help="constrain the reply to JSON matching this JSON Schema file")
@@ -50,7 +51,7 @@ def run_generate(args) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     ids = engine.encode_chat(messages, use_template=not args.no_chat_template)
-    cache = engine.model.make_cache(args.max_context)
+    cache = engine.model.make_cache(args.max_context or reply_context(engine.model, len(ids), params.max_tokens))
     cache.check_room(len(ids))
     response, reply = None, []
     for response in stream_generate(engine.model, engine.tokenizer, ids, params, cache, args.stop,
@@ -65,6 +66,15 @@ def run_generate(args) -> int:
               "string); raise --max-tokens", file=sys.stderr)
         return 1
     return 0
+
+
+def reply_context(model, prompt_tokens: int, max_tokens: int) -> int:
+    """KV cache length for one reply: the prompt plus --max-tokens, at most the model's default context.
+    The cache is zeroed when made, so the model's whole context would be resident for a reply of a few
+    tokens (the default model's 8192 positions take more memory than its 4-bit weights)."""
+    from .models.llama import DEFAULT_MAX_CONTEXT
+
+    return min(prompt_tokens + max_tokens, model.config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
 
 
 def _is_json(text: str) -> bool:

@@ -12,21 +12,54 @@ import torch.nn.functional as F
 from torch import nn
 
 
+CHUNK_ELEMENTS = 1 << 21  # weights quantized at a time: an 8 MB fp32 temporary, whatever the table
+
+
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: weight ~= q * scales[:, None]."""
-    w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
-    q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    """Symmetric per-row int8: weight ~= q * scales[:, None] (scales fp32)."""
+    return quantize_row_chunks([(0, weight)], weight.shape, weight.device)
+
+
+def quantize_row_chunks(chunks, shape: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows_int8 of the table whose row chunks `chunks` yields as (first row, rows), in any sizes
+    (tinychat.weights.converted_chunks: the table as it is read).
+
+    Rows are independent, so the result is the same whatever the chunking; the scratch is one fp32 copy
+    of CHUNK_ELEMENTS weights, never an fp32 copy of the whole table (2x the table in bf16)."""
+    rows, cols = shape
+    q = torch.empty(rows, cols, dtype=torch.int8, device=device)
+    scales = torch.empty(rows, dtype=torch.float32, device=device)
+    covered = 0
+    for start, chunk in chunks:
+        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+        for r0 in range(0, chunk.shape[0], step):
+            w = chunk[r0:r0 + step].to(torch.float32, copy=True)  # the one fp32 temporary: the rest is in place
+            low, high = w.aminmax(dim=1)
+            s = (torch.maximum(high, -low) / 127).clamp(min=1e-8)  # = w.abs().amax(dim=1) / 127
+            rows_here = slice(start + r0, start + r0 + w.shape[0])
+            q[rows_here] = w.div_(s[:, None]).round_().clamp_(-127, 127)
+            scales[rows_here] = s
+            del w
+        covered += chunk.shape[0]
+        del chunk  # before the next chunk is read: one in memory at a time
+    if covered != rows:
+        raise ValueError(f"row chunks cover {covered} of {rows} rows")
     return q, scales
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor | None, dtype: torch.dtype, quantized=None):
+        """weight [out, in]: quantized here; or weight None and `quantized` = quantize_row_chunks' result."""
         super().__init__()
-        q, scales = quantize_rows_int8(weight)
+        q, scales = quantize_rows_int8(weight) if quantized is None else quantized
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales.to(dtype))
         self.out_features, self.in_features = q.shape
+
+    @classmethod
+    def from_row_chunks(cls, chunks, shape: tuple[int, int], dtype: torch.dtype, device) -> "Int8Linear":
+        """Built from the table's (first row, rows) chunks, already in the model's dtype, as they are read."""
+        return cls(None, dtype, quantize_row_chunks(chunks, shape, device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -48,6 +81,18 @@ class Int8Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.table[0]
         return t.qweight[ids].to(t.scales.dtype) * t.scales[ids].unsqueeze(-1)
+
+
+def int8_head_modules(chunks, config, dtype: torch.dtype, device) -> dict[str, nn.Module]:
+    """The loader's ready-made modules for an int8 head: `chunks` yields (first row, rows) of the lm_head
+    table (the embedding when tied), in the model's dtype, as they are read from the checkpoint; the
+    full-precision table is never whole in memory."""
+    shape = (config.vocab_size, config.hidden_size)
+    head = Int8Linear.from_row_chunks(chunks, shape, dtype, device)
+    modules = {"lm_head": head}
+    if config.tie_word_embeddings:
+        modules["model.embed_tokens"] = Int8Embedding(head)
+    return modules
 
 
 def use_int8_head(model) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import TinychatError
+from ..memory import release_free_memory
 from ..weights import FUSED
 from . import pack
 from .qlinear import AWQLinear
@@ -83,7 +84,7 @@ def quantized_modules(read, has, config: ModelConfig, settings: AWQSettings, dty
     """Build an AWQLinear for every quantized (possibly fused) linear: module name -> module.
 
     A fused group is quantized only if all its parts are; otherwise the loader dequantizes the parts
-    and fuses them as an ordinary linear (see dequantized_parts).
+    and fuses them as an ordinary linear (see DequantizedSource).
     """
     shapes = linear_shapes(config)
     modules = {}
@@ -103,22 +104,64 @@ def quantized_modules(read, has, config: ModelConfig, settings: AWQSettings, dty
             if has(p + parts[0] + ".bias"):
                 bias = torch.cat([read(p + part + ".bias") for part in parts])
             modules[p + fused] = AWQLinear(qweight, qzeros, scales, settings.group_size, bias, dtype, device)
+            del qweight, qzeros, scales
+        # glibc keeps freed read and repack scratch resident in holes between the packed tensors that
+        # stay, and it adds up over the layers: hand it back once a layer (a trim walks the heap, so
+        # once a linear costs more time than it saves memory; docs/memory.md).
+        release_free_memory()
     return modules
 
 
-def dequantized_reader(read, has, settings: AWQSettings):
-    """Wrap `read` so that `<linear>.weight` of a quantized linear comes back dequantized.
+class DequantizedSource:
+    """A checkpoint reader whose `<linear>.weight` of a quantized linear comes back dequantized (fp32),
+    whole or a range of output rows at a time (a tensor source, see tinychat.weights.tensor_source).
 
-    Used for the parts of a fused group that cannot stay quantized (mixed modules_to_not_convert).
-    """
-    def read_weight(name: str) -> torch.Tensor:
+    Used for the parts of a fused group that cannot stay quantized (mixed modules_to_not_convert). The
+    loader converts them range by range into the fused parameter: the scratch is one linear's AWQ
+    tensors plus one range's fp32 temporaries, never a whole fp32 copy of the linear beside its cast."""
+
+    def __init__(self, reader, settings: AWQSettings):
+        self.reader, self.settings = reader, settings
+        self._held = (None, None)  # (linear, its AWQ tensors): the one linear being dequantized
+
+    def _quantized(self, name: str) -> str | None:
         base = name[: -len(".weight")] if name.endswith(".weight") else None
-        if base and not has(name) and has(base + ".qweight"):
-            return pack.awq_to_dequant(read(base + ".qweight"), read(base + ".qzeros"), read(base + ".scales"),
-                                       settings.group_size)
-        return read(name)
+        if base and name not in self.reader and base + ".qweight" in self.reader:
+            return base
+        return None
 
-    return read_weight
+    def _awq(self, base: str):
+        if self._held[0] != base:
+            self._held = (None, None)  # drop the previous linear's tensors before reading the next
+            tensors = tuple(self.reader.get(base + field) for field in (".qweight", ".qzeros", ".scales"))
+            pack.check_awq_shapes(*tensors, self.settings.group_size)
+            self._held = (base, tensors)
+        return self._held[1]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader or self._quantized(name) is not None
+
+    def get(self, name: str) -> torch.Tensor:
+        base = self._quantized(name)
+        if base is None:
+            return self.reader.get(name)
+        return pack.awq_to_dequant(*self._awq(base), self.settings.group_size)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        base = self._quantized(name)
+        if base is None:
+            return self.reader.get_rows(name, start, stop)
+        return pack.awq_dequant_rows(*self._awq(base), self.settings.group_size, start, stop)
+
+    def header(self, name: str):
+        base = self._quantized(name)
+        if base is None:
+            return self.reader.header(name)
+        (in_features, words), _ = self.reader.header(base + ".qweight")
+        return (words * 8, in_features), "F32"
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        return torch.float32 if self._quantized(name) is not None else self.reader.dtype(name)
 
 
 def fused_names(module_name: str) -> list[str]:

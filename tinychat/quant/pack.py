@@ -90,7 +90,7 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(rows, words * 8)
 
 
-def _check_awq_shapes(qweight, qzeros, scales, group_size: int) -> tuple[int, int]:
+def check_awq_shapes(qweight, qzeros, scales, group_size: int) -> tuple[int, int]:
     """Validate a (qweight, qzeros, scales) triple; return (in_features, out_features)."""
     if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2:
         raise TinychatError("AWQ qweight, qzeros and scales must all be 2-D; the checkpoint is malformed")
@@ -118,10 +118,20 @@ def awq_to_dequant(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Dequantize AWQ GEMM tensors to W [out, in] (nn.Linear orientation), computed in fp32."""
-    _check_awq_shapes(qweight, qzeros, scales, group_size)
-    q = unpack_awq(qweight).float()  # [in, out]
-    z = unpack_awq(qzeros).float().repeat_interleave(group_size, dim=0)  # [in, out]
-    s = scales.float().repeat_interleave(group_size, dim=0)
+    _, out_features = check_awq_shapes(qweight, qzeros, scales, group_size)
+    return awq_dequant_rows(qweight, qzeros, scales, group_size, 0, out_features, dtype)
+
+
+def awq_dequant_rows(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                     start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows start..stop-1 of awq_to_dequant's W [out, in], the same values, with temporaries (fp32 codes,
+    zeros and scales: ~20 bytes a weight) for those rows only, so a loader can dequantize a linear a
+    slice at a time."""
+    w0, w1 = start // 8, -(-stop // 8)  # the int32 words holding these output columns
+    cut = slice(start - 8 * w0, stop - 8 * w0)
+    q = unpack_awq(qweight[:, w0:w1])[:, cut].float()  # [in, rows]
+    z = unpack_awq(qzeros[:, w0:w1])[:, cut].float().repeat_interleave(group_size, dim=0)
+    s = scales[:, start:stop].float().repeat_interleave(group_size, dim=0)
     return ((q - z) * s).t().contiguous().to(dtype)
 
 
@@ -180,7 +190,7 @@ def awq_to_int4pack_cpu(
         token and ~80x for 512), so bf16 is the default here.
       * group sizes: 32, 64, 128, 256 (anything else raises); K must be a multiple of g.
     """
-    in_features, out_features = _check_awq_shapes(qweight, qzeros, scales, group_size)
+    in_features, out_features = check_awq_shapes(qweight, qzeros, scales, group_size)
     if group_size not in INT4PACK_CPU_GROUP_SIZES:
         raise TinychatError(
             f"the CPU int4 kernel does not support group size {group_size}; "
@@ -193,8 +203,28 @@ def awq_to_int4pack_cpu(
         )
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TinychatError(f"the CPU int4 kernel computes in fp32, bf16 or fp16, not {dtype}")
-    codes = unpack_awq(qweight).t().contiguous()  # [out, in] int32
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    # A slice of output rows (whole blocks of 64, a few million codes) at a time, through two int32
+    # buffers made once (the unpacked codes, then transposed: 8 bytes a weight of the slice), so the
+    # scratch is one slice's whatever the linear, and the heap is not left with a hole per slice. The
+    # layout is block-local along the outputs (see int4pack_cpu_codes), so converting a slice of rows
+    # gives those rows of the whole conversion; the probe checks the slice's widths as well.
+    block = _INT4PACK_BLOCK_N
+    step = max(block, (INT4PACK_REPACK_ELEMENTS // in_features) // block * block)
+    if step >= out_features or not all(int4pack_layout_is_known(n) for n in (step, out_features % step or step)):
+        step = out_features
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=qweight.device)
+    unpacked = torch.empty(in_features * step, dtype=torch.int32, device=qweight.device)
+    codes = torch.empty(in_features * step, dtype=torch.int32, device=qweight.device)
+    shifts = (4 * torch.tensor(AWQ_INVERSE, dtype=torch.int32)).to(qweight.device)
+    for n0 in range(0, out_features, step):
+        rows = min(step, out_features - n0)
+        nibbles = unpacked[:in_features * rows].view(in_features, rows // 8, 8)  # unpack_awq, in place
+        torch.bitwise_right_shift(qweight[:, n0 // 8:(n0 + rows) // 8].unsqueeze(-1), shifts, out=nibbles)
+        nibbles.bitwise_and_(0xF)
+        slice_codes = codes[:in_features * rows].view(rows, in_features)
+        slice_codes.copy_(nibbles.view(in_features, rows).t())  # [rows, in], the kernel's orientation
+        packed[n0:n0 + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(slice_codes, 1)
+    del unpacked, codes
     s = scales.float()  # [in/g, out], already the kernel's orientation
     offset = (8.0 - unpack_awq(qzeros).float()) * s
     scales_and_zeros = torch.stack([s, offset], dim=-1).to(dtype).contiguous()
@@ -215,6 +245,7 @@ def int4pack_mm_cpu(
 # [out/64, in, 32] holds, at [b, k, d], code(64b + d, k) in the low nibble and code(64b + 32 + d, k)
 # in the high nibble. It is undocumented, so `int4pack_layout_is_known` checks it on a probe first.
 _INT4PACK_BLOCK_N = 64
+INT4PACK_REPACK_ELEMENTS = 1 << 21  # codes converted per slice: 16 MB of int32 scratch (tinychat.plan counts it)
 
 
 def int4pack_cpu_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -262,7 +293,7 @@ def int4pack_layout_is_known(out_features: int) -> bool:
 
 GEMV_GROUP_SIZES = (32, 64, 128)
 GEMV_ZERO_OFFSET = 1024.0
-_GEMV_REPACK_ELEMENTS = 1 << 24  # codes unpacked per slice: bounds the int64 temporaries to ~128 MB
+_GEMV_REPACK_ELEMENTS = 1 << 22  # codes per slice: ~32 bytes a code of int32/int64 temporaries, 128 MB
 
 
 def gemv_layout_supported(in_features: int, out_features: int, group_size: int) -> str | None:
@@ -277,25 +308,30 @@ def gemv_layout_supported(in_features: int, out_features: int, group_size: int) 
 
 
 def awq_to_gemv_layout(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AWQ GEMM tensors -> (qweight_t int32 [out, in/8], scales_zeros fp16 [out, in/g, 2]) on their device.
+    """AWQ GEMM tensors -> (qweight_t int32 [out, in/8], scales_zeros fp16 [out, in/g, 2]) on `device`
+    (default: the inputs' device).
 
-    Vectorised torch on whatever device the inputs are on; sliced along the output features so the
-    int64 temporaries stay bounded for 70B-sized layers.
+    Vectorised torch on the target device, a slice of output features at a time written into the
+    preallocated result: each slice of the (host) inputs is moved over on its own, so the target holds
+    the final layout plus one slice's int64 temporaries, and never the whole AWQ tensor beside it.
     """
-    in_features, out_features = _check_awq_shapes(qweight, qzeros, scales, group_size)
+    in_features, out_features = check_awq_shapes(qweight, qzeros, scales, group_size)
     reason = gemv_layout_supported(in_features, out_features, group_size)
     if reason is not None:
         raise TinychatError(f"cannot repack a {in_features}x{out_features} AWQ linear for the CUDA GEMV: {reason}")
+    device = qweight.device if device is None else torch.device(device)
     step = max(8, (_GEMV_REPACK_ELEMENTS // in_features) // 8 * 8)
-    parts = []
+    qweight_t = torch.empty(out_features, in_features // 8, dtype=torch.int32, device=device)
     for n0 in range(0, out_features, step):
-        codes = unpack_awq(qweight[:, n0 // 8:(n0 + step) // 8])  # [in, slice] logical order
-        parts.append(pack_awq(codes.t().contiguous()))             # [slice, in/8], nibbles along k
-    qweight_t = torch.cat(parts, dim=0)
-    zeros = unpack_awq(qzeros).t().to(torch.float32) + GEMV_ZERO_OFFSET  # [out, in/g], exact in fp16
-    scales_zeros = torch.stack([scales.t().to(torch.float16), zeros.to(torch.float16)], dim=-1).contiguous()
+        n1 = min(n0 + step, out_features)
+        codes = unpack_awq(qweight[:, n0 // 8:n1 // 8].to(device))  # [in, slice] logical order
+        qweight_t[n0:n1] = pack_awq(codes.t().contiguous())        # [slice, in/8], nibbles along k
+        del codes
+    zeros = unpack_awq(qzeros.to(device)).t().to(torch.float32) + GEMV_ZERO_OFFSET  # [out, in/g], exact in fp16
+    scales_zeros = torch.stack([scales.to(device).t().to(torch.float16), zeros.to(torch.float16)], dim=-1).contiguous()
     return qweight_t, scales_zeros
 
 

@@ -95,8 +95,9 @@ class CudaW4A16(_Strategy):
 
     def __init__(self, qweight, qzeros, scales, group_size: int, dtype: torch.dtype, device: torch.device):
         super().__init__(qweight.shape[0], qweight.shape[1] * 8, group_size, dtype)
-        qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight.to(device), qzeros.to(device), scales.to(device),
-                                                          group_size)
+        # Built on the device a slice at a time from the host tensors: the device never holds the AWQ
+        # tensors beside the final layout, the host only this one linear's (pack.awq_to_gemv_layout).
+        qweight_t, scales_zeros = pack.awq_to_gemv_layout(qweight, qzeros, scales, group_size, device=device)
         self.register_buffer("qweight_t", qweight_t)
         self.register_buffer("scales_zeros", scales_zeros)
 

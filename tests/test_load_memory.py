@@ -1,0 +1,179 @@
+"""The load's memory (issue 19): the model plus one tensor's scratch, on every path.
+
+Every conversion made a range or a slice at a time (the CPU int4 repack, the CUDA GEMV layout, the
+dequantizing fallback, the int8 head, fp16 -> bf16 casts) gives the bits of the whole-tensor one.
+"""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tinychat import weights
+from tinychat.checkpoint import CheckpointReader
+from tinychat.errors import TinychatError
+from tinychat.loader import load_model
+from tinychat.quant import int8, pack
+from tinychat.quant.int8 import Int8Embedding, Int8Linear, use_int8_head
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" / "bench_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+def random_awq(k, n, g, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(-2**31, 2**31 - 1, (k, n // 8), dtype=torch.int32, generator=gen)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (k // g, n // 8), dtype=torch.int32, generator=gen)
+    scales = (torch.rand(k // g, n, generator=gen) * 0.02 + 0.001).half()
+    return qweight, qzeros, scales
+
+
+# --- conversions in pieces equal the whole -------------------------------------------------------
+
+@pytest.mark.parametrize("k,n,g", [(256, 640, 64), (128, 4096, 32), (512, 48, 128)])
+def test_int4_repack_in_slices_equals_the_whole_conversion(monkeypatch, k, n, g):
+    qweight, qzeros, scales = random_awq(k, n, g)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(pack.unpack_awq(qweight).t().contiguous(), 1)
+    monkeypatch.setattr(pack, "INT4PACK_REPACK_ELEMENTS", 64 * k)  # slices of one 64-row block
+    packed, sz = pack.awq_to_int4pack_cpu(qweight, qzeros, scales, g)
+    assert torch.equal(packed, whole)  # 48 outputs: not whole blocks, converted at once
+    if n % 64 == 0:
+        w = pack.int4pack_cpu_dequant(packed, sz, g, n, k, torch.float32)
+        assert torch.allclose(w, pack.awq_to_dequant(qweight, qzeros, scales, g), atol=1e-2)
+
+
+def test_gemv_layout_in_slices_equals_the_whole(monkeypatch):
+    qweight, qzeros, scales = random_awq(256, 384, 64)
+    whole = pack.awq_to_gemv_layout(qweight, qzeros, scales, 64)
+    monkeypatch.setattr(pack, "_GEMV_REPACK_ELEMENTS", 256 * 40)  # 40 outputs a slice: 10 slices, the last short
+    sliced = pack.awq_to_gemv_layout(qweight, qzeros, scales, 64, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced))
+    assert torch.equal(whole[0], pack.pack_awq(pack.unpack_awq(qweight).t().contiguous()))
+
+
+@pytest.mark.parametrize("start,stop", [(0, 384), (0, 8), (3, 21), (200, 384), (17, 18)])
+def test_dequantized_rows_equal_the_whole(start, stop):
+    qweight, qzeros, scales = random_awq(128, 384, 32)
+    whole = pack.awq_to_dequant(qweight, qzeros, scales, 32)
+    assert torch.equal(pack.awq_dequant_rows(qweight, qzeros, scales, 32, start, stop), whole[start:stop])
+
+
+def test_int8_rows_in_chunks_equal_the_whole(monkeypatch):
+    table = torch.randn(300, 64) * torch.rand(300, 1)
+    whole = int8.quantize_rows_int8(table.clone())
+    monkeypatch.setattr(int8, "CHUNK_ELEMENTS", 64 * 7)
+    chunks = [(0, table[:100]), (100, table[100:101]), (101, table[101:])]
+    q, s = int8.quantize_row_chunks(chunks, (300, 64), "cpu")
+    assert torch.equal(q, whole[0]) and torch.equal(s, whole[1])
+    assert torch.equal(table, torch.cat([c for _, c in chunks]))  # the input is not modified
+
+
+def test_checkpoint_rows_read_only_their_range(tmp_path):
+    tensors = {"a": torch.randn(37, 5).half(), "b": torch.randn(11).bfloat16(), "c": torch.randn(6, 2, 3)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    for name, t in tensors.items():
+        for start, stop in ((0, t.shape[0]), (1, 4), (t.shape[0] - 1, t.shape[0]), (2, 2)):
+            got = reader.get_rows(name, start, stop)
+            assert got.dtype == t.dtype and torch.equal(got, t[start:stop]), (name, start, stop)
+    with pytest.raises(TinychatError, match="rows"):
+        reader.get_rows("a", 30, 40)
+    file = tmp_path / "model.safetensors"
+    os.truncate(file, file.stat().st_size - 50)  # cut short after it was opened (a new open refuses it)
+    with pytest.raises(TinychatError, match="truncated"):
+        for name, t in tensors.items():  # whichever is last in the file
+            reader.get_rows(name, 0, t.shape[0])
+    reader.close()
+
+
+TINY = bench.llama_config(hidden=256, ffn=512, layers=2, heads=4, kv_heads=2, vocab=1000)
+
+
+def with_config(path: Path, **changes) -> Path:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    awq = bench.make_checkpoint(root / "awq", TINY, shards=2, group=128)["path"]
+    tied = bench.make_checkpoint(root / "tied", TINY, shards=1, group=128)["path"]
+    fp16 = bench.make_checkpoint(root / "fp16", TINY, shards=2)["path"]
+    # mixed: v_proj and one down_proj stay fp16, so q/k are dequantized and fused with v (DequantizedSource)
+    mixed = root / "mixed"
+    mixed.mkdir()
+    dense, packed = CheckpointReader(fp16), CheckpointReader(awq)
+    keep = ("v_proj", "layers.1.mlp.down_proj")
+    state = {n: dense.get(n) for n in dense.keys() if any(k in n for k in keep)}
+    state.update({n: packed.get(n) for n in packed.keys() if not any(k in n for k in keep)})
+    save_file(state, str(mixed / "model.safetensors"))
+    (mixed / "config.json").write_text((Path(awq) / "config.json").read_text())
+    with_config(mixed, quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                                            "version": "gemm", "modules_to_not_convert": list(keep)})
+    return {"awq": Path(awq), "tied": with_config(Path(tied), tie_word_embeddings=True), "fp16": Path(fp16),
+            "mixed": mixed}
+
+
+def tensors_of(model) -> dict[str, torch.Tensor]:
+    out = dict(model.state_dict())
+    if isinstance(model.model.embed_tokens, Int8Embedding):
+        out["embed table"] = model.model.embed_tokens.table[0].qweight
+    return out
+
+
+def in_small_pieces(monkeypatch):
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 3000)  # a few rows a range
+    monkeypatch.setattr(int8, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(pack, "INT4PACK_REPACK_ELEMENTS", 64 * 256)
+
+
+@pytest.mark.parametrize("fmt,dtype,head", [("awq", "bf16", False), ("awq", "bf16", True), ("tied", "bf16", True),
+                                            ("fp16", "bf16", False), ("fp16", "fp32", True), ("mixed", "fp32", False),
+                                            ("awq", "fp16", False)])
+def test_load_in_pieces_is_bit_identical(tiny, monkeypatch, fmt, dtype, head):
+    whole = tensors_of(load_model(tiny[fmt], dtype=dtype, int8_head=head))
+    in_small_pieces(monkeypatch)
+    pieces = tensors_of(load_model(tiny[fmt], dtype=dtype, int8_head=head))
+    assert whole.keys() == pieces.keys()
+    for name, t in whole.items():
+        assert t.dtype == pieces[name].dtype and torch.equal(t, pieces[name]), name
+
+
+@pytest.mark.parametrize("fmt", ["awq", "tied"])
+def test_int8_head_from_the_checkpoint_equals_converting_the_loaded_head(tiny, fmt):
+    direct = load_model(tiny[fmt], dtype="bf16", int8_head=True)
+    converted = load_model(tiny[fmt], dtype="bf16")
+    use_int8_head(converted)
+    assert isinstance(direct.lm_head, Int8Linear)
+    assert torch.equal(direct.lm_head.qweight, converted.lm_head.qweight)
+    assert torch.equal(direct.lm_head.scales, converted.lm_head.scales)
+    assert isinstance(direct.model.embed_tokens, Int8Embedding) == (fmt == "tied")
+    ids = torch.tensor([[1, 5, 999]])
+    with torch.no_grad():
+        assert torch.equal(direct(ids), converted(ids))
+
+
+def test_cuda_strategy_layout_built_from_host_tensors(tiny):
+    # the CUDA strategy's repack runs the same Python on the CPU (its ops fall back to torch there)
+    from tinychat.quant.qlinear import AWQLinear
+
+    qweight, qzeros, scales = random_awq(256, 512, 128)
+    layer = AWQLinear(qweight, qzeros, scales, 128, dtype=torch.float32, implementation="cuda")
+    assert torch.allclose(layer.dequantized_weight(), pack.awq_to_dequant(qweight, qzeros, scales, 128))
