@@ -9,6 +9,13 @@ resets its peak-RSS counter after the imports (/proc/self/clear_refs), so the pe
     nice python scripts/bench_memory.py --json bench/memory.json          # the >= 2 GB default
     nice python scripts/bench_memory.py --quick --layers 8 --hidden 512 --ffn 1536 --heads 8 --kv-heads 8 --vocab 4096
     nice python scripts/bench_memory.py --quantize-only --n-samples 16 --json bench/memory-quantize.json
+    python scripts/bench_memory.py --load-peaks --json bench/memory-load-peaks.json   # issue 19
+
+--load-peaks: the load's peak against the steady state, by resident anonymous memory sampled in the
+child (tinychat.memory.AnonPeak; device memory too with --device cuda), on the default model and on the
+synthetic ~1B checkpoint of issue 19 (random fp16 weights quantized by `tinychat quantize --method rtn`,
+made once under ~/.cache/tinychat/synthetic/), with the int8 and the full head: `tinychat generate`
+end to end against the issue's bound, and load_model alone.
 
 With --quantize (or --quantize-only) the same fp16 checkpoint goes through `tinychat quantize` (RTN, then
 AWQ with --n-samples x --seqlen calibration tokens) and the peak is set beside the quantizer's design
@@ -73,40 +80,74 @@ def resident_bytes(model) -> int:
 
 
 def warm_up() -> None:
-    """Pay torch's one-time costs (meta-device dispatch, first ops: ~75 MiB of RSS, whatever the model
-    size) before the measurement, so the peak shows what scales with the checkpoint."""
+    """Pay torch's one-time costs of its first ops before the measurement, so the peak shows what scales
+    with the checkpoint. (Building the model on the meta device no longer imports torch's Python meta
+    kernels, ~68 MiB: tinychat.loader skips the init functions, so that is not pre-paid here.)"""
     import torch
 
-    from tinychat.config import ModelConfig
-    from tinychat.models.llama import LlamaForCausalLM
-
-    tiny = ModelConfig.from_dict(llama_config(64, 128, 1, 2, 2, 64))
-    with torch.device("meta"):
-        LlamaForCausalLM(tiny)
     x = torch.ones(64, 64, dtype=torch.float16)
     torch.cat([x, x]).to(torch.bfloat16).float().sum()
 
 
-def child_load(path: str, dtype: str, device: str) -> dict:
+def child_load(path: str, dtype: str, device: str, int8_head: bool = False) -> dict:
+    """Load `path` here: VmRSS/VmHWM as before (the peak counter reset after the imports), and RssAnon
+    sampled through the load (tinychat.memory.AnonPeak): before, peak, and after (the steady state)."""
     import torch
 
     from tinychat.loader import load_model
+    from tinychat.memory import AnonPeak, anon_rss_bytes, release_free_memory
 
     warm_up()
+    release_free_memory()
     before = proc_status()
     peak_reset = reset_peak()
     if device.startswith("cuda"):
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model = load_model(path, dtype=dtype, device=device)
+    with AnonPeak() as anon:
+        model = load_model(path, dtype=dtype, device=device, int8_head=int8_head)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     after = proc_status()
     result = {"rss_before": before["VmRSS"], "peak_rss": after["VmHWM"], "rss_after": after["VmRSS"],
               "rss_file_after": after.get("RssFile", 0), "peak_reset": peak_reset, "seconds": seconds,
-              "resident": resident_bytes(model)}
+              "resident": resident_bytes(model), "anon_before": anon.start, "anon_peak": anon.peak,
+              "anon_peak_sampled": anon.sampled, "anon_peak_hwm_bound": anon.hwm_bound,
+              "anon_after": anon_rss_bytes(), "sympy_imported": "sympy" in sys.modules}
+    if device.startswith("cuda"):
+        result["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
+        result["cuda_allocated_after"] = torch.cuda.memory_allocated()
+    return result
+
+
+def child_generate(model: str, device: str, full_head: bool) -> dict:
+    """`tinychat generate --prompt hi --max-tokens 4` in this process, RssAnon sampled from start to end;
+    the baseline without a model is the process just before the load (the engine's own figure)."""
+    import torch
+
+    from tinychat import cli
+    from tinychat import engine as engine_module
+    from tinychat.memory import AnonPeak
+
+    engines, load_engine = [], engine_module.load_engine
+
+    def keep(*args, **kwargs):
+        engines.append(load_engine(*args, **kwargs))
+        return engines[-1]
+
+    engine_module.load_engine = keep
+    argv = ["generate", "--model", model, "--prompt", "hi", "--max-tokens", "4", "--device", device]
+    with AnonPeak() as run:
+        code = cli.main(argv + (["--full-head"] if full_head else []))
+    if code != 0 or not engines:
+        raise RuntimeError(f"tinychat {' '.join(argv)} failed ({code})")
+    e = engines[0]
+    weights = sum(f.stat().st_size for f in Path(e.path).glob("*.safetensors"))
+    result = {"path": str(e.path), "checkpoint_bytes": weights, "baseline": e.rss_before_load_bytes,
+              "peak": run.peak, "load_peak_above_baseline": e.load_peak_bytes, "model_rss": e.model_rss_bytes,
+              "full_head": full_head, "device": device}
     if device.startswith("cuda"):
         result["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
     return result
@@ -205,16 +246,104 @@ def make_checkpoint(out: Path, config: dict, shards: int = 4, group: int | None 
             "format": "awq-w4-g%d" % group if group else "fp16"}
 
 
+# The ~1B Llama-shaped checkpoint of issue 19 (hidden 2048, 22 layers, FFN 5632, 32/4 heads, vocab 49152,
+# untied head: 1.17 B params, 2.34 GB in fp16), quantized as a user would: `tinychat quantize --method rtn
+# --group-size 128`. Writing and quantizing it takes a few minutes, so it is made once and kept.
+SYNTHETIC_1B = {"hidden": 2048, "ffn": 5632, "layers": 22, "heads": 32, "kv_heads": 4, "vocab": 49152}
+
+
+def synthetic_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "tinychat" / "synthetic"
+
+
+def synthetic_quantized(root: Path | None = None, shape: dict | None = None, group: int = 128,
+                        name: str = "llama-1b") -> Path:
+    """The synthetic checkpoint (random fp16 weights, a byte-level tokenizer) quantized with `tinychat
+    quantize --method rtn`; made when absent, then reused. Returns the AWQ directory."""
+    root = Path(root) if root is not None else synthetic_dir()
+    out = root / f"{name}-w4-g{group}"
+    if (out / "config.json").is_file():
+        return out
+    fp = root / f"{name}-fp16"
+    if not (fp / "tokenizer.json").is_file():  # written last: its presence means the checkpoint is whole
+        shutil.rmtree(fp, ignore_errors=True)
+        make_checkpoint(fp, llama_config(**(shape or SYNTHETIC_1B)), shards=4)
+        write_byte_tokenizer(fp)
+    tmp = root / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-m", "tinychat", "quantize", "--model", str(fp), "--output", str(tmp),
+                    "--method", "rtn", "--group-size", str(group), "--quiet"], check=True, env=env)
+    tmp.rename(out)
+    return out
+
+
 # --- the parent: run each case in a child, print a table, write JSON -----------------------------
 
 DEFAULT_CALIB = ROOT.parent / "shared" / "data" / "calib" / "c4-sample.txt"
 MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc: every block >= 128 KiB gets its own mapping
 
 
-def measure_load(path: Path, dtype: str, device: str, env: dict | None = None, reader: str = "pread") -> dict:
+def measure_load(path: Path, dtype: str, device: str, env: dict | None = None, reader: str = "pread",
+                 int8_head: bool = False) -> dict:
     """Load `path` in a fresh interpreter (extra environment `env`) and return the child's measurements."""
-    return run_child(["--child-load", str(path), "--dtype", dtype, "--device", device, "--reader-backend", reader],
-                     env, "load")
+    return run_child(["--child-load", str(path), "--dtype", dtype, "--device", device, "--reader-backend", reader]
+                     + (["--int8-head"] if int8_head else []), env, "load")
+
+
+def measure_generate(model: str, device: str, full_head: bool) -> dict:
+    """`tinychat generate` on `model` in a fresh interpreter: its anonymous peak against its baseline."""
+    return run_child(["--child-generate", model, "--device", device] + (["--full-head"] if full_head else []),
+                     None, "generate")
+
+
+BOUND = 1.25  # issue 19: peak <= 1.25 x (checkpoint bytes + the process's baseline without a model)
+
+
+def load_peak_rows(models: list[tuple[str, str]], device: str) -> list[dict]:
+    """Load peak against steady state, per model (label, path or name) and head: `tinychat generate` end to
+    end (its peak against the issue's bound) and load_model alone (peak, steady state, transient)."""
+    from tinychat.hub import resolve_model
+
+    rows = []
+    dtype = "fp16" if device.startswith("cuda") else "bf16"
+    for label, model in models:
+        for full_head in (False, True):
+            g = measure_generate(model, device, full_head)
+            int8 = not full_head and not device.startswith("cuda")
+            path = resolve_model(model, "w4a16")
+            m = measure_load(Path(path), dtype, device, int8_head=int8)
+            row = {"model": label, "head": "int8" if int8 else "full", "device": device,
+                   "checkpoint_bytes": g["checkpoint_bytes"], "baseline": g["baseline"], "generate_peak": g["peak"],
+                   "bound": BOUND * (g["checkpoint_bytes"] + g["baseline"]),
+                   "ratio": g["peak"] / (g["checkpoint_bytes"] + g["baseline"]),
+                   "load_before": m["anon_before"], "load_peak": m["anon_peak"], "steady": m["anon_after"],
+                   "transient": m["anon_peak"] - m["anon_after"], "resident_host": m["resident"].get("cpu", 0),
+                   "seconds": m["seconds"], "raw_generate": g, "raw_load": m}
+            if "cuda_peak_allocated" in m:
+                row.update(device_peak=m["cuda_peak_allocated"], device_steady=m["cuda_allocated_after"])
+            rows.append(row)
+            print(f"  {label} ({row['head']} head): generate peak {g['peak'] / MiB:.0f} MiB, ratio {row['ratio']:.2f}; "
+                  f"load peak {m['anon_peak'] / MiB:.0f} vs steady {m['anon_after'] / MiB:.0f} MiB", file=sys.stderr)
+    return rows
+
+
+def print_load_peaks(rows: list[dict]) -> None:
+    head = (f"{'model':<22} {'head':>4} {'ckpt':>6} {'base':>5} {'gen peak':>8} {'bound':>6} {'ratio':>5} "
+            f"{'load peak':>9} {'steady':>6} {'transient':>9} {'dev peak':>8} {'dev steady':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        dev = (f"{r['device_peak'] / MiB:8.0f} {r['device_steady'] / MiB:10.0f}" if "device_peak" in r
+               else f"{'-':>8} {'-':>10}")
+        print(f"{r['model']:<22} {r['head']:>4} {r['checkpoint_bytes'] / MiB:6.0f} {r['baseline'] / MiB:5.0f} "
+              f"{r['generate_peak'] / MiB:8.0f} {r['bound'] / MiB:6.0f} {r['ratio']:5.2f} {r['load_peak'] / MiB:9.0f} "
+              f"{r['steady'] / MiB:6.0f} {r['transient'] / MiB:9.0f} {dev}")
+    print("MiB of anonymous memory (RssAnon, sampled). ckpt: the checkpoint's safetensors; base: the process before "
+          "the load; gen peak: `tinychat generate --prompt hi --max-tokens 4` from start to end; bound: "
+          f"{BOUND} x (ckpt + base); ratio: gen peak / (ckpt + base); load peak / steady: load_model alone, "
+          "its peak and after it; transient = load peak - steady; dev: torch.cuda peak and after the load")
 
 
 def run_child(args: list[str], env: dict | None, what: str) -> dict:
@@ -490,11 +619,17 @@ def main(argv=None) -> int:
                     "the quantizer's own default is 128)")
     ap.add_argument("--seqlen", type=int, default=512, help="AWQ calibration tokens per sequence")
     ap.add_argument("--calib", default=str(DEFAULT_CALIB), help="AWQ calibration text (default: %(default)s)")
+    ap.add_argument("--load-peaks", action="store_true",
+                    help="only the load peak against the steady state (issue 19): the default model and the "
+                         "synthetic ~1B checkpoint (made once under ~/.cache/tinychat/synthetic), int8 and full head")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--child-load", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="fp16", help=argparse.SUPPRESS)
     ap.add_argument("--reader-backend", choices=["pread", "mmap"], default="pread", help=argparse.SUPPRESS)
     ap.add_argument("--child-quantize", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-generate", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--int8-head", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--full-head", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--method", default="rtn", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -503,13 +638,32 @@ def main(argv=None) -> int:
         print(json.dumps(child_quantize(args.child_quantize, args.out, args.method,
                                         args.calib if args.method == "awq" else None, args.n_samples, args.seqlen)))
         return 0
+    if args.child_generate:
+        print(json.dumps(child_generate(args.child_generate, args.device, args.full_head)))
+        return 0
+    if args.load_peaks:
+        synthetic = synthetic_quantized()
+        rows = load_peak_rows([("smollm2-135m-instruct", "smollm2-135m-instruct"),
+                               ("synthetic 1.17B w4 g128", str(synthetic))], args.device)
+        print_load_peaks(rows)
+        if args.json:
+            import platform
+
+            import torch
+
+            result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpus": os.cpu_count(),
+                      "python": platform.python_version(), "torch": torch.__version__,
+                      "command": " ".join(["python", "scripts/bench_memory.py"] + sys.argv[1:]), "load_peaks": rows}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     if args.child_load:
         if args.reader_backend == "mmap":  # the reader as it was before issue 5, for comparison
             import tinychat.checkpoint as checkpoint
             from safetensors import safe_open
 
             checkpoint._safe_open = lambda file: safe_open(str(file), framework="pt")
-        result = child_load(args.child_load, args.dtype, args.device)
+        result = child_load(args.child_load, args.dtype, args.device, args.int8_head)
         result["config"] = json.loads((Path(args.child_load) / "config.json").read_text())
         print(json.dumps(result))
         return 0

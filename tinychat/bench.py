@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import TinychatError
-from .memory import peak_rss_bytes
+from .memory import AnonPeak, anon_rss_bytes, peak_rss_bytes
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -26,13 +26,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def run_once(model, prompt_len: int, gen: int, seed: int, decoder=None) -> dict:
+def run_once(model, prompt_len: int, gen: int, seed: int, decoder=None, cache=None) -> dict:
     from .generate import GenerationStats, generate_step
     from .sampling import greedy
 
     gen_ids = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=gen_ids).tolist()
-    cache = model.make_cache(prompt_len + gen + 1)
+    cache = cache if cache is not None else model.make_cache(prompt_len + gen + 1)
     stats = GenerationStats()
     for _ in generate_step(model, prompt, cache, greedy, max_tokens=gen, stats=stats, decoder=decoder):
         pass  # EOS is ignored: every run decodes exactly `gen` tokens
@@ -40,6 +40,19 @@ def run_once(model, prompt_len: int, gen: int, seed: int, decoder=None) -> dict:
         torch.cuda.synchronize()
     return {"prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps,
             "ttft_s": stats.time_to_first_token}
+
+
+def memory_run(model, prompt_len: int, gen: int, decoder=None) -> dict:
+    """The warm-up: a run at the benchmark's prompt length and cache size (4 tokens decoded), untimed, with
+    its host anonymous memory sampled (tinychat.memory.AnonPeak): the KV cache as allocated (zeroed, so
+    resident) and the activations, the run's peak above the model and the cache."""
+    before = anon_rss_bytes()
+    cache = model.make_cache(prompt_len + gen + 1)
+    kv = cache.nbytes
+    with AnonPeak() as run:
+        run_once(model, prompt_len, min(gen, 4), seed=0, decoder=decoder, cache=cache)
+    return {"kv_cache_bytes": kv, "kv_cache_rss_bytes": run.start - before,
+            "activation_peak_bytes": run.peak - run.start}
 
 
 def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
@@ -55,7 +68,7 @@ def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
     if prompt_len + gen > context:
         raise TinychatError(f"--prompt-len {prompt_len} + --gen {gen} exceed the model's context of {context} "
                             "tokens; lower them")
-    run_once(model, min(prompt_len, 16), 4, seed=0, decoder=engine.decoder)  # warm-up: allocations, kernels
+    memory = memory_run(model, prompt_len, gen, engine.decoder)  # also the warm-up: allocations, kernels
     results = [run_once(model, prompt_len, gen, seed=i + 1, decoder=engine.decoder) for i in range(runs)]
     row = {key: statistics.median(r[key] for r in results) for key in results[0]}
     from .cache import kv_bytes_per_token, kv_cache_dtype
@@ -68,6 +81,8 @@ def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
         "dtype": str(model.dtype).split(".")[-1], "device": args.device, "int8_head": not args.full_head, "threads": torch.get_num_threads(), "prompt_len": prompt_len, "gen": gen,
         "runs": runs, "load_s": load_s, "weight_bytes": weight_bytes(model),
         "rss_model_bytes": engine.model_rss_bytes, "peak_rss_bytes": peak_rss_bytes(),
+        # host anonymous memory (RssAnon), above the process before the load (imports, tokenizer)
+        "rss_before_load_bytes": engine.rss_before_load_bytes, "load_peak_bytes": engine.load_peak_bytes, **memory,
     })
     if model.device.type == "cuda":
         row["peak_device_bytes"] = torch.cuda.max_memory_allocated()
@@ -76,13 +91,15 @@ def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     head = ("model", "precision", "dtype", "KV cache", "prefill tok/s", "decode tok/s", "TTFT s", "weights MB",
-            "RSS of model MB", "peak RSS MB")
+            "RSS of model MB", "load peak MB", "KV cache MB", "activations MB", "peak RSS MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = (Path(r["model"]).name, r["precision"], r["dtype"],
                  f"{r['kv_cache']} ({r['kv_bytes_per_token'] / 1e3:.1f} kB/token)", f"{r['prefill_tps']:.1f}",
                  f"{r['decode_tps']:.1f}", f"{r['ttft_s']:.3f}", f"{r['weight_bytes'] / 1e6:.1f}",
-                 f"{r['rss_model_bytes'] / 1e6:.1f}", f"{r['peak_rss_bytes'] / 1e6:.1f}")
+                 f"{r['rss_model_bytes'] / 1e6:.1f}", f"{r['load_peak_bytes'] / 1e6:.1f}",
+                 f"{r['kv_cache_rss_bytes'] / 1e6:.1f}", f"{r['activation_peak_bytes'] / 1e6:.1f}",
+                 f"{r['peak_rss_bytes'] / 1e6:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from .config import ModelConfig
 from .errors import TinychatError
 from .generate import make_decoder
 from .hub import resolve_model
-from .memory import anon_rss_bytes
+from .memory import AnonPeak, anon_rss_bytes, release_free_memory
 from .loader import load_model
 from .tokenizer import Tokenizer
 
@@ -24,6 +24,8 @@ class Engine:
     path: Path
     model_rss_bytes: int = 0  # resident anonymous memory that loading the model added (host)
     decoder: object = field(default_factory=make_decoder)  # the decode step's implementation (and its graphs)
+    load_peak_bytes: int = 0  # the load's peak of resident anonymous memory above the process before it (host)
+    rss_before_load_bytes: int = 0  # resident anonymous memory of the process before the load (host)
 
     def encode_chat(self, messages: list[dict], use_template: bool = True) -> list[int]:
         """Token ids of a conversation, ready for generation of the assistant's reply."""
@@ -74,13 +76,14 @@ def load_engine(name: str, precision: str = "w4a16", dtype: str = "auto", device
     check_tokenizer_fits(tokenizer, ModelConfig.from_dir(path), path)
     # 4-bit on CPU: the int8 head halves the biggest per-token read (the GGUF ships this table as Q8_0).
     int8_head = full_head is False and device == "cpu" and is_quantized(path)
-    rss_before = anon_rss_bytes()
-    model = load_model(path, dtype=dtype, device=device, int8_head=int8_head)
-    model_rss = anon_rss_bytes() - rss_before
+    release_free_memory()  # the baseline, without heap that loading the tokenizer freed and glibc kept
+    with AnonPeak() as load:
+        model = load_model(path, dtype=dtype, device=device, int8_head=int8_head)
+    model_rss = anon_rss_bytes() - load.start
     model.kv_cache = kv_cache
     if not quiet:
         print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return Engine(model, tokenizer, path, model_rss, decoder)
+    return Engine(model, tokenizer, path, model_rss, decoder, load.peak - load.start, load.start)
 
 
 def load_engine_from_args(args, quiet: bool = False) -> Engine:
