@@ -4,18 +4,22 @@
   dequantizing fallback, the int8 head, fp16 -> bf16 casts) gives the bits of the whole-tensor one.
 - A fresh subprocess loading a ~180 MB synthetic 4-bit checkpoint peaks within LOAD_MARGIN of the
   anonymous memory it holds once loaded (RssAnon sampled through the load, tinychat.memory.AnonPeak).
+- `tinychat plan --device cpu` against what `tinychat bench` measures, on the default model and on that
+  synthetic checkpoint: weights, KV cache, the load's peak and the run's peak within 10%.
 """
 
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tinychat import weights
+from tinychat import plan, weights
 from tinychat.checkpoint import CheckpointReader
 from tinychat.errors import TinychatError
 from tinychat.loader import load_model
@@ -210,3 +214,63 @@ def test_load_peak_is_the_model_plus_one_tensors_scratch(synthetic, int8_head):
     transient = m["anon_peak"] - m["anon_after"]
     assert transient <= LOAD_MARGIN, f"load peak {transient / MiB:.0f} MiB above the loaded model's {held / MiB:.0f}"
     assert not m["sympy_imported"]  # building on the meta device skips torch's init (tinychat.loader._SkipInit)
+
+
+# --- the planner against `tinychat bench` ------------------------------------------------------------
+
+PROMPT, GEN = 256, 8
+
+
+def run_bench(model: str, out: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "tinychat", "bench", "--model", model, "--prompt-len", str(PROMPT),
+           "--gen", str(GEN), "--runs", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["results"][0]
+
+
+def compare(model: str, measured: dict) -> dict:
+    context = PROMPT + GEN + 1
+    p = plan.plan_model(model, context=context, device="cpu")
+    activations = sum(i.bytes for i in plan.activation_items(p_config(model), "w4a16", context, 1, chunk=PROMPT,
+                                                             cpu=True))
+    predicted = {"weights": p.weights, "kv": p.section("kv cache"), "load peak": p.load_peak,
+                 "run peak": p.weights + p.section("kv cache") + activations, "activations": activations}
+    got = {"weights": measured["rss_model_bytes"], "kv": measured["kv_cache_rss_bytes"],
+           "load peak": measured["load_peak_bytes"],
+           "run peak": measured["rss_model_bytes"] + measured["kv_cache_rss_bytes"] + measured["activation_peak_bytes"],
+           "activations": measured["activation_peak_bytes"]}
+    return {k: (predicted[k], got[k], predicted[k] / got[k]) for k in predicted}
+
+
+def p_config(model: str):
+    return plan.load_shape(model)[0]
+
+
+def check(rows: dict) -> None:
+    text = "; ".join(f"{k}: planned {a / 1e6:.1f} MB, measured {b / 1e6:.1f} MB" for k, (a, b, _) in rows.items())
+    for key in ("weights", "kv", "load peak", "run peak"):
+        assert 0.9 <= rows[key][2] <= 1.1, f"{key} off by more than 10%: {text}"
+    # A few MB measured through the allocator (pages, heap reuse, the kernels' own buffers): looser.
+    assert 0.6 <= rows["activations"][2] <= 1.4, f"activations: {text}"
+
+
+def test_plan_matches_bench_on_a_synthetic_checkpoint(synthetic, tmp_path):
+    check(compare(str(synthetic), run_bench(str(synthetic), tmp_path / "bench.json")))
+
+
+def test_plan_matches_bench_on_the_default_model(default_model_dir, tmp_path):
+    from tinychat.hub import DEFAULT_MODEL, resolve_model
+
+    awq = resolve_model(DEFAULT_MODEL, "w4a16")
+    check(compare(str(awq), run_bench(DEFAULT_MODEL, tmp_path / "bench.json")))
+
+
+def test_loader_units_are_the_planners():
+    from tinychat.quant.pack import INT4PACK_REPACK_ELEMENTS, _GEMV_REPACK_ELEMENTS
+
+    assert plan.LOAD_CHUNK_BYTES == weights.CHUNK_BYTES
+    assert plan.INT8_CHUNK_ELEMENTS == int8.CHUNK_ELEMENTS
+    assert plan.INT4PACK_REPACK_ELEMENTS == INT4PACK_REPACK_ELEMENTS
+    assert plan.GEMV_REPACK_ELEMENTS == _GEMV_REPACK_ELEMENTS

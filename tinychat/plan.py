@@ -17,6 +17,14 @@ What is counted, and why:
 - Overhead: the CUDA context and kernels, a reserve for the caching allocator's fragmentation, and on a
   unified-memory device (Jetson Orin: CPU and GPU share one DRAM) the firmware carve-outs, the OS and
   the host side of this process, which all come out of the same memory as the weights.
+- The load (not in the total: it is over before the KV cache and activations exist): what the loader
+  holds beyond the weights loaded so far, at its largest step (tinychat/loader.py: the quantized
+  linears first, then an int8 head, then the rest, each converted a range or a slice at a time). The
+  peak is the larger of the load's and the run's.
+
+`--device cpu` plans this machine's host memory as the CPU path uses it: bf16 compute, torch's CPU int4
+layout (the same 4 + 32/g bits), the int8 head that `tinychat generate` uses for 4-bit models unless
+--full-head, no CUDA context, and the process itself (Python, torch, the tokenizer).
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ ALLOCATOR_RESERVE = 0.05  # fraction of weights + KV + activations lost to the c
 GROUP_SIZES = (32, 64, 128)
 PRECISIONS = ("w4a16", "fp16")
 SHAPES_DIR = Path(__file__).resolve().parent.parent / "models" / "shapes"
+# The loader's units of work (equal to the constants of the modules named; a test checks):
+LOAD_CHUNK_BYTES = 4 << 20  # tinychat.weights.CHUNK_BYTES: stored bytes of a big tensor converted at a time
+INT8_CHUNK_ELEMENTS = 1 << 21  # tinychat.quant.int8.CHUNK_ELEMENTS: weights per fp32 temporary of the int8 head
+INT4PACK_REPACK_ELEMENTS = 1 << 21  # tinychat.quant.pack: codes per slice of the CPU int4 repack
+GEMV_REPACK_ELEMENTS = 1 << 22  # tinychat.quant.pack: codes per slice of the CUDA GEMV repack
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ class Device:
     unified: bool = False  # CPU and GPU share `memory`, so host-side memory counts against it
     cuda_context: int = GiB // 2  # CUDA context, loaded kernels, cuBLAS workspace
     host_items: tuple[tuple[str, int, str], ...] = ()  # unified memory only: what the host side takes
+    cpu: bool = False  # the model runs on the CPU, in host memory (tinychat's CPU path)
 
 
 DEVICES = {
@@ -65,9 +79,35 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
+def host_memory() -> int:
+    """MemTotal of this machine (0 where /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_device(memory: int | None = None) -> Device:
+    """This machine's CPU and host memory (or `memory` bytes of it)."""
+    memory = host_memory() if memory is None else memory
+    return Device("cpu", memory, cuda_context=0, cpu=True, host_items=(
+        ("host process", HOST_PROCESS_CPU, "Python, torch and the tokenizer before the load (measured "
+                                           "0.14-0.16 GiB of anonymous memory; docs/memory.md)"),))
+
+
+HOST_PROCESS_CPU = int(0.16 * GiB)
+
+
 def parse_device(text: str) -> Device:
-    """A named device, or a memory size in bytes ("25769803776", "24GiB", "24GB"): a discrete GPU."""
+    """A named device, `cpu` (this machine), or a memory size in bytes ("25769803776", "24GiB", "24GB"):
+    a discrete GPU."""
     key = text.strip().lower()
+    if key == "cpu":
+        return cpu_device()
     if key in DEVICES:
         return DEVICES[key]
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", key)
@@ -75,13 +115,13 @@ def parse_device(text: str) -> Device:
         size = int(float(m.group(1)) * _UNITS[m.group(2)])
         if size > 0:
             return Device(f"{size / GiB:.1f} GiB GPU", size)
-    raise TinychatError(f"--device {text!r}: give one of {', '.join(DEVICES)} or a memory size "
+    raise TinychatError(f"--device {text!r}: give one of {', '.join(DEVICES)}, cpu, or a memory size "
                         "in bytes (e.g. 25769803776, 24GiB, 24GB)")
 
 
 @dataclass
 class Item:
-    section: str  # weights | kv cache | activations | overhead
+    section: str  # weights | kv cache | activations | overhead | load (the load's own scratch, not in the total)
     name: str
     bytes: int
     formula: str
@@ -107,11 +147,23 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return sum(i.bytes for i in self.items)
+        """What is held while the model runs: everything but the load's scratch."""
+        return sum(i.bytes for i in self.items if i.section != "load")
+
+    @property
+    def load_peak(self) -> int:
+        """The load's peak above the process before it: the weights plus the loader's largest step."""
+        return self.weights + self.section("load")
+
+    @property
+    def peak(self) -> int:
+        """The larger of the run (total) and the load (the load peak and the overhead, before any KV cache
+        or activations exist)."""
+        return max(self.total, self.load_peak + self.section("overhead"))
 
     @property
     def margin(self) -> int:
-        return self.device.memory - self.total
+        return self.device.memory - self.peak
 
     @property
     def fits(self) -> bool:
@@ -119,7 +171,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(weights=self.weights, total=self.total, margin=self.margin, fits=self.fits)
+        d.update(weights=self.weights, total=self.total, load_peak=self.load_peak, peak=self.peak,
+                 margin=self.margin, fits=self.fits)
         return d
 
 
@@ -161,8 +214,9 @@ def quantized_linear_bytes(in_features: int, out_features: int, group_size: int)
 
 
 def weight_items(config: ModelConfig, precision: str, group_size: int | None,
-                 not_converted: tuple[str, ...] = ()) -> list[Item]:
-    """Weight bytes by kind. `not_converted`: AWQ modules_to_not_convert (substrings of module names)."""
+                 not_converted: tuple[str, ...] = (), int8_head: bool = False) -> list[Item]:
+    """Weight bytes by kind. `not_converted`: AWQ modules_to_not_convert (substrings of module names).
+    int8_head: the lm_head (and a tied embedding) as per-row int8 with one 2-byte scale a row."""
     L, h, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     shapes = linear_shapes(config)
     quant = fp16 = 0
@@ -186,11 +240,18 @@ def weight_items(config: ModelConfig, precision: str, group_size: int | None,
     if config.attention_bias:
         q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
         items.append(Item("weights", "qkv biases", L * (q + 2 * kv) * FP16, f"{L} x {q + 2 * kv} x 2 bytes"))
-    items.append(Item("weights", "embeddings (fp16)", V * h * FP16, f"vocab {V} x hidden {h} x 2 bytes"))
-    if config.tie_word_embeddings:
-        items.append(Item("weights", "lm_head (fp16)", 0, "tied to the embeddings: counted once"))
+    int8 = V * h + V * FP16
+    if int8_head and config.tie_word_embeddings:
+        items.append(Item("weights", "embeddings and lm_head (int8, tied)", int8,
+                          f"vocab {V} x hidden {h} x 1 byte + a 2-byte scale per row; one table serves both"))
     else:
-        items.append(Item("weights", "lm_head (fp16)", V * h * FP16, f"vocab {V} x hidden {h} x 2 bytes"))
+        items.append(Item("weights", "embeddings (fp16)", V * h * FP16, f"vocab {V} x hidden {h} x 2 bytes"))
+        if int8_head:
+            items.append(Item("weights", "lm_head (int8)", int8, f"vocab {V} x hidden {h} x 1 byte + a 2-byte scale per row"))
+        elif config.tie_word_embeddings:
+            items.append(Item("weights", "lm_head (fp16)", 0, "tied to the embeddings: counted once"))
+        else:
+            items.append(Item("weights", "lm_head (fp16)", V * h * FP16, f"vocab {V} x hidden {h} x 2 bytes"))
     items.append(Item("weights", "norms (fp16)", (2 * L + 1) * h * FP16, f"(2 x {L} layers + 1) x {h} x 2 bytes"))
     return items
 
@@ -201,8 +262,9 @@ def kv_cache_bytes(config: ModelConfig, context: int, batch: int) -> int:
 
 
 def activation_items(config: ModelConfig, precision: str, context: int, batch: int,
-                     chunk: int = PREFILL_CHUNK) -> list[Item]:
-    """Transient memory of one forward: a prefill chunk of min(context, chunk) tokens per sequence."""
+                     chunk: int = PREFILL_CHUNK, cpu: bool = False) -> list[Item]:
+    """Transient memory of one forward: a prefill chunk of min(context, chunk) tokens per sequence. On the
+    CPU the int4 kernel reads the packed weights: no dequantized copy of a linear."""
     c, b = min(context, chunk), batch
     h, ffn, V = config.hidden_size, config.intermediate_size, config.vocab_size
     heads = config.num_attention_heads
@@ -220,7 +282,7 @@ def activation_items(config: ModelConfig, precision: str, context: int, batch: i
         Item("activations", "logits", b * V * (FP16 + 2 * FP32),
              f"batch {b} x vocab {V} x (2 fp16 + 4 fp32 + 4 fp32 probabilities)"),
     ]
-    if precision == "w4a16":
+    if precision == "w4a16" and not cpu:
         name, (inp, out) = max(linear_shapes(config).items(), key=lambda kv_: kv_[1][0] * kv_[1][1])
         fused = 2 if name in ("mlp.gate_proj", "mlp.up_proj") else 1  # gate and up are one fused linear
         items.append(Item("activations", "dequantized linear (fp16)", fused * inp * out * FP16,
@@ -229,18 +291,91 @@ def activation_items(config: ModelConfig, precision: str, context: int, batch: i
     return items
 
 
+def fused_linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear of one layer as the runtime holds them (q/k/v and gate/up
+    fused)."""
+    s = linear_shapes(config)
+    h = config.hidden_size
+    return {"qkv_proj": (h, s["self_attn.q_proj"][1] + 2 * s["self_attn.k_proj"][1]), "o_proj": s["self_attn.o_proj"],
+            "gate_up_proj": (h, 2 * config.intermediate_size), "down_proj": s["mlp.down_proj"]}
+
+
+def awq_checkpoint_bytes(in_features: int, out_features: int, group_size: int) -> int:
+    """One linear in the AutoAWQ GEMM format: 4-bit codes, 4-bit zeros and fp16 scales per group."""
+    groups = in_features // group_size
+    return in_features * out_features // 2 + groups * out_features // 2 + groups * out_features * FP16
+
+
+def load_items(config: ModelConfig, precision: str, group_size: int | None, device: Device,
+               weights: list[Item], int8_head: bool) -> list[Item]:
+    """The loader's largest step beyond the weights it has placed so far (tinychat/loader.py, in its order):
+
+    - the int4 repack of the biggest fused linear, after every linear is placed: its AWQ tensors twice
+      (the parts and their concatenation), or once beside one slice's int32 codes (8 bytes a code, plus
+      the packed slice) and the fp32 scale/offset temporaries (16 bytes a group and output). On a GPU
+      the device holds the slice's int32/int64 temporaries (32 bytes a code), the host the AWQ tensors,
+      which count only where host and device share the memory;
+    - an int8 head, after the linears: the int8 table whole, a range of the stored rows, its cast and
+      one fp32 piece of INT8_CHUNK_ELEMENTS;
+    - the rest, the last tensor of which is converted a range at a time: the range as stored, its
+      converted copy and the fp32 copy of the finite check (3 ranges), or a small tensor whole.
+
+    Each step also counts one range of allocator slack: glibc's heap holds about that much freed scratch
+    between the loader's trims (measured; docs/memory.md).
+    """
+    total = sum(i.bytes for i in weights)
+    linears = sum(i.bytes for i in weights if i.name == "quantized linears")
+    V, h = config.vocab_size, config.hidden_size
+    steps = []
+    if linears:
+        g = group_size
+
+        def cpu_repack(shape):
+            inp, out = shape
+            awq = awq_checkpoint_bytes(inp, out, g)
+            rows = max(64, INT4PACK_REPACK_ELEMENTS // inp // 64 * 64) if out % 64 == 0 else out
+            return awq + max(awq, 9 * min(rows, out) * inp + 16 * (inp // g) * out)
+
+        def gpu_repack(shape):
+            inp, out = shape
+            device_scratch = 32 * min(GEMV_REPACK_ELEMENTS // inp // 8 * 8 or 8, out) * inp
+            return device_scratch + (2 * awq_checkpoint_bytes(inp, out, g) if device.unified else 0)
+
+        repack = cpu_repack if device.cpu else gpu_repack
+        name, shape = max(fused_linear_shapes(config).items(), key=lambda kv_: repack(kv_[1]))
+        steps.append((linears + repack(shape), f"the int4 repack of {name} ({shape[0]} x {shape[1]}) "
+                                               "after the other linears"))
+    if int8_head:
+        head = V * h + V * FP16
+        steps.append((linears + head + 2 * LOAD_CHUNK_BYTES + 4 * INT8_CHUNK_ELEMENTS,
+                      "the int8 head, built a range of rows at a time after the linears"))
+    remaining = [V * h * FP16] if not (int8_head and config.tie_word_embeddings) else []
+    if precision == "fp16" or linears == 0:
+        remaining += [h * 2 * config.intermediate_size * FP16]
+    remaining += [h * FP16]
+    biggest = max(remaining)
+    steps.append((total + 3 * min(LOAD_CHUNK_BYTES, biggest),
+                  "the last tensors, each converted a range of rows at a time"))
+    peak, why = max(steps)
+    return [Item("load", "load scratch", peak - total + LOAD_CHUNK_BYTES,
+                 f"largest step: {why}; + {LOAD_CHUNK_BYTES >> 20} MiB allocator slack")]
+
+
 def overhead_items(device: Device, allocated: int) -> list[Item]:
-    items = [Item("overhead", "CUDA context and kernels", device.cuda_context, "context, modules, cuBLAS workspace"),
-             Item("overhead", "allocator reserve", int(ALLOCATOR_RESERVE * allocated),
-                  f"{ALLOCATOR_RESERVE:.0%} of weights + KV cache + activations (fragmentation)")]
+    items = [Item("overhead", "CUDA context and kernels", device.cuda_context, "context, modules, cuBLAS workspace")]
+    items = items if device.cuda_context else []
+    items.append(Item("overhead", "allocator reserve", int(ALLOCATOR_RESERVE * allocated),
+                      f"{ALLOCATOR_RESERVE:.0%} of weights + KV cache + activations (fragmentation)"))
     items += [Item("overhead", name, size, why) for name, size, why in device.host_items]
     return items
 
 
 def make_plan(config: ModelConfig, precision: str = "w4a16", group_size: int | None = None,
               context: int = 4096, batch: int = 1, device: Device | str = "orin-64gb",
-              model: str = "model", not_converted: tuple[str, ...] = ()) -> Plan:
-    """Every line of the memory budget for running `config` at this precision, context and batch."""
+              model: str = "model", not_converted: tuple[str, ...] = (), int8_head: bool | None = None) -> Plan:
+    """Every line of the memory budget for running `config` at this precision, context and batch.
+
+    int8_head: None for what tinychat does on that device (an int8 head for 4-bit models on the CPU)."""
     if isinstance(device, str):
         device = parse_device(device)
     if precision not in PRECISIONS:
@@ -260,13 +395,17 @@ def make_plan(config: ModelConfig, precision: str = "w4a16", group_size: int | N
     if context > config.max_position_embeddings:
         notes.append(f"--context {context} is longer than the model was trained for "
                      f"({config.max_position_embeddings})")
-    items = weight_items(config, precision, group_size, not_converted)
+    if int8_head is None:
+        int8_head = device.cpu and precision == "w4a16"
+    items = weight_items(config, precision, group_size, not_converted, int8_head)
+    weights = list(items)
     kv = kv_cache_bytes(config, context, batch)
     items.append(Item("kv cache", "KV cache (fp16)", kv,
                       f"2 x {config.num_hidden_layers} layers x {config.num_key_value_heads} kv heads x "
                       f"{config.head_dim} head_dim x 2 bytes x context {context} x batch {batch}"))
-    items += activation_items(config, precision, context, batch)
+    items += activation_items(config, precision, context, batch, cpu=device.cpu)
     items += overhead_items(device, sum(i.bytes for i in items))
+    items += load_items(config, precision, group_size, device, weights, int8_head)
     return Plan(model, precision, group_size, context, batch, device, items, notes)
 
 
@@ -290,6 +429,13 @@ def format_plan(plan: Plan) -> str:
                      f"({plan.section(section) / 1e9:.2f} GB)")
         lines.append("")
     lines.append(f"  {'total':<{width}} {format_bytes(plan.total):>8}  of {plan.device.memory / GiB:.2f} GiB")
+    lines.append("")
+    for i in (i for i in plan.items if i.section == "load"):
+        lines.append(f"  {i.name:<{width}} {format_bytes(i.bytes):>8}  {i.formula}")
+    lines.append(f"  {'load peak':<{width}} {format_bytes(plan.load_peak):>8}  weights + load scratch "
+                 f"({plan.load_peak / 1e9:.2f} GB), before the KV cache and activations exist")
+    if plan.peak > plan.total:
+        lines.append(f"  {'peak':<{width}} {format_bytes(plan.peak):>8}  the load's, above the run's total")
     lines += [f"  note: {n}" for n in plan.notes]
     lines.append("")
     if plan.fits:
@@ -344,7 +490,7 @@ def load_shape(name: str) -> tuple[ModelConfig, str, tuple[str, ...], int | None
 
 
 def plan_model(name: str, precision: str | None = None, group_size: int | None = None, context: int = 4096,
-               batch: int = 1, device: str = "orin-64gb") -> Plan:
+               batch: int = 1, device: str = "orin-64gb", int8_head: bool | None = None) -> Plan:
     """Plan a directory (its config.json; an AWQ checkpoint's own quantization settings) or a known name."""
     config, label, not_converted, checkpoint_group = load_shape(name)
     if checkpoint_group is not None:  # already AWQ: its settings are facts, not choices
@@ -355,7 +501,7 @@ def plan_model(name: str, precision: str | None = None, group_size: int | None =
                                 f"drop --group-size {group_size} or give another model")
         precision, group_size = "w4a16", checkpoint_group
     return make_plan(config, precision or "w4a16", group_size, context, batch, parse_device(device),
-                     label, not_converted)
+                     label, not_converted, int8_head)
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -376,13 +522,17 @@ def register(subparsers) -> None:
     p.add_argument("--context", type=int, default=4096, help="KV cache length in tokens (default %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default %(default)s)")
     p.add_argument("--device", default="orin-64gb",
-                   help=f"{', '.join(DEVICES)}, or a memory size such as 24GiB (default %(default)s)")
+                   help=f"{', '.join(DEVICES)}, cpu (this machine, tinychat's CPU path), or a memory size such "
+                        "as 24GiB (default %(default)s)")
+    p.add_argument("--full-head", action="store_true",
+                   help="plan the lm_head in the compute dtype where tinychat would make it int8 (the CPU)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    plan = plan_model(args.model, args.precision, args.group_size, args.context, args.batch, args.device)
+    plan = plan_model(args.model, args.precision, args.group_size, args.context, args.batch, args.device,
+                      False if args.full_head else None)
     if args.json:
         json.dump(plan.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
