@@ -17,7 +17,7 @@ import time
 from .errors import TinychatError
 from .openai_api import APIError, Reply, RequestContext, error_body, models_list, parse_request
 
-DISCONNECT_POLL_SECONDS = 0.2  # how often a waiting handler checks that its client is still there
+DISCONNECT_POLL_SECONDS = 0.1  # how often a handler checks that its client is still there
 
 
 def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = None):
@@ -97,12 +97,13 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
         except TinychatError as e:
             raise APIError(400, str(e)) from None
         reply = Reply(parsed, model_ids[0], engine.tokenizer)
+        relay = EventRelay(request, job, events)
         if parsed.stream:
-            return StreamingResponse(stream(request, job, events, reply), media_type="text/event-stream",
+            return StreamingResponse(stream(relay, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             while reply.done is None:
-                event = await next_event(request, job, events)
+                event = await relay.next()
                 if event is None:
                     return JSONResponse(error_body("client closed the request"), status_code=499)
                 reply.add(event)
@@ -112,22 +113,12 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
             return JSONResponse(error_body(reply.done.error or "generation failed", "server_error"), status_code=500)
         return reply.response()
 
-    async def next_event(request: Request, job, events: asyncio.Queue):
-        """The job's next event, or None once the client has gone (the job is then cancelled)."""
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return None
-
-    async def stream(request: Request, job, events: asyncio.Queue, reply: Reply):
+    async def stream(relay: EventRelay, reply: Reply):
         try:
             for chunk in reply.first_chunks():
                 yield sse(chunk)
             while reply.done is None:
-                event = await next_event(request, job, events)
+                event = await relay.next()
                 if event is None:
                     return
                 if getattr(event, "finish_reason", None) == "error":
@@ -138,7 +129,7 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
                     yield sse(chunk)
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel()  # the client went away (the response task is cancelled) or the reply ended
+            relay.job.cancel()  # the client went away (the response task is cancelled) or the reply ended
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -149,6 +140,32 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
         return await complete(request, chat=False)
 
     return app
+
+
+class EventRelay:
+    """One request's events, handed over from the scheduler thread, and whether its client is still there:
+    the client is checked every DISCONNECT_POLL_SECONDS whether or not tokens flow, so a stream that keeps
+    producing notices a closed connection as fast as an idle one."""
+
+    def __init__(self, request, job, events: asyncio.Queue):
+        self.request, self.job, self.events = request, job, events
+        self.checked_at = 0.0
+
+    async def next(self):
+        """The job's next event, or None once the client has gone (the job is then cancelled)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                event = None
+            if event is None or loop.time() - self.checked_at > DISCONNECT_POLL_SECONDS:
+                self.checked_at = loop.time()
+                if await self.request.is_disconnected():
+                    self.job.cancel()
+                    return None
+            if event is not None:
+                return event
 
 
 def sse(payload: dict) -> str:
