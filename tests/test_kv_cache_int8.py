@@ -394,3 +394,21 @@ def test_generate_and_bench_with_kv_cache_int8(tmp_path, capsys):
     assert row["kv_cache"] == "int8" and "int8" in capsys.readouterr().out
     config = small_config(hidden_size=256, num_hidden_layers=2)  # the tiny model's KV shape
     assert row["kv_bytes_per_token"] == kv_bytes_per_token(config, torch.int8, BF16)
+
+
+# ---- the planner -----------------------------------------------------------------------------------------
+
+def test_the_planner_counts_the_int8_cache_as_the_cache_allocates_it():
+    from tinychat import cache, plan
+
+    assert plan.KV_CACHE_TYPES == tuple(cache.KV_CACHE_TYPES)
+    for config in (small_config(hidden_size=256), plan.load_shape("llama-2-70b")[0]):
+        for kv, dtype in (("fp16", torch.float16), ("bf16", BF16), ("int8", torch.int8)):
+            assert plan.kv_cache_bytes(config, 100, 3, kv) == 300 * kv_bytes_per_token(config, dtype, torch.float16)
+    fp16, int8 = (plan.plan_model("llama-2-70b", context=32768, device="orin-64gb", kv_cache=kv)
+                  for kv in ("fp16", "int8"))
+    assert int8.section("kv cache") / fp16.section("kv cache") == pytest.approx(130 / 256)
+    assert [i.name for i in int8.items if i.section == "kv cache"] == ["KV cache (int8)"]
+    assert int8.fits and int8.margin > fp16.margin + 5 * plan.GiB
+    with pytest.raises(TinychatError, match="--kv-cache"):
+        plan.plan_model("llama-2-70b", kv_cache="q4_0")

@@ -9,7 +9,8 @@ What is counted, and why:
   4-bit and take 0.1 bit/param less). Embeddings, lm_head and norms stay fp16; a tied lm_head is the
   embedding matrix and is counted once.
 - KV cache: fp16 keys and values for the whole context, preallocated (tinychat/cache.py never grows it
-  and keeps the full context even for sliding-window models).
+  and keeps the full context even for sliding-window models); with --kv-cache int8, one byte an element
+  plus a 2-byte scale per token and kv head.
 - Activations: one prefill chunk of `PREFILL_CHUNK` tokens in flight (tinychat/generate.py), at the
   largest point of a decoder layer, plus fp32 attention scores of that chunk against the full context
   (the unfused attention path materialises them), plus the logits, plus (W4A16) one dequantized fp16
@@ -256,9 +257,14 @@ def weight_items(config: ModelConfig, precision: str, group_size: int | None,
     return items
 
 
-def kv_cache_bytes(config: ModelConfig, context: int, batch: int) -> int:
-    """fp16 K and V: 2 x layers x kv_heads x head_dim x 2 bytes x context x batch."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * FP16 * context * batch
+KV_CACHE_TYPES = ("fp16", "bf16", "int8")  # tinychat.cache.KV_CACHE_TYPES (a test checks)
+
+
+def kv_cache_bytes(config: ModelConfig, context: int, batch: int, kv_cache: str = "fp16") -> int:
+    """K and V: 2 x layers x kv_heads x head_dim x 2 bytes x context x batch (fp16, bf16); int8 stores
+    head_dim bytes and a 2-byte scale per (token, kv head) instead (tinychat.cache.kv_bytes_per_token)."""
+    per_head = config.head_dim + FP16 if kv_cache == "int8" else config.head_dim * FP16
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * per_head * context * batch
 
 
 def activation_items(config: ModelConfig, precision: str, context: int, batch: int,
@@ -372,7 +378,8 @@ def overhead_items(device: Device, allocated: int) -> list[Item]:
 
 def make_plan(config: ModelConfig, precision: str = "w4a16", group_size: int | None = None,
               context: int = 4096, batch: int = 1, device: Device | str = "orin-64gb",
-              model: str = "model", not_converted: tuple[str, ...] = (), int8_head: bool | None = None) -> Plan:
+              model: str = "model", not_converted: tuple[str, ...] = (), int8_head: bool | None = None,
+              kv_cache: str = "fp16") -> Plan:
     """Every line of the memory budget for running `config` at this precision, context and batch.
 
     int8_head: None for what tinychat does on that device (an int8 head for 4-bit models on the CPU)."""
@@ -380,6 +387,8 @@ def make_plan(config: ModelConfig, precision: str = "w4a16", group_size: int | N
         device = parse_device(device)
     if precision not in PRECISIONS:
         raise TinychatError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if kv_cache not in KV_CACHE_TYPES:
+        raise TinychatError(f"--kv-cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
     for flag, value in (("--context", context), ("--batch", batch)):
         if not isinstance(value, int) or value <= 0:
             raise TinychatError(f"{flag} must be a positive integer, got {value!r}")
@@ -399,10 +408,12 @@ def make_plan(config: ModelConfig, precision: str = "w4a16", group_size: int | N
         int8_head = device.cpu and precision == "w4a16"
     items = weight_items(config, precision, group_size, not_converted, int8_head)
     weights = list(items)
-    kv = kv_cache_bytes(config, context, batch)
-    items.append(Item("kv cache", "KV cache (fp16)", kv,
+    kv = kv_cache_bytes(config, context, batch, kv_cache)
+    per_head = (f"({config.head_dim} head_dim x 1 byte + a 2-byte scale)" if kv_cache == "int8"
+                else f"{config.head_dim} head_dim x 2 bytes")
+    items.append(Item("kv cache", f"KV cache ({kv_cache})", kv,
                       f"2 x {config.num_hidden_layers} layers x {config.num_key_value_heads} kv heads x "
-                      f"{config.head_dim} head_dim x 2 bytes x context {context} x batch {batch}"))
+                      f"{per_head} x context {context} x batch {batch}"))
     items += activation_items(config, precision, context, batch, cpu=device.cpu)
     items += overhead_items(device, sum(i.bytes for i in items))
     items += load_items(config, precision, group_size, device, weights, int8_head)
@@ -490,7 +501,8 @@ def load_shape(name: str) -> tuple[ModelConfig, str, tuple[str, ...], int | None
 
 
 def plan_model(name: str, precision: str | None = None, group_size: int | None = None, context: int = 4096,
-               batch: int = 1, device: str = "orin-64gb", int8_head: bool | None = None) -> Plan:
+               batch: int = 1, device: str = "orin-64gb", int8_head: bool | None = None,
+               kv_cache: str = "fp16") -> Plan:
     """Plan a directory (its config.json; an AWQ checkpoint's own quantization settings) or a known name."""
     config, label, not_converted, checkpoint_group = load_shape(name)
     if checkpoint_group is not None:  # already AWQ: its settings are facts, not choices
@@ -501,7 +513,7 @@ def plan_model(name: str, precision: str | None = None, group_size: int | None =
                                 f"drop --group-size {group_size} or give another model")
         precision, group_size = "w4a16", checkpoint_group
     return make_plan(config, precision or "w4a16", group_size, context, batch, parse_device(device),
-                     label, not_converted, int8_head)
+                     label, not_converted, int8_head, kv_cache)
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -521,6 +533,9 @@ def register(subparsers) -> None:
                    help="AWQ group size (default 128, or the largest of 64/32 that divides the model)")
     p.add_argument("--context", type=int, default=4096, help="KV cache length in tokens (default %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default %(default)s)")
+    p.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default="fp16",
+                   help="KV cache storage (default %(default)s; int8: about half the bytes, `--kv-cache int8` "
+                        "of generate, chat and serve)")
     p.add_argument("--device", default="orin-64gb",
                    help=f"{', '.join(DEVICES)}, cpu (this machine, tinychat's CPU path), or a memory size such "
                         "as 24GiB (default %(default)s)")
@@ -532,7 +547,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     plan = plan_model(args.model, args.precision, args.group_size, args.context, args.batch, args.device,
-                      False if args.full_head else None)
+                      False if args.full_head else None, args.kv_cache)
     if args.json:
         json.dump(plan.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
