@@ -110,7 +110,8 @@ def test_rope_kv_write_quantizes_what_the_float_write_writes():
                                           (1, 2, 2, 1, 256)])
 def test_cpu_rope_kv_write_int8_is_bit_exact(b, t, hq, hkv, d):
     s = 40
-    qkv = (torch.randn(b, t, (hq + 2 * hkv) * d) * 3).to(BF16)
+    qkv = (torch.randn(b, t, (hq + 2 * hkv) * d) * torch.exp(2 * torch.randn(b, t, 1))).to(BF16)
+    qkv[0, -1, (hq + hkv) * d:(hq + hkv + 1) * d] = 0  # a zero v head: scale 0, codes 0
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     positions = (torch.randint(0, s - t, (b, 1)) + torch.arange(t)) if b > 1 else torch.arange(7, 7 + t)[None]
     cos, sin = reference.rope_cos_sin(inv_freq, positions, BF16)

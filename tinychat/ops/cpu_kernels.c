@@ -73,16 +73,22 @@ void tc_add_rmsnorm(const bf16* x, const bf16* delta, const bf16* weight, bf16* 
 // scale = bf16(max|x| / 127) (fp32 division, rounded to nearest even), code = rint(x / scale) clamped to
 // +-127 (fp32 division, round half to even, as torch.round), all codes 0 for a zero scale.
 static inline void quantize_row(const bf16* x, int64_t d, int8_t* codes, bf16* scale) {
-    float amax = 0.0f;
+    // max |x| on the bits: without the sign, bf16 bits order as the values do (NaN above all, as torch's
+    // amax propagates it), and an integer max vectorises where a float one would not without -ffast-math
+    uint16_t top = 0;
     for (int64_t i = 0; i < d; ++i) {
-        const float a = fabsf(bf2f(x[i]));
-        amax = a > amax ? a : amax;
+        const uint16_t a = x[i] & 0x7fffu;
+        top = a > top ? a : top;
     }
-    const bf16 sb = f2bf(amax / 127.0f);
+    const bf16 sb = f2bf(bf2f(top) / 127.0f);
     const float s = bf2f(sb);
     *scale = sb;
+    if (!(s > 0.0f)) {  // a zero (or NaN) row
+        memset(codes, 0, (size_t)d);
+        return;
+    }
     for (int64_t i = 0; i < d; ++i) {
-        float c = s > 0.0f ? rintf(bf2f(x[i]) / s) : 0.0f;
+        float c = rintf(bf2f(x[i]) / s);
         c = c < -127.0f ? -127.0f : (c > 127.0f ? 127.0f : c);
         codes[i] = (int8_t)c;
     }
