@@ -91,16 +91,6 @@ def median_row(rows: list[dict]) -> dict:
     return merged
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def main() -> int:
@@ -118,7 +108,7 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from tinychat.bench import machine_info
+    from tinychat.bench import cpu_model, machine_info
     from tinychat.config import ModelConfig
     from tinychat.gguf_import import find_default_gguf
     from tinychat.hub import DEFAULT_MODEL, resolve_model

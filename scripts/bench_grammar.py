@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tinychat.bench import cpu_model  # noqa: E402
 from tinychat.tokenizer import Tokenizer  # noqa: E402
 
 SCHEMA = {
@@ -265,7 +266,7 @@ def main() -> int:
             "what": "per-token grammar mask cost (bitmask + apply to [1, vocab] fp32 logits + advance) over a "
                     "valid document fed token by token, and compile times",
             "date": date.today().isoformat(),
-            "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            "machine": f"{platform.machine()} {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                        f"{args.threads} torch thread(s)",
             "model": args.model, "vocab": vocab, "eos": eos,
             "schema": SCHEMA, "document": DOCUMENT, "repeats": args.repeats,
@@ -277,14 +278,6 @@ def main() -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tinychat.bench import cpu_model  # noqa: E402
+
 TOPICS = ["a lighthouse keeper who finds a message in a bottle", "a dragon who is afraid of heights",
           "two rival bakers in a small mountain village", "a robot learning to paint",
           "a girl who can talk to the wind", "the last train across a frozen desert",
@@ -257,14 +259,6 @@ def median(xs) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def git_commit() -> str:

@@ -104,6 +104,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (a speed claim names the machine it was measured on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def machine_info() -> dict:
     return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
