@@ -8,7 +8,6 @@
   synthetic checkpoint: weights, KV cache, the load's peak and the run's peak within 10%.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,18 +25,13 @@ from tinychat.loader import load_model
 from tinychat.quant import int8, pack
 from tinychat.quant.int8 import Int8Embedding, Int8Linear, use_int8_head
 
+from script_modules import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" / "bench_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_script("bench_memory")
 
 
 def random_awq(k, n, g, seed=0):

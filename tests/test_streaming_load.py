@@ -8,7 +8,6 @@ in-process), and the peak RSS of a fresh subprocess (what the operating system s
 """
 
 import gc
-import importlib.util
 import math
 import weakref
 from pathlib import Path
@@ -19,18 +18,12 @@ import torch
 from tinychat import loader
 from tinychat.checkpoint import CheckpointReader
 
-ROOT = Path(__file__).resolve().parent.parent
+from script_modules import load_script
+
 MiB = 1 << 20
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" / "bench_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_script("bench_memory")
 # 62 MB of fp16 in 4 shards (16 MB each); the same shape in AWQ w4 g128 is 22 MB.
 CONFIG = bench.llama_config(hidden=512, ffn=1536, layers=8, heads=8, kv_heads=8, vocab=4096)
 
