@@ -164,26 +164,22 @@ def llama_config(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, 
 
 
 def tensor_specs(config: dict, group: int | None) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, dtype) of every tensor, in the HF order (layer by layer), fp16 or AWQ GEMM."""
-    h, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    hd = h // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
-    linears = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
-               "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, ffn), "mlp.up_proj": (h, ffn),
-               "mlp.down_proj": (ffn, h)}
-    specs = [("model.embed_tokens.weight", (vocab, h), "float16")]
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        specs.append((p + "input_layernorm.weight", (h,), "float16"))
-        for name, (inp, out) in linears.items():
-            if group is None:
-                specs.append((p + name + ".weight", (out, inp), "float16"))
-            else:
-                specs += [(p + name + ".qweight", (inp, out // 8), "int32"),
-                          (p + name + ".qzeros", (inp // group, out // 8), "int32"),
-                          (p + name + ".scales", (inp // group, out), "float16")]
-        specs.append((p + "post_attention_layernorm.weight", (h,), "float16"))
-    specs += [("model.norm.weight", (h,), "float16"), ("lm_head.weight", (vocab, h), "float16")]
+    """(name, shape, dtype) of every tensor, in the family's layout order (tinychat.models), fp16 or AWQ GEMM."""
+    from tinychat.config import ModelConfig
+    from tinychat.models import hf_shapes, linear_shapes
+
+    cfg = ModelConfig.from_dict(config)
+    linears = linear_shapes(cfg)
+    specs = []
+    for name, shape in hf_shapes(cfg).items():
+        suffix = name.split(".", 3)[-1][: -len(".weight")] if name.startswith("model.layers.") else None
+        if group is None or suffix not in linears or not name.endswith(".weight"):
+            specs.append((name, shape, "float16"))
+            continue
+        inp, out = linears[suffix]
+        base = name[: -len(".weight")]
+        specs += [(base + ".qweight", (inp, out // 8), "int32"), (base + ".qzeros", (inp // group, out // 8), "int32"),
+                  (base + ".scales", (inp // group, out), "float16")]
     return specs
 
 

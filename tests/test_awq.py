@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
-from tinychat.loader import expected_shapes, load_model
+from tinychat.loader import load_model
+from tinychat.models import hf_shapes
 from tinychat.models.llama import LlamaForCausalLM
 from tinychat.quant import awq
 from tinychat.quant.awq import SearchSettings, block_parts, family_for
@@ -63,7 +64,7 @@ def write_tiny_model(path: Path, seed: int = 0, dtype=torch.float16, outliers: b
     config = ModelConfig.from_dict(cfg)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, shape in expected_shapes(config).items():
+    for name, shape in hf_shapes(config).items():
         if name.endswith("norm.weight"):
             t = 1 + 0.1 * torch.randn(shape, generator=gen)
             if outliers:
@@ -123,7 +124,7 @@ def _block_setup(seed=0, n_kv=4):
         for norm in (block.input_layernorm, block.post_attention_layernorm):
             norm.weight[torch.randperm(128)[:4]] *= 15
     hidden = torch.randn(8, 32, 128)
-    return model, block, hidden, block_runner(config, model.rotary, 32, torch.device("cpu"))
+    return model, block, hidden, block_runner(model.rotary, 32, torch.device("cpu"))
 
 
 def _fake_quant_block(block, bits, g):

@@ -42,13 +42,15 @@ def spec_dequant(codes, zeros, scales, group):
     return ((codes.float() - z) * s).t()
 
 
-def write_awq_twins(tmp_path, group=32, not_convert=None, seed=0):
-    """Write an AWQ checkpoint and its dequantized fp32 twin for a random tiny GQA Llama."""
+def write_awq_twins(tmp_path, group=32, not_convert=None, seed=0, model=None):
+    """Write an AWQ checkpoint and its dequantized fp32 twin of `model` (a transformers model; default a
+    random tiny GQA Llama)."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      rms_norm_eps=1e-5, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config).eval()
+    if model is None:
+        config = transformers.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          rms_norm_eps=1e-5, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config).eval()
     twin_dir, awq_dir = tmp_path / "twin", tmp_path / "awq"
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     awq, twin = {}, {}

@@ -48,9 +48,9 @@ def test_truncated_safetensors(tmp_path):
     from safetensors.torch import save_file
 
     from tinychat.config import ModelConfig
-    from tinychat.loader import expected_shapes
+    from tinychat.models import hf_shapes
 
-    shapes = expected_shapes(ModelConfig.from_dict(TINY_CONFIG))
+    shapes = hf_shapes(ModelConfig.from_dict(TINY_CONFIG))
     save_file({k: torch.randn(s) for k, s in shapes.items()}, tmp_path / "model.safetensors")
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])

@@ -6,7 +6,8 @@ import torch
 from tinychat.cache import ContextFullError
 from tinychat.config import ModelConfig
 from tinychat.generate import StopStringMatcher, generate_step, prefill
-from tinychat.loader import build_model, expected_shapes, fused_state_dict
+from tinychat.loader import build_model, fused_state_dict
+from tinychat.models import hf_shapes
 from tinychat.sampling import greedy
 
 CONFIG = dict(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -18,7 +19,7 @@ def model():
     torch.manual_seed(0)
     config = ModelConfig.from_dict(CONFIG)
     hf = {name: torch.randn(shape) * (0.2 if len(shape) == 2 else 1.0)
-          for name, shape in expected_shapes(config).items()}
+          for name, shape in hf_shapes(config).items()}
     return build_model(config, fused_state_dict(hf.__getitem__, config, torch.float32, torch.device("cpu")))
 
 

@@ -174,7 +174,7 @@ def test_rope_kv_write_matches_hf_rotation_and_cache_write(gen, dtype):
     for row in range(b):
         want_kc[row, :, positions[row]] = want_k[row].transpose(0, 1)
         want_vc[row, :, positions[row]] = v[row].transpose(0, 1)
-    got_q = reference.rope_kv_write(qkv, *rotary(positions, dtype), positions, k_cache, v_cache, hq, hkv, d)
+    got_q = reference.rope_kv_write(qkv, *rotary(positions, dtype)["global"], positions, k_cache, v_cache, hq, hkv, d)
     assert torch.equal(got_q, want_q)
     assert torch.equal(k_cache, want_kc) and torch.equal(v_cache, want_vc)
 

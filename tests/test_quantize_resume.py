@@ -334,10 +334,10 @@ def test_packing_in_column_chunks_gives_the_same_bits(src, monkeypatch):
 
     model = fp32_model(src)
     parts = block_parts(model.config)
-    whole = qmod.pack_block(model.model.layers[1], 1, parts, 4, 32)
+    whole = qmod.pack_block(model.config, model.model.layers[1], 1, parts, 4, 32)
     monkeypatch.setattr(qmod, "PACK_CHUNK_WEIGHTS", 1)  # one group of 32 columns at a time
     assert len(qmod._column_chunks((128, 64), 32)) == 2
-    chunked = qmod.pack_block(model.model.layers[1], 1, parts, 4, 32)
+    chunked = qmod.pack_block(model.config, model.model.layers[1], 1, parts, 4, 32)
     assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
 
 

@@ -17,6 +17,7 @@ from tinychat.errors import TinychatError
 from tinychat.quant.awq import block_parts
 from tinychat.quant.awq_checkpoint import REAL_BITS, SHARD_BYTES, edge_names, finish_dir, pack_block
 from tinychat.quant.options import check_output_dir
+from tinychat.models import to_hf
 from tinychat.quant.shards import group_by_size, shard_file_names, write_index
 
 
@@ -28,9 +29,10 @@ def awq_state_dict(model, w_bit: int, group_size: int) -> dict[str, torch.Tensor
     parts = block_parts(config)
     source = {"model.embed_tokens.weight": model.model.embed_tokens, "model.norm.weight": model.model.norm,
               "lm_head.weight": model.lm_head}
-    state = {name: source[name].weight.data.to(torch.float16).contiguous().cpu() for name in edge_names(config)}
+    state = {name: to_hf(config, name, source[name].weight.data.float()).to(torch.float16).contiguous().cpu()
+             for name in edge_names(config)}
     for i, layer in enumerate(model.model.layers):
-        state.update(pack_block(layer, i, parts, w_bit, group_size))
+        state.update(pack_block(config, layer, i, parts, w_bit, group_size))
     return state
 
 

@@ -12,21 +12,24 @@ from typing import Any
 
 from .errors import TinychatError
 
-# model_type values served by tinychat/models/llama.py (SmolLM, Mistral, Qwen2 are LLaMA-shaped).
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# The architecture registry: config.json's model_type -> the module of tinychat/models that runs it (SmolLM,
+# Mistral, Qwen2 and Qwen3 are LLaMA-shaped; Gemma 3's differences are real enough for a module of its own).
+MODEL_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma3_text": "gemma3"}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "llama3")
 MAX_LAYERS, MAX_DIM = 4096, 1 << 24
 
 # The JSON type each known field must have: config.json comes from strangers, and a wrong type must be a
 # one-line error here rather than a TypeError deep in the model.
-_INT, _NUMBER, _BOOL, _STR, _DICT, _IDS = "an integer", "a number", "true or false", "a string", "an object", \
-    "a token id or a list of token ids"
+_INT, _NUMBER, _BOOL, _STR, _DICT, _IDS, _LIST = "an integer", "a number", "true or false", "a string", \
+    "an object", "a token id or a list of token ids", "a list"
 _FIELD_TYPES = {
-    "model_type": _STR, "hidden_act": _STR,
+    "model_type": _STR, "hidden_act": _STR, "hidden_activation": _STR,
     "vocab_size": _INT, "hidden_size": _INT, "intermediate_size": _INT, "num_hidden_layers": _INT,
     "num_attention_heads": _INT, "num_key_value_heads": _INT, "head_dim": _INT, "max_position_embeddings": _INT,
     "sliding_window": _INT, "bos_token_id": _INT, "eos_token_id": _IDS,
-    "rms_norm_eps": _NUMBER, "rope_theta": _NUMBER,
+    "rms_norm_eps": _NUMBER, "rope_theta": _NUMBER, "rope_local_base_freq": _NUMBER,
+    "query_pre_attn_scalar": _NUMBER, "layer_types": _LIST,
     "tie_word_embeddings": _BOOL, "attention_bias": _BOOL, "mlp_bias": _BOOL,
     "rope_scaling": _DICT, "rope_parameters": _DICT, "quantization_config": _DICT,
 }
@@ -47,7 +50,7 @@ def _has_type(value, kind: str) -> bool:
         return _is_int(value) or isinstance(value, float)
     if kind == _IDS:
         return _is_int(value) or (isinstance(value, list) and all(_is_int(v) for v in value))
-    return isinstance(value, {_BOOL: bool, _STR: str, _DICT: dict}[kind])
+    return isinstance(value, {_BOOL: bool, _STR: str, _DICT: dict, _LIST: list}[kind])
 
 
 def _short(value) -> str:
@@ -74,6 +77,13 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    # Per layer "full_attention" or "sliding_attention" (Gemma 3, Qwen); None: every layer alike, windowed
+    # when sliding_window is set (Mistral).
+    layer_types: list[str] | None = None
+    # Gemma 3: local (sliding) layers' rope base, the attention's 1/sqrt scale, the GELU-tanh activation.
+    rope_local_base_freq: float | None = None
+    query_pre_attn_scalar: float | None = None
+    hidden_activation: str | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     quantization_config: dict | None = None
@@ -84,21 +94,47 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        per_type = self.rope_parameters if isinstance(self.rope_parameters, dict) else {}
+        if isinstance(per_type.get("full_attention"), dict):  # transformers >= 5 Gemma 3: one set per layer type
+            local = per_type.get("sliding_attention") or {}
+            self.rope_parameters = per_type["full_attention"]
+            self.rope_local_base_freq = local.get("rope_theta", self.rope_local_base_freq)
         if self.rope_parameters:
             self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
             if self.rope_parameters.get("rope_type", self.rope_parameters.get("type", "default")) != "default":
                 self.rope_scaling = self.rope_parameters
         if self.model_type == "qwen2":
             self.attention_bias = True
-        if self.model_type == "mistral" and self.extra.get("use_sliding_window") is False:
+        if self.model_type in ("mistral", "qwen2", "qwen3") and self.extra.get("use_sliding_window") is False:
             self.sliding_window = None
+        if self.model_type == "gemma3_text":
+            self._gemma3_defaults()
         self.validate()
 
+    def _gemma3_defaults(self) -> None:
+        """HF's Gemma3TextConfig defaults for what a config.json may leave out."""
+        if self.layer_types is None and _is_int(self.num_hidden_layers) and 0 < self.num_hidden_layers <= MAX_LAYERS:
+            pattern = self.extra.get("sliding_window_pattern", 6)
+            pattern = pattern if _is_int(pattern) and pattern > 0 else 6
+            self.layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+        self.sliding_window = self.sliding_window or 4096
+        self.rope_local_base_freq = self.rope_local_base_freq or 10000.0
+        self.query_pre_attn_scalar = self.query_pre_attn_scalar or 256
+        self.hidden_activation = self.hidden_activation or "gelu_pytorch_tanh"
+
+    def layer_window(self, i: int) -> int | None:
+        """Layer i's attention window (keys within the last `window` positions), None for full attention."""
+        if self.layer_types is not None and self.layer_types[i] != "sliding_attention":
+            return None
+        return self.sliding_window
+
     def validate(self) -> None:
-        if self.model_type not in LLAMA_FAMILY:
+        if self.model_type not in MODEL_FAMILIES:
+            hint = "; for Gemma 3 give the text model (model_type gemma3_text)" if self.model_type == "gemma3" else ""
             raise TinychatError(
                 f"config.json: model_type {self.model_type!r} is not supported "
-                f"(supported: {', '.join(LLAMA_FAMILY)})"
+                f"(supported: {', '.join(MODEL_FAMILIES)}){hint}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
@@ -129,14 +165,40 @@ class ModelConfig:
                 raise TinychatError(f"config.json: {name} must be a positive finite number, got {_short(value)}")
         if self.mlp_bias:
             raise TinychatError("config.json: mlp_bias=true is not supported")
-        if self.hidden_act not in ("silu", "swish"):
+        if self.family == "gemma3":
+            self._validate_gemma3()
+        elif self.hidden_act not in ("silu", "swish"):
             raise TinychatError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only silu)")
+        if self.layer_types is not None and (len(self.layer_types) != self.num_hidden_layers
+                                             or any(t not in LAYER_TYPES for t in self.layer_types)):
+            raise TinychatError(f"config.json: layer_types must list one of {', '.join(LAYER_TYPES)} for each of "
+                                f"the {self.num_hidden_layers} layers, got {_short(self.layer_types)}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise TinychatError(f"config.json: sliding_window must be a positive integer, got {self.sliding_window!r}")
         if not _is_int(self.max_position_embeddings) or self.max_position_embeddings <= 0:
             raise TinychatError("config.json: max_position_embeddings must be a positive integer, "
                                 f"got {_short(self.max_position_embeddings)}")
         self._validate_rope_scaling()
+
+    def _validate_gemma3(self) -> None:
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise TinychatError(f"config.json: hidden_activation {self.hidden_activation!r} is not supported "
+                                "for Gemma 3 (only gelu_pytorch_tanh)")
+        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if self.extra.get(name) is not None:
+                raise TinychatError(f"config.json: {name} is not supported (Gemma 3 does not use it; "
+                                    "this looks like a Gemma 2 config)")
+        if self.extra.get("use_bidirectional_attention"):
+            raise TinychatError("config.json: use_bidirectional_attention (embedding models) is not supported")
+        for name in ("rope_local_base_freq", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if not (_has_type(value, _NUMBER) and 0 < value < math.inf):
+                raise TinychatError(f"config.json: {name} must be a positive finite number, got {_short(value)}")
+
+    @property
+    def family(self) -> str:
+        """The tinychat/models module that runs this model_type."""
+        return MODEL_FAMILIES[self.model_type]
 
     def _validate_rope_scaling(self) -> None:
         scaling = self.rope_scaling

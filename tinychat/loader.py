@@ -12,9 +12,8 @@ from .checkpoint import CheckpointReader
 from .config import ModelConfig
 from .devices import parse_device, parse_dtype
 from .memory import release_free_memory
-from .models.llama import LlamaForCausalLM
-# expected_shapes is also imported from here by code that loads models (tests, scripts).
-from .weights import converted_chunks, expected_shapes, fused_state_dict  # noqa: F401
+from .models import model_class
+from .weights import converted_chunks, expected_shapes, fused_state_dict  # noqa: F401  TEMPORARY (test_gguf_import)
 
 
 class _SkipInit(TorchFunctionMode):
@@ -33,13 +32,13 @@ class _SkipInit(TorchFunctionMode):
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor],
-                modules: dict[str, torch.nn.Module] | None = None) -> LlamaForCausalLM:
+                modules: dict[str, torch.nn.Module] | None = None) -> torch.nn.Module:
     """Construct on the meta device (no init cost, no memory), put in the given ready-made modules
     (quantized linears, an int8 head and its tied embedding, by module name) and adopt the loaded
     tensors for everything else."""
     modules = modules or {}
     with torch.device("meta"), _SkipInit():
-        model = LlamaForCausalLM(config)
+        model = model_class(config)(config)
     for name, module in modules.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
@@ -57,7 +56,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor],
     return model.eval()
 
 
-def load_model(path: str | Path, dtype="fp32", device="cpu", int8_head: bool = False) -> LlamaForCausalLM:
+def load_model(path: str | Path, dtype="fp32", device="cpu", int8_head: bool = False) -> torch.nn.Module:
     """Load an HF directory: full precision, or AWQ (GEMM format) with the linears staying 4-bit.
 
     int8_head: keep the lm_head (and a tied embedding) as per-row int8 (see tinychat.quant.int8), built
@@ -85,7 +84,7 @@ def load_model(path: str | Path, dtype="fp32", device="cpu", int8_head: bool = F
             shape = (config.vocab_size, config.hidden_size)
             chunks = converted_chunks(source, table, shape, dtype, device)
             modules.update(int8_head_modules(chunks, config, dtype, device))
-        skip = frozenset(n for m in modules for n in fused_names(m))
+        skip = frozenset(n for m in modules for n in fused_names(config, m))
         state = fused_state_dict(source, config, dtype, device, skip)
     finally:
         reader.close()

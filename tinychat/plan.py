@@ -1,7 +1,7 @@
 """`tinychat plan`: will a model fit on a device? Weights, KV cache, activations and overhead, by formula.
 
-The arithmetic is pure functions of a ModelConfig (no torch, no weights), so a 70B model can be planned
-from its config.json alone. Known shapes (config.json files without weights) live in models/shapes/.
+The arithmetic is pure functions of a ModelConfig (no tensors, no weights; the shapes are the model
+family's layout, tinychat.models), so a 70B model can be planned from its config.json alone. Known shapes (config.json files without weights) live in models/shapes/.
 
 What is counted, and why:
 - Weights. W4A16 linears hold 4-bit codes plus an fp16 scale and an fp16 zero per group of `g` inputs
@@ -38,6 +38,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .errors import TinychatError
+from .models import family, linear_modules, linear_shapes, norm_names
 
 GiB = 1 << 30
 PREFILL_CHUNK = 512  # tokens per prefill forward; equals tinychat.generate.PREFILL_CHUNK (a test checks)
@@ -177,15 +178,6 @@ class Plan:
         return d
 
 
-def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear of one decoder layer, by HF name."""
-    h, ffn = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    return {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
-            "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, ffn), "mlp.up_proj": (h, ffn),
-            "mlp.down_proj": (ffn, h)}
-
-
 def check_group_size(config: ModelConfig, group_size: int) -> None:
     if group_size not in GROUP_SIZES:
         raise TinychatError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
@@ -253,7 +245,10 @@ def weight_items(config: ModelConfig, precision: str, group_size: int | None,
             items.append(Item("weights", "lm_head (fp16)", 0, "tied to the embeddings: counted once"))
         else:
             items.append(Item("weights", "lm_head (fp16)", V * h * FP16, f"vocab {V} x hidden {h} x 2 bytes"))
-    items.append(Item("weights", "norms (fp16)", (2 * L + 1) * h * FP16, f"(2 x {L} layers + 1) x {h} x 2 bytes"))
+    block = family(config).layer_shapes(config)
+    per_layer = sum(block[n][0] for n in norm_names(config))
+    items.append(Item("weights", "norms (fp16)", (L * per_layer + h) * FP16,
+                      f"({L} layers x {per_layer} + {h}) x 2 bytes"))
     return items
 
 
@@ -289,21 +284,18 @@ def activation_items(config: ModelConfig, precision: str, context: int, batch: i
              f"batch {b} x vocab {V} x (2 fp16 + 4 fp32 + 4 fp32 probabilities)"),
     ]
     if precision == "w4a16" and not cpu:
-        name, (inp, out) = max(linear_shapes(config).items(), key=lambda kv_: kv_[1][0] * kv_[1][1])
-        fused = 2 if name in ("mlp.gate_proj", "mlp.up_proj") else 1  # gate and up are one fused linear
-        items.append(Item("activations", "dequantized linear (fp16)", fused * inp * out * FP16,
-                          f"largest linear {name.split('.')[-1]}{' (fused gate_up)' if fused == 2 else ''} "
-                          f"{inp} x {fused * out} x 2 bytes, for dequantize-then-GEMM prefill"))
+        name, (inp, out) = max(fused_linear_shapes(config).items(), key=lambda kv_: kv_[1][0] * kv_[1][1])
+        items.append(Item("activations", "dequantized linear (fp16)", inp * out * FP16,
+                          f"largest linear {name} {inp} x {out} x 2 bytes, for dequantize-then-GEMM prefill"))
     return items
 
 
 def fused_linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each linear of one layer as the runtime holds them (q/k/v and gate/up
-    fused)."""
+    fused), by module name."""
     s = linear_shapes(config)
-    h = config.hidden_size
-    return {"qkv_proj": (h, s["self_attn.q_proj"][1] + 2 * s["self_attn.k_proj"][1]), "o_proj": s["self_attn.o_proj"],
-            "gate_up_proj": (h, 2 * config.intermediate_size), "down_proj": s["mlp.down_proj"]}
+    return {module.split(".")[-1]: (s[parts[0]][0], sum(s[p][1] for p in parts))
+            for module, parts in linear_modules(config).items()}
 
 
 def awq_checkpoint_bytes(in_features: int, out_features: int, group_size: int) -> int:

@@ -1,5 +1,6 @@
-"""The tensors of a full-precision Hugging Face checkpoint of the LLaMA family: their names and shapes,
-the fusing of q/k/v and gate/up into one parameter each, and reads that check every tensor.
+"""Reading a full-precision Hugging Face checkpoint into our modules' parameters: every tensor checked
+against the family's layout (tinychat.models: names, shapes, which are fused), q/k/v and gate/up fused
+into one parameter each, values converted where the family holds them differently from HF.
 
 The loader (a whole model) and the quantizer (one block at a time) both read through here, so a block
 the quantizer builds holds exactly the values of the loaded model's block.
@@ -14,36 +15,9 @@ import torch
 from .config import ModelConfig
 from .errors import TinychatError
 from .memory import release_free_memory
+from .models import family, fused, hf_shapes, to_model
 
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor names and shapes of a full-precision LLaMA-family checkpoint."""
-    h, hd = config.hidden_size, config.head_dim
-    q, kv, ffn = config.num_attention_heads * hd, config.num_key_value_heads * hd, config.intermediate_size
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
-            p + "mlp.down_proj.weight": (h, ffn),
-        })
-        if config.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-    return shapes
-
-
-# Fused parameter -> the HF tensors concatenated (along dim 0, the output features) to make it.
-FUSED = {
-    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "self_attn.qkv_proj.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-}
+expected_shapes = hf_shapes  # TEMPORARY: gguf_import.py still imports this name
 
 
 CHUNK_BYTES = 4 << 20  # stored bytes of a big tensor read, checked and converted at a time
@@ -166,19 +140,19 @@ def fused_state_dict(read, config: ModelConfig, dtype: torch.dtype, device: torc
     read here. One parameter at a time (load_parameter): the model plus one range of scratch.
     """
     src = tensor_source(read)
-    shapes = expected_shapes(config)
+    shapes = hf_shapes(config)
     state = {}
     fused_parts = {f"model.layers.{i}.{part}" for i in range(config.num_hidden_layers)
-                   for parts in FUSED.values() for part in parts}
+                   for parts in fused(config).values() for part in parts}
     for name in shapes:
         if name not in fused_parts and name not in skip:
-            state[name] = load_parameter(src, [name], [shapes[name]], dtype, device)
+            state[name] = to_model(config, name, load_parameter(src, [name], [shapes[name]], dtype, device))
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        for fused, parts in FUSED.items():
-            if p + parts[0] in shapes and p + fused not in skip:
+        for fused_name, parts in fused(config).items():
+            if p + parts[0] in shapes and p + fused_name not in skip:
                 names = [p + part for part in parts]
-                state[p + fused] = load_parameter(src, names, [shapes[n] for n in names], dtype, device)
+                state[p + fused_name] = load_parameter(src, names, [shapes[n] for n in names], dtype, device)
         release_free_memory()  # the parts read whole were freed between resident tensors: hand them back
     return state
 
@@ -187,14 +161,14 @@ def block_state(read, config: ModelConfig, i: int, dtype: torch.dtype, device) -
     """One decoder block's parameters (names relative to the block), read and fused as fused_state_dict
     does, so a block built from them holds the same values as the whole model's block i."""
     p = f"model.layers.{i}."
-    shapes = {k: v for k, v in expected_shapes(config).items() if k.startswith(p)}
-    fused_parts = {p + part for parts in FUSED.values() for part in parts}
-    state = {name[len(p):]: read_checked(read, name, shape, dtype, device)
+    shapes = {p + name: shape for name, shape in family(config).layer_shapes(config).items()}
+    fused_parts = {p + part for parts in fused(config).values() for part in parts}
+    state = {name[len(p):]: to_model(config, name, read_checked(read, name, shape, dtype, device))
              for name, shape in shapes.items() if name not in fused_parts}
-    for fused, parts in FUSED.items():
+    for fused_name, parts in fused(config).items():
         if p + parts[0] in shapes:
-            state[fused] = torch.cat([read_checked(read, p + part, shapes[p + part], dtype, device)
-                                      for part in parts], dim=0)
+            state[fused_name] = torch.cat([read_checked(read, p + part, shapes[p + part], dtype, device)
+                                           for part in parts], dim=0)
     return state
 
 

@@ -62,10 +62,11 @@ def build_ours(variant: str, machine, shape: dict):
 
     from tinychat.config import ModelConfig
     from tinychat.loader import build_model
+    from tinychat.models import linear_modules, linear_shapes, norm_names
     from tinychat.quant.qlinear import AWQLinear
 
     config = ModelConfig(**shape)
-    h, ffn, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    h, v = config.hidden_size, config.vocab_size
     dev, dt = machine.device, machine.dtype
 
     def randn(*size, std=0.02):
@@ -74,12 +75,13 @@ def build_ours(variant: str, machine, shape: dict):
     state = {"model.embed_tokens.weight": randn(v, h), "model.norm.weight": 1 + randn(h, std=0.05),
              "lm_head.weight": randn(v, h)}
     modules = {}
-    shapes = {"self_attn.qkv_proj": (h, 3 * h), "self_attn.o_proj": (h, h), "mlp.gate_up_proj": (h, 2 * ffn),
-              "mlp.down_proj": (ffn, h)}
+    linears = linear_shapes(config)
+    shapes = {module: (linears[parts[0]][0], sum(linears[part][1] for part in parts))
+              for module, parts in linear_modules(config).items()}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        state[p + "input_layernorm.weight"] = 1 + randn(h, std=0.05)
-        state[p + "post_attention_layernorm.weight"] = 1 + randn(h, std=0.05)
+        for norm in norm_names(config):
+            state[p + norm] = 1 + randn(h, std=0.05)
         for name, (k, n) in shapes.items():
             if variant.startswith("w4a16"):
                 # random codes and zeros, scales ~0.003: (q - z) * s has std ~0.02 like a real layer

@@ -20,6 +20,9 @@ from torch import nn
 from .. import ops
 from ..cache import KVCache, KVStorage, LayerKV, kv_cache_dtype
 from ..config import ModelConfig
+from . import ScaleGroup
+from . import embed_scale as family_embed_scale
+
 # Default cache length: a Llama-3 128k context would preallocate gigabytes that a chat rarely uses.
 DEFAULT_MAX_CONTEXT = 8192
 
@@ -38,11 +41,11 @@ class RMSNorm(nn.Module):
         return ops.add_rmsnorm(x, self.weight, self.eps, delta)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Inverse frequencies, with `linear` and `llama3` rope scaling applied (HF's definitions)."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = config.rope_scaling or {}
+    dim = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -64,30 +67,48 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in HF's rotate-half convention: the inverse frequencies, and the tables for given positions."""
+    """RoPE in HF's rotate-half convention: the inverse frequencies, and the tables for given positions.
+
+    Tables by kind: "global" (rope_theta with the config's scaling) for every model, and "local"
+    (rope_local_base_freq, unscaled) where sliding layers rotate at their own base (Gemma 3)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        for kind, inv_freq in self._frequencies().items():
+            self.register_buffer(self._buffer(kind), inv_freq, persistent=False)
+
+    def _frequencies(self) -> dict[str, torch.Tensor]:
+        c = self.config
+        out = {"global": rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)}
+        if c.rope_local_base_freq is not None:
+            out["local"] = rope_inv_freq(c.head_dim, c.rope_local_base_freq, None)
+        return out
+
+    @staticmethod
+    def _buffer(kind: str) -> str:
+        return "inv_freq" if kind == "global" else f"inv_freq_{kind}"
 
     def _apply(self, fn, recurse=True):
         # model.half() / .to(dtype) must move the frequencies but never round them: they stay fp32, as HF's
         super()._apply(fn, recurse)
-        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        for kind, inv_freq in self._frequencies().items():
+            setattr(self, self._buffer(kind), inv_freq.to(self.inv_freq.device))
         return self
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.rope_cos_sin(self.inv_freq, positions, dtype)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {kind: ops.rope_cos_sin(getattr(self, self._buffer(kind)), positions, dtype)
+                for kind in self._frequencies()}
 
 
 class Step:
     """What every layer of one `run` needs besides its input, built once: the positions [B or 1, T],
-    their rope tables, and where keys/values go (the cache's layers, or scratch buffers without one)."""
+    their rope tables by kind (see RotaryEmbedding), and where keys/values go (the cache's layers, or
+    scratch buffers without one)."""
 
-    def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStorage | None,
-                 window: int | None):
-        self.positions, self.cos, self.sin, self.cache, self.window = positions, cos, sin, cache, window
+    def __init__(self, positions: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 cache: KVStorage | None):
+        self.positions, self.ropes, self.cache = positions, ropes, cache
         self.last_positions = positions[:, -1]  # with one token per sequence: each row's position [B or 1]
 
     def kv(self, layer: int, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device) -> LayerKV:
@@ -99,15 +120,17 @@ class Step:
         return LayerKV(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
 
 
-def sequence_step(config: ModelConfig, rotary: RotaryEmbedding, seqlen: int, dtype: torch.dtype, device) -> Step:
+def sequence_step(rotary: RotaryEmbedding, seqlen: int, dtype: torch.dtype, device) -> Step:
     """The Step of whole sequences of `seqlen` tokens without a cache (the quantizer runs blocks on these)."""
     positions = torch.arange(seqlen, device=device).unsqueeze(0)
-    cos, sin = rotary(positions, dtype)
-    return Step(positions, cos, sin, None, config.sliding_window)
+    return Step(positions, rotary(positions, dtype), None)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    """Fused q/k/v, optional per-head q/k RMSNorm before the rotation (Qwen3, Gemma 3), rope of the layer's
+    kind, attention over the layer's window (config.layer_window)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, qk_norm: bool = False, rope: str = "global"):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
@@ -115,21 +138,35 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv_heads * self.head_dim
+        self.window, self.rope = config.layer_window(layer_idx), rope
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def _qk_normed(self, qkv: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "q_norm"):
+            return qkv
+        b, t, _ = qkv.shape
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(b, t, self.n_heads, self.head_dim)).reshape(b, t, self.q_size)
+        k = self.k_norm(k.reshape(b, t, self.n_kv_heads, self.head_dim)).reshape(b, t, self.kv_size)
+        return torch.cat([q, k, v], dim=-1)
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x)
+        qkv = self._qk_normed(self.qkv_proj(x))
         kv = step.kv(self.layer_idx, b, self.n_kv_heads, self.head_dim, qkv.dtype, qkv.device)
         scales = {"k_scale": kv.key_scales, "v_scale": kv.value_scales}  # None unless the cache is int8
-        q = ops.rope_kv_write(qkv, step.cos, step.sin, step.positions, kv.keys, kv.values,
+        cos, sin = step.ropes[self.rope]
+        q = ops.rope_kv_write(qkv, cos, sin, step.positions, kv.keys, kv.values,
                               self.n_heads, self.n_kv_heads, self.head_dim, **scales)
         if t == 1:  # one new token per sequence: the decode kernel, over each row's own length
             out = ops.decode_attention(q.view(b, self.n_heads, self.head_dim), kv.keys, kv.values,
-                                       step.last_positions.expand(b).contiguous(), step.window, **scales)
+                                       step.last_positions.expand(b).contiguous(), self.window, **scales)
         else:
-            out = ops.attention(q, kv.keys, kv.values, step.positions, step.window, **scales)
+            out = ops.attention(q, kv.keys, kv.values, step.positions, self.window, **scales)
         return self.o_proj(out.reshape(b, t, self.q_size))
 
 
@@ -151,7 +188,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config, layer_idx, qk_norm=has_qk_norm(config))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -161,18 +198,24 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer=DecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
+    """The causal LM every family shares: embed (times `embed_scale` where the family scales it), the
+    decoder layers, the final norm, the head. A family differs in its DecoderLayer (and config)."""
+
+    Layer = DecoderLayer
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.embed_scale = family_embed_scale(config)
+        self.model = LlamaModel(config, self.Layer)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -186,15 +229,21 @@ class LlamaForCausalLM(nn.Module):
         logits [B, T or 1, vocab] (or the final hidden states). Keys/values are written into `cache` at
         those positions (without a cache, positions must be 0..T-1); the cache's bookkeeping (offset,
         token ids) is the caller's, so this can be captured as a CUDA graph."""
-        cos, sin = self.rotary(positions, self.dtype)
-        step = Step(positions, cos, sin, cache, self.config.sliding_window)
-        h = self.model.embed_tokens(input_ids)
+        step = Step(positions, self.rotary(positions, self.dtype), cache)
+        h = self.embed(input_ids)
         for layer in self.model.layers:
             h = layer(h, step)
         if last_only:
             h = h[:, -1:]
         h = self.model.norm(h)
         return h if return_hidden else self.lm_head(h)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the first block takes them."""
+        h = self.model.embed_tokens(input_ids)
+        if self.embed_scale is not None:  # as HF's scaled embedding: the factor rounded to the embedding's dtype
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        return h
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVStorage) -> torch.Tensor:
         """One new token per sequence: tokens [B] at positions [B] (device tensors) -> logits [B, vocab]."""
@@ -229,3 +278,57 @@ class LlamaForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
+
+
+Model = LlamaForCausalLM
+Layer = DecoderLayer
+
+
+# ---- the checkpoint layout (see tinychat.models) -------------------------------------------------------
+
+def has_qk_norm(config: ModelConfig) -> bool:
+    return config.model_type == "qwen3"
+
+
+def layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF names (relative to the block) and shapes of one decoder block's tensors: the one table."""
+    h, hd, ffn = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+              "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+              "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+              "mlp.gate_proj.weight": (ffn, h), "mlp.up_proj.weight": (ffn, h), "mlp.down_proj.weight": (h, ffn)}
+    if config.attention_bias:
+        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if has_qk_norm(config):
+        shapes.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+    return shapes
+
+
+FUSED = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attn.qkv_proj.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+
+SCALE_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    # Only where v's outputs are o's inputs one to one, i.e. not under GQA (as in llm-awq / AutoAWQ).
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", per_token=True),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+# Linears whose clip search is skipped (q/k: their error goes through softmax)
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+def embed_scale(config: ModelConfig) -> float | None:
+    return None
+
+
+def to_model(config: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def to_hf(config: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    return t

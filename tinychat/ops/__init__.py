@@ -8,7 +8,8 @@ implementation (tinychat.ops.reference) everywhere else, the CPU included.
 - tinychat.ops.reference  the torch implementation of every op: the model's math, written once
 - tinychat.ops.cuda_ops   the dispatching wrappers re-exported here
 
-`attention` (prompts) and `rope_cos_sin` have no kernel of ours: torch runs them on every device.
+`attention` (prompts), `rope_cos_sin` and `gelu_tanh_mul` have no kernel of ours: torch runs them on every
+device.
 Importing this package needs neither CuPy nor a GPU.
 """
 
@@ -16,8 +17,8 @@ from . import kernels, reference
 from .cuda_ops import (add_rmsnorm, decode_attention, gemm_supported, gemm_w4a16, gemv_supported, gemv_w4a16,
                        rope_kv_write, silu_mul)
 from .kernels import available, unavailable_reason
-from .reference import attention, rope_cos_sin
+from .reference import attention, gelu_tanh_mul, rope_cos_sin
 
 __all__ = ["kernels", "reference", "available", "unavailable_reason", "gemv_w4a16", "gemv_supported",
-           "gemm_w4a16", "gemm_supported", "silu_mul", "add_rmsnorm", "rope_cos_sin", "rope_kv_write",
+           "gemm_w4a16", "gemm_supported", "silu_mul", "gelu_tanh_mul", "add_rmsnorm", "rope_cos_sin", "rope_kv_write",
            "attention", "decode_attention"]

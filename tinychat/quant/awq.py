@@ -37,7 +37,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import TinychatError
-from ..weights import FUSED, expected_shapes
+from ..models import ScaleGroup, family, linear_modules, linear_shapes
 from .rtn import fake_quantize
 
 
@@ -46,46 +46,15 @@ from .rtn import fake_quantize
 
 
 @dataclass(frozen=True)
-class ScaleGroup:
-    """`prev` (a norm, or a linear whose output feeds `linears`) absorbs 1/s; `linears` absorb s.
-
-    `inspect` is the module whose output error is the loss; when it is itself the one linear of the
-    group the loss is computed exactly from a Gram matrix. `per_token` says the inspected module treats
-    tokens independently, so its loss may be estimated on a sample of tokens rather than of sequences.
-    Linear names are Hugging Face's, relative to the block.
-    """
-
-    prev: str
-    linears: tuple[str, ...]
-    inspect: str
-    per_token: bool = False
-
-
-@dataclass(frozen=True)
 class Family:
     groups: tuple[ScaleGroup, ...]
     no_clip: tuple[str, ...]  # linears whose clip search is skipped (q/k: their error goes through softmax)
 
 
-LLAMA = Family(
-    groups=(
-        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-        # Only where v's outputs are o's inputs one to one, i.e. not under GQA (as in llm-awq / AutoAWQ).
-        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
-        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", per_token=True),
-        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-    ),
-    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
-)
-
-FAMILIES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA}
-
-
 def family_for(config: ModelConfig) -> Family:
-    if config.model_type not in FAMILIES:
-        raise TinychatError(f"AWQ search is not defined for model_type {config.model_type!r} "
-                            f"(known: {', '.join(FAMILIES)})")
-    return FAMILIES[config.model_type]
+    """The AWQ scale groups the config's model family declares (tinychat.models)."""
+    module = family(config)
+    return Family(module.SCALE_GROUPS, module.NO_CLIP)
 
 
 @dataclass(frozen=True)
@@ -102,21 +71,15 @@ class Part:
 
 
 def block_parts(config: ModelConfig) -> dict[str, Part]:
-    """HF linear name -> Part, derived from the loader's fusing table and the config's shapes."""
-    shapes = {k[len("model.layers.0."):-len(".weight")]: v for k, v in expected_shapes(config).items()
-              if k.startswith("model.layers.0.") and k.endswith(".weight") and len(v) == 2}
+    """HF linear name -> Part, from the family's layout (which linears are fused, their shapes)."""
+    shapes = linear_shapes(config)
     parts: dict[str, Part] = {}
-    for fused, members in FUSED.items():
-        if not fused.endswith(".weight"):
-            continue
+    for module, members in linear_modules(config).items():
         start = 0
-        for member in members:
-            name = member[: -len(".weight")]
-            out_f, in_f = shapes[name]
-            parts[name] = Part(fused[: -len(".weight")], slice(start, start + out_f), in_f)
+        for name in members:
+            in_f, out_f = shapes[name]
+            parts[name] = Part(module, slice(start, start + out_f), in_f)
             start += out_f
-    for name, (out_f, in_f) in shapes.items():
-        parts.setdefault(name, Part(name, slice(0, out_f), in_f))
     return parts
 
 

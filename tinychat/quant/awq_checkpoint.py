@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..models import hf_shapes, norm_names, to_hf
 from .awq import block_parts
 from .blocks import empty_block
 from .pack import quantized_to_awq
@@ -30,13 +31,13 @@ def edge_names(config: ModelConfig) -> list[str]:
         ([] if config.tie_word_embeddings else ["lm_head.weight"])
 
 
-def pack_block(layer, i: int, parts: dict, w_bit: int, group_size: int) -> dict[str, torch.Tensor]:
+def pack_block(config: ModelConfig, layer, i: int, parts: dict, w_bit: int, group_size: int) -> dict[str, torch.Tensor]:
     """The AutoAWQ GEMM tensors of prepared block i (HF names, q/k/v and gate/up split back), in order."""
     fp16 = torch.float16
     p = f"model.layers.{i}."
     state = {}
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        state[p + norm + ".weight"] = layer.get_submodule(norm).weight.data.to(fp16)
+    for norm in norm_names(config):
+        state[p + norm] = to_hf(config, p + norm, layer.get_parameter(norm).data.float()).to(fp16)
     for name, part in parts.items():
         module = layer.get_submodule(part.module)
         w = module.weight.data[part.rows]
@@ -70,13 +71,13 @@ def _pack_columns(w: torch.Tensor, w_bit: int, group_size: int, name: str):
 def checkpoint_specs(config: ModelConfig, w_bit: int, group_size: int) -> list[Spec]:
     """Name, shape and dtype of every tensor of the checkpoint, in the order the driver writes them."""
     layer = empty_block(config, 0)
-    h, v, g = config.hidden_size, config.vocab_size, group_size
+    g = group_size
     i32, f16 = torch.int32, torch.float16
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    shapes = hf_shapes(config)
     specs = [Spec(name, shapes[name], f16) for name in edge_names(config)]
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        specs += [Spec(p + norm + ".weight", (h,), f16) for norm in ("input_layernorm", "post_attention_layernorm")]
+        specs += [Spec(p + norm, shapes[p + norm], f16) for norm in norm_names(config)]
         for name, part in block_parts(config).items():
             out, inp = part.out_features, part.in_features
             specs += [Spec(p + name + ".qweight", (inp, out // 8), i32),

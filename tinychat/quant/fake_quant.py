@@ -32,8 +32,8 @@ def awq_search(model, calib_ids: torch.Tensor, settings: SearchSettings, device=
     dev = parse_device(str(device)) if not isinstance(device, torch.device) else device
     results = []
     with torch.no_grad():
-        hidden = model.model.embed_tokens(calib_ids.to(model.model.embed_tokens.weight.device)).float().to(dev)
-        run_block = block_runner(config, model.rotary.to(dev), calib_ids.shape[1], dev)
+        hidden = model.embed(calib_ids.to(model.model.embed_tokens.weight.device)).float().to(dev)
+        run_block = block_runner(model.rotary.to(dev), calib_ids.shape[1], dev)
         bar = tqdm(model.model.layers, desc="AWQ search", unit="block", disable=not progress,
                    file=sys.stderr, dynamic_ncols=True)
         for layer in bar:

@@ -13,12 +13,9 @@ import torch
 from ..config import ModelConfig
 from ..errors import TinychatError
 from ..memory import release_free_memory
-from ..weights import FUSED
+from ..models import fused, linear_modules, linear_shapes
 from . import pack
 from .qlinear import AWQLinear
-
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 @dataclass
@@ -71,15 +68,6 @@ def read_awq_linear(read, name: str, in_features: int, out_features: int, group:
     return qweight, qzeros, scales
 
 
-def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each per-layer linear, by HF suffix."""
-    h, hd, ffn = config.hidden_size, config.head_dim, config.intermediate_size
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    return {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
-            "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, ffn), "mlp.up_proj": (h, ffn),
-            "mlp.down_proj": (ffn, h)}
-
-
 def quantized_modules(read, has, config: ModelConfig, settings: AWQSettings, dtype, device) -> dict[str, AWQLinear]:
     """Build an AWQLinear for every quantized (possibly fused) linear: module name -> module.
 
@@ -88,13 +76,9 @@ def quantized_modules(read, has, config: ModelConfig, settings: AWQSettings, dty
     """
     shapes = linear_shapes(config)
     modules = {}
-    groups = [("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-              ("self_attn.o_proj", ("self_attn.o_proj",)),
-              ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
-              ("mlp.down_proj", ("mlp.down_proj",))]
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        for fused, parts in groups:
+        for fused_name, parts in linear_modules(config).items():
             if not all(settings.converts(p + part) and has(p + part + ".qweight") for part in parts):
                 continue
             tensors = [read_awq_linear(read, p + part, *shapes[part], settings.group_size) for part in parts]
@@ -103,7 +87,7 @@ def quantized_modules(read, has, config: ModelConfig, settings: AWQSettings, dty
             bias = None
             if has(p + parts[0] + ".bias"):
                 bias = torch.cat([read(p + part + ".bias") for part in parts])
-            modules[p + fused] = AWQLinear(qweight, qzeros, scales, settings.group_size, bias, dtype, device)
+            modules[p + fused_name] = AWQLinear(qweight, qzeros, scales, settings.group_size, bias, dtype, device)
             del qweight, qzeros, scales
         # glibc keeps freed read and repack scratch resident in holes between the packed tensors that
         # stay, and it adds up over the layers: hand it back once a layer (a trim walks the heap, so
@@ -164,7 +148,7 @@ class DequantizedSource:
         return torch.float32 if self._quantized(name) is not None else self.reader.dtype(name)
 
 
-def fused_names(module_name: str) -> list[str]:
+def fused_names(config: ModelConfig, module_name: str) -> list[str]:
     """Parameter names (in our fused model) that a quantized module replaces."""
     suffix = module_name.split(".", 3)[-1]  # "self_attn.qkv_proj"
-    return [module_name + ".weight"] + ([module_name + ".bias"] if suffix + ".bias" in FUSED else [])
+    return [module_name + ".weight"] + ([module_name + ".bias"] if suffix + ".bias" in fused(config) else [])

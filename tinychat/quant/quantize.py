@@ -34,7 +34,8 @@ from ..config import ModelConfig
 from ..devices import parse_device
 from ..errors import Interrupted, TinychatError
 from ..memory import release_free_memory
-from ..weights import check_tensor_meta, expected_shapes, read_checked
+from ..models import embed_scale, hf_shapes
+from ..weights import check_tensor_meta, read_checked
 from .awq import (BlockSearch, SearchSettings, apply_block_search, block_parts, family_for, forward_chunks,
                   loss_summary, search_block)
 from .awq_checkpoint import (REAL_BITS, SHARD_BYTES, checkpoint_specs, dir_bytes, edge_names, finish_dir,
@@ -115,7 +116,7 @@ def check_job(job: Job, config: ModelConfig) -> None:
 
 def check_headers(reader: CheckpointReader, config: ModelConfig) -> None:
     """Every tensor present with the right shape and a float dtype, from the shard headers alone."""
-    for name, want in expected_shapes(config).items():
+    for name, want in hf_shapes(config).items():
         shape, dtype = reader.header(name)
         check_tensor_meta(name, shape, dtype.startswith(("F", "BF")), dtype, want)
 
@@ -151,14 +152,14 @@ def write_edges(reader: CheckpointReader, config: ModelConfig, writer: ShardWrit
     (fp32) when there are tokens. The values are the in-memory path's (source -> fp32 model -> fp16),
     without an fp32 copy of the embedding: an fp16 source is written as read, and the embedding rows
     are looked up before they are widened."""
-    shapes = expected_shapes(config)
+    shapes = hf_shapes(config)
     hidden = None
     for name in edge_names(config):
         t = read_checked(reader.get, name, shapes[name], None, torch.device("cpu"))  # as stored, checked
         if writer is not None:
             writer.write(name, t if t.dtype == torch.float16 else t.float().to(torch.float16))
         if name == "model.embed_tokens.weight" and ids is not None:
-            hidden = F.embedding(ids, t).float()
+            hidden = F.embedding(ids, t).float() * (embed_scale(config) or 1.0)
         del t
     return hidden
 
@@ -199,7 +200,7 @@ class Stepper:
             apply_block_search(layer, self.parts, self.family, self.search_file.block(i), self.search_file.settings)
         self.search_seconds += time.perf_counter() - t0
         if self.writer is not None:
-            for name, t in pack_block(layer, i, self.parts, self.job.w_bit, self.job.group_size).items():
+            for name, t in pack_block(self.config, layer, i, self.parts, self.job.w_bit, self.job.group_size).items():
                 self.writer.write(name, t)
             self.writer.sync()
         del layer
@@ -307,7 +308,7 @@ def _run_blocks(job: Job, config: ModelConfig, reader: CheckpointReader, work: W
             run_block = None
             if settings is not None and work.done < total:
                 hidden = hidden.to(stepper.dev)
-                run_block = block_runner(config, rotary_embedding(config, stepper.dev), ids.shape[1], stepper.dev)
+                run_block = block_runner(rotary_embedding(config, stepper.dev), ids.shape[1], stepper.dev)
                 if work.done:
                     hidden = stepper.replay(hidden, run_block, work.done)
             desc = "AWQ search" if settings is not None else "quantizing"
