@@ -1,4 +1,5 @@
-"""Model names -> local directories: the embedded default, local paths, and Hugging Face Hub ids."""
+"""Model names -> local directories: the embedded default, packaged and local GGUF files, local paths, and
+Hugging Face Hub ids."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from .errors import TinychatError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# Models whose GGUF an optional package ships (tinychat.gguf_import.PACKAGED_MODELS), by name.
+PACKAGED_MODELS = ("gemma3-270m",)
 PRECISIONS = ("w4a16", "fp16", "bf16", "fp32")
 # The committed AWQ search results that quantize the default model on first use, with no data.
 DEFAULT_W_BIT, DEFAULT_GROUP = 4, 64
@@ -39,20 +42,32 @@ def models_dir() -> Path:
 def resolve_model(name: str, precision: str = "fp16") -> Path:
     """A directory holding config.json for `name` (importing, quantizing or downloading it on first use).
 
-    `precision` picks the variant of the default model: "w4a16" is its AWQ 4-bit checkpoint.
+    `name`: the default model, a packaged GGUF model (gemma3-270m), a GGUF file (imported once into
+    models_dir()/<its stem>), a model directory, or a Hub id. `precision` picks the variant of the default
+    model: "w4a16" is its AWQ 4-bit checkpoint; other models are returned as they are.
     """
     if name == DEFAULT_MODEL:
         from .gguf_import import ensure_default_model
 
         source = ensure_default_model(models_dir())
         return ensure_default_awq(source) if precision == "w4a16" else source
+    if name in PACKAGED_MODELS:
+        from .gguf_import import ensure_packaged_model
+
+        return ensure_packaged_model(name, models_dir())
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        if not path.is_file():
+            raise TinychatError(f"{name}: no such GGUF file; check the path")
+        from .gguf_import import ensure_gguf_import
+
+        return ensure_gguf_import(path, models_dir() / path.stem)
     if path.exists():
         return path
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return download(name)
-    raise TinychatError(f"{name}: no such model directory (use a local directory, a Hub id like "
-                        f"org/name, or {DEFAULT_MODEL})")
+    raise TinychatError(f"{name}: no such model directory (use a local directory, a .gguf file, a Hub id like "
+                        f"org/name, {DEFAULT_MODEL} or {', '.join(PACKAGED_MODELS)})")
 
 
 def download(repo_id: str) -> Path:
