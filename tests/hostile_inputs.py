@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinychat.config import ModelConfig
-from tinychat.loader import expected_shapes
+from tinychat.models import hf_shapes
 
 TINY = {"model_type": "llama", "vocab_size": 260, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
@@ -32,7 +32,7 @@ def tiny_tensors(config: dict | None = None, seed: int = 0, dtype=torch.float16)
     cfg = ModelConfig.from_dict(config or TINY)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in hf_shapes(cfg).items():
         if name.endswith("norm.weight"):
             t = 1 + 0.05 * torch.randn(shape, generator=gen)
         else:

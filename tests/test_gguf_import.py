@@ -15,7 +15,7 @@ from tinychat import gguf_import
 from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
 from tinychat.gguf_import import ensure_default_model, find_default_gguf, import_gguf, unpermute_qk
-from tinychat.loader import expected_shapes
+from tinychat.models import hf_shapes
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -75,7 +75,7 @@ def test_default_model_config_matches_design(smollm_dir):
 
 
 def test_default_model_tensors(smollm_dir):
-    want = expected_shapes(ModelConfig.from_dir(smollm_dir))
+    want = hf_shapes(ModelConfig.from_dir(smollm_dir))
     with safe_open(smollm_dir / "model.safetensors", framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
         assert set(f.keys()) == set(want) and "lm_head.weight" not in want
@@ -186,7 +186,7 @@ def test_tiny_import_round_trips_weights_exactly(tiny_gguf, tmp_path):
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 16, 4, 2)
     assert cfg.tie_word_embeddings and cfg.rope_theta == 500000.0 and cfg.rms_norm_eps == 1e-6
     with safe_open(out / "model.safetensors", framework="pt") as f:
-        assert set(f.keys()) == set(expected_shapes(cfg))
+        assert set(f.keys()) == set(hf_shapes(cfg))
         for gguf_name, value in weights.items():
             got = f.get_tensor(hf_name(gguf_name))
             assert got.dtype == torch.float16

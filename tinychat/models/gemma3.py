@@ -53,6 +53,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     Layer = DecoderLayer
 
 
+FP16_SAFE = False  # its residual stream overflows fp16 (HF runs Gemma in bf16 or fp32 too)
 Model = Gemma3ForCausalLM
 Layer = DecoderLayer
 

@@ -280,6 +280,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm.weight.device
 
 
+FP16_SAFE = True  # activations stay within fp16's range (tinychat.engine picks the compute dtype by it)
 Model = LlamaForCausalLM
 Layer = DecoderLayer
 
