@@ -79,8 +79,11 @@ def run_transformers(path: Path, dtype: str, args) -> dict:
 
 def kv_bytes_per_token(config, args) -> int:
     """KV cache bytes one decode step reads, at the mean context of the decode (bf16/fp16 cache)."""
-    context = args.prompt_len + args.gen // 2
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * context
+    import torch
+
+    from tinychat.cache import kv_bytes_per_token as per_token
+
+    return per_token(config, torch.bfloat16) * (args.prompt_len + args.gen // 2)
 
 
 def median_row(rows: list[dict]) -> dict:

@@ -11,7 +11,8 @@ from .sampling import SamplingParams
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"model directory, Hugging Face Hub id, or {DEFAULT_MODEL} (default)")
+                        help=f"model directory, Hugging Face Hub id, GGUF file (llama, qwen2, qwen3, gemma3), "
+                             f"gemma3-270m (the gemma3 extra), or {DEFAULT_MODEL} (default)")
     parser.add_argument("--precision", default="w4a16", choices=PRECISIONS,
                         help="weights of the default model: w4a16 (AWQ 4-bit, default) or unquantized "
                              "fp16/bf16/fp32; other models keep their checkpoint's weights")

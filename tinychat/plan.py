@@ -230,9 +230,10 @@ def weight_items(config: ModelConfig, precision: str, group_size: int | None,
                           f"(int4 + fp16 scale and zero per group of {group_size})"))
     if fp16:
         items.append(Item("weights", "fp16 linears", fp16, f"{fp16_params / 1e9:.3f} B params x 2 bytes"))
-    if config.attention_bias:
-        q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-        items.append(Item("weights", "qkv biases", L * (q + 2 * kv) * FP16, f"{L} x {q + 2 * kv} x 2 bytes"))
+    block = family(config).layer_shapes(config)
+    biases = sum(shape[0] for name, shape in block.items() if name.endswith(".bias"))
+    if biases:
+        items.append(Item("weights", "biases", L * biases * FP16, f"{L} x {biases} x 2 bytes"))
     int8 = V * h + V * FP16
     if int8_head and config.tie_word_embeddings:
         items.append(Item("weights", "embeddings and lm_head (int8, tied)", int8,
@@ -245,7 +246,6 @@ def weight_items(config: ModelConfig, precision: str, group_size: int | None,
             items.append(Item("weights", "lm_head (fp16)", 0, "tied to the embeddings: counted once"))
         else:
             items.append(Item("weights", "lm_head (fp16)", V * h * FP16, f"vocab {V} x hidden {h} x 2 bytes"))
-    block = family(config).layer_shapes(config)
     per_layer = sum(block[n][0] for n in norm_names(config))
     items.append(Item("weights", "norms (fp16)", (L * per_layer + h) * FP16,
                       f"({L} layers x {per_layer} + {h}) x 2 bytes"))
