@@ -29,6 +29,9 @@ GEMMA3 = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
 CASES = {
     "qwen3-untied": (transformers.Qwen3Config, dict(QWEN3, tie_word_embeddings=False)),
     "qwen3-tied": (transformers.Qwen3Config, dict(QWEN3, tie_word_embeddings=True)),
+    # windows on the layers from max_window_layers on (HF's Qwen rule), a window of 6 inside 24 tokens
+    "qwen3-window": (transformers.Qwen3Config, dict(QWEN3, use_sliding_window=True, sliding_window=6,
+                                                    max_window_layers=1)),
     "gemma3": (transformers.Gemma3TextConfig, GEMMA3),
     "gemma3-untied-mqa": (transformers.Gemma3TextConfig, dict(GEMMA3, num_key_value_heads=1, tie_word_embeddings=False,
                                                               rope_scaling=None)),

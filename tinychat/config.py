@@ -105,11 +105,23 @@ class ModelConfig:
                 self.rope_scaling = self.rope_parameters
         if self.model_type == "qwen2":
             self.attention_bias = True
-        if self.model_type in ("mistral", "qwen2", "qwen3") and self.extra.get("use_sliding_window") is False:
+        if self.model_type == "mistral" and self.extra.get("use_sliding_window") is False:
             self.sliding_window = None
+        if self.model_type in ("qwen2", "qwen3"):
+            self._qwen_windows()
         if self.model_type == "gemma3_text":
             self._gemma3_defaults()
         self.validate()
+
+    def _qwen_windows(self) -> None:
+        """HF's Qwen2/Qwen3 rule: a window only with use_sliding_window, on the layers from max_window_layers on."""
+        if self.extra.get("use_sliding_window") is not True:
+            self.sliding_window = None
+        elif self.layer_types is None and _is_int(self.num_hidden_layers) and 0 < self.num_hidden_layers <= MAX_LAYERS:
+            first = self.extra.get("max_window_layers", 28)
+            first = first if _is_int(first) else 28
+            self.layer_types = ["sliding_attention" if self.sliding_window is not None and i >= first
+                                else "full_attention" for i in range(self.num_hidden_layers)]
 
     def _gemma3_defaults(self) -> None:
         """HF's Gemma3TextConfig defaults for what a config.json may leave out."""
