@@ -57,15 +57,17 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
     async def _internal_error(request, e: Exception):
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
-    @app.middleware("http")
     async def _check_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
+        if request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return JSONResponse(error_body("missing or wrong API key: send the header "
                                                "'Authorization: Bearer KEY' with the server's --api-key",
                                                code="invalid_api_key"), status_code=401)
         return await call_next(request)
+
+    if api_key is not None:  # an HTTP middleware puts every response through an extra task: only when needed
+        app.middleware("http")(_check_key)
 
     @app.get("/health")
     async def health():
