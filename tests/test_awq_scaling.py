@@ -84,4 +84,5 @@ def test_cli_scaling_flags(argv, want):
 def test_search_files_from_before_best_keep_their_scaling():
     assert _settings({"w_bit": 4, "duo_scaling": True}).scaling == "duo"
     assert _settings({"w_bit": 4, "duo_scaling": False}).scaling == "plain"
-    assert _settings({"w_bit": 4, "scaling": "best", "unknown": 1}) == SearchSettings(w_bit=4)
+    # (and files from before GPTQ rounding were rounded to nearest)
+    assert _settings({"w_bit": 4, "scaling": "best", "unknown": 1}) == SearchSettings(w_bit=4, rounding="rtn")

@@ -92,8 +92,8 @@ def test_shard_writer_bytes_equal_save_file(tmp_path):
 def in_memory_checkpoint(src, out, method, shard_bytes, **kwargs) -> Path:
     """The pre-streaming path: the whole fp32 model, prepared, then packed and written at once."""
     model = fp32_model(src)
-    prepare_model(model, src, method, 4, 32, **kwargs)
-    return write_checkpoint(awq_state_dict(model, 4, 32), src, out, 4, 32, shard_bytes=shard_bytes)
+    result = prepare_model(model, src, method, 4, 32, **kwargs)
+    return write_checkpoint(awq_state_dict(model, 4, 32, result), src, out, 4, 32, shard_bytes=shard_bytes)
 
 
 @pytest.mark.parametrize("method", ["awq", "rtn", "load-search"])

@@ -21,8 +21,9 @@ from tinychat.models import to_hf
 from tinychat.quant.shards import group_by_size, shard_file_names, write_index
 
 
-def awq_state_dict(model, w_bit: int, group_size: int) -> dict[str, torch.Tensor]:
-    """The AutoAWQ GEMM tensors (HF names, q/k/v and gate/up split back) of a prepared model."""
+def awq_state_dict(model, w_bit: int, group_size: int, result=None) -> dict[str, torch.Tensor]:
+    """The AutoAWQ GEMM tensors (HF names, q/k/v and gate/up split back) of a prepared model (with the
+    GPTQ codes of its search result, when it made any)."""
     if w_bit not in REAL_BITS:
         raise TinychatError(f"real {w_bit}-bit checkpoints are not supported (the AutoAWQ GEMM format is 4-bit)")
     config = model.config
@@ -32,7 +33,8 @@ def awq_state_dict(model, w_bit: int, group_size: int) -> dict[str, torch.Tensor
     state = {name: to_hf(config, name, source[name].weight.data.float()).to(torch.float16).contiguous().cpu()
              for name in edge_names(config)}
     for i, layer in enumerate(model.model.layers):
-        state.update(pack_block(config, layer, i, parts, w_bit, group_size))
+        codes = result.blocks[i].codes if result is not None else None
+        state.update(pack_block(config, layer, i, parts, w_bit, group_size, codes))
     return state
 
 

@@ -113,19 +113,20 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
 def load_for_eval(model_name: str, precision: str = "fp16", dtype: str = "auto", device: str = "cpu",
                   fake_quant: str | None = None, w_bit: int = 4, group_size: int = 128, calib=None,
                   n_samples: int = 128, calib_seqlen: int = 512, seed: int = 0, load_search_file=None,
-                  scaling: str = "best", progress: bool = True, kv_cache: str | None = None):
+                  scaling: str = "best", progress: bool = True, kv_cache: str | None = None,
+                  rounding: str | None = None):
     """(model, tokenizer, label): the checkpoint as it is, or fake-quantized in memory; its KV caches are
     stored as kv_cache (None: the compute dtype)."""
     check_kv_cache(kv_cache)
     model, tokenizer, label = _load_for_eval(model_name, precision, dtype, device, fake_quant, w_bit, group_size,
                                              calib, n_samples, calib_seqlen, seed, load_search_file, scaling,
-                                             progress)
+                                             progress, rounding)
     model.kv_cache = kv_cache
     return model, tokenizer, label + (f", {kv_cache} KV cache" if kv_cache else "")
 
 
 def _load_for_eval(model_name, precision, dtype, device, fake_quant, w_bit, group_size, calib, n_samples,
-                   calib_seqlen, seed, load_search_file, scaling, progress):
+                   calib_seqlen, seed, load_search_file, scaling, progress, rounding=None):
     from .config import ModelConfig
     from .devices import parse_device, parse_dtype
     from .engine import check_tokenizer_fits
@@ -149,15 +150,17 @@ def _load_for_eval(model_name, precision, dtype, device, fake_quant, w_bit, grou
         return model, tokenizer, f"{label}, {dtype} compute"
     from .quant.awq import SearchSettings
     from .quant.fake_quant import fake_quantize_model, prepare_model
-    from .quant.options import check_quantizable
+    from .quant.options import check_quantizable, check_rounding
 
     check_quantizable(config, w_bit, group_size)
+    check_rounding(rounding, fake_quant, load_search_file)
     parse_device(device)
     model = load_fp_model(path)
-    prepare_model(model, path, fake_quant, w_bit, group_size, calib=calib, n_samples=n_samples,
-                  seqlen=calib_seqlen, seed=seed, load_search_file=load_search_file, device=device,
-                  settings=SearchSettings(scaling=scaling), progress=progress)
-    fake_quantize_model(model, w_bit, group_size)
+    settings = SearchSettings(scaling=scaling, **({"rounding": rounding} if rounding else {}))
+    result = prepare_model(model, path, fake_quant, w_bit, group_size, calib=calib, n_samples=n_samples,
+                           seqlen=calib_seqlen, seed=seed, load_search_file=load_search_file, device=device,
+                           settings=settings, progress=progress)
+    fake_quantize_model(model, w_bit, group_size, result)
     model = model.to(device=device, dtype=parse_dtype(dtype))
     return model, tokenizer, f"fake-quant {fake_quant} w{w_bit} g{group_size}, {dtype} compute"
 
@@ -224,14 +227,17 @@ def register(subparsers) -> None:
 def run_ppl(args) -> int:
     if args.batch_size <= 0:
         raise TinychatError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.fake_quant is None and (args.calib or args.load_search):
-        raise TinychatError("--calib/--load-search need --fake-quant awq")
+    if args.fake_quant is None and (args.calib or args.load_search or args.rounding):
+        raise TinychatError("--calib/--load-search/--rounding need --fake-quant awq")
+    from .quant.options import check_rounding
+
+    check_rounding(args.rounding, args.fake_quant, args.load_search)
     result = evaluate_ppl(args.model, args.data, args.seqlen, args.max_tokens, args.batch_size,
                           progress=not args.quiet, precision=args.precision, dtype=args.dtype, device=args.device,
                           fake_quant=args.fake_quant, w_bit=args.w_bit, group_size=args.group_size,
                           calib=args.calib, n_samples=args.n_samples, calib_seqlen=args.calib_seqlen,
                           seed=args.seed, load_search_file=args.load_search, scaling=args.scaling,
-                          kv_cache=args.kv_cache)
+                          kv_cache=args.kv_cache, rounding=args.rounding)
     print(result.line())
     if args.json:
         record = {**asdict(result), "model": args.model, "data": str(args.data), "fake_quant": args.fake_quant,

@@ -49,6 +49,11 @@ def add_scaling_args(p) -> None:
                         "loss kept per scale group (default %(default)s)")
     p.add_argument("--duo-scaling", dest="scaling", action="store_const", const="duo",
                    help="same as --scaling duo")
+    # Checked by check_rounding (not argparse choices) so that a bad value is a one-line error.
+    p.add_argument("--rounding", default=None, metavar="{gptq,rtn}",
+                   help="how the folded, clipped weights are rounded: gptq (error compensation over the "
+                        "calibration inputs; the default) or rtn (round to nearest; what a --load-search "
+                        "file gives, as it does not hold the calibration inputs)")
 
 
 def register(subparsers) -> None:
@@ -59,8 +64,10 @@ def register(subparsers) -> None:
 
 def settings_from_args(args):
     from .quant.awq import SearchSettings
+    from .quant.options import check_rounding
 
-    given = {"scaling": args.scaling, "sample_seqs": args.sample_seqs,
+    check_rounding(args.rounding, args.method, args.load_search)
+    given = {"scaling": args.scaling, "rounding": args.rounding, "sample_seqs": args.sample_seqs,
              "sample_tokens": args.sample_tokens, "gram_tokens": args.gram_tokens}
     for name in ("sample_seqs", "sample_tokens", "gram_tokens"):
         if given[name] is not None and given[name] < 0:
@@ -73,10 +80,11 @@ def run(args) -> int:
 
     from .config import ModelConfig
     from .hub import resolve_model
-    from .quant.options import check_quantizable
+    from .quant.options import check_quantizable, check_rounding
     from .quant.quantize import quantize
     from .quant.search_io import SearchFile
 
+    settings = settings_from_args(args)
     if args.n_samples <= 0 or args.seqlen <= 0:
         raise TinychatError(f"--n-samples and --seqlen must be positive, got {args.n_samples} and {args.seqlen}")
     if args.output is not None and not args.output.strip():
@@ -101,6 +109,7 @@ def run(args) -> int:
             raise TinychatError("AWQ needs calibration text: pass --calib FILE (plain text or JSONL; or "
                                 "--calib pileval to download it) or --load-search FILE")
         print(f"using the precomputed search results {load_search_file}")
+    check_rounding(args.rounding, args.method, load_search_file)
     if args.calib and args.method == "awq" and not args.load_search:
         # Calibration text is tokenized with this tokenizer and fed to the embedding.
         from .engine import check_tokenizer_fits
@@ -111,7 +120,7 @@ def run(args) -> int:
         summary = quantize(src, Path(args.output) if args.output else None, w_bit=w_bit, group_size=group_size,
                            method=args.method, calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen,
                            seed=args.seed, load_search_file=load_search_file, save_search_file=args.save_search,
-                           device=args.device, force=args.force, settings=settings_from_args(args),
+                           device=args.device, force=args.force, settings=settings,
                            progress=not args.quiet, resume=args.resume)
     except write_errors() as e:
         # The checkpoint is written to a work directory renamed into place, so --output is untouched;

@@ -20,6 +20,12 @@ For each transformer block, with that block's full-precision inputs:
    keeping per (row, group) the ratio with the least output error dw_g G_g dw_g^T -- exact over all
    calibration tokens thanks to the block-diagonal Grams.
 
+5. Rounding (settings.rounding "gptq", the default): GPTQ (tinychat.quant.gptq) rounds each folded
+   linear onto the grid its clipped weights define, compensating each column's error on the columns
+   not rounded yet, over H = X^T X of its (scaled) inputs on the Gram sample; the result's `codes` hold
+   the integers, the block's weights stay the folded, clipped ones. Inputs of every block come from the
+   full-precision model (not the quantized blocks before it). "rtn": the packer rounds to nearest.
+
 Plain alpha = 0 (s = 1) and ratio 1 (no clip) are candidates, so on the calibration data the search
 (plain or best) never does worse than round-to-nearest by its own measure.
 
@@ -38,7 +44,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import TinychatError
 from ..models import ScaleGroup, family, linear_modules, linear_shapes
-from .rtn import fake_quantize
+from .gptq import gptq_round
+from .rtn import fake_quantize, quantize_rtn
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -89,6 +96,9 @@ def block_parts(config: ModelConfig) -> dict[str, Part]:
 
 # How candidate scales are made from the activations (and weights); see the module docstring, step 2.
 SCALINGS = ("plain", "duo", "best")
+# How the folded, clipped weights are rounded onto their grid: GPTQ's error compensation over the
+# calibration inputs (tinychat.quant.gptq), or each weight to its nearest code.
+ROUNDINGS = ("gptq", "rtn")
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,8 @@ class SearchSettings:
     group_size: int = 128
     n_grid: int = 20
     scaling: str = "best"       # one of SCALINGS
+    rounding: str = "gptq"      # one of ROUNDINGS
+    act_order: bool = True      # GPTQ's column order: by decreasing input energy (static groups), or natural
     clip_steps: int = 20
     max_shrink: float = 0.5
     # Loss samples for the scale search (statistics and clip errors always use every token).
@@ -109,6 +121,8 @@ class SearchSettings:
     def __post_init__(self):
         if self.scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
 
     def clip_ratios(self) -> torch.Tensor:
         """Shrink ratios indexed by the stored clip index: 1, ..., 1 - max_shrink (clip_steps + 1 values)."""
@@ -124,6 +138,10 @@ class BlockSearch:
     clips: dict[str, torch.Tensor] = field(default_factory=dict)    # [out, in/g] uint8
     # prev -> (loss of the first candidate, best loss); the first candidate is s = 1 unless scaling is duo
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # linear -> (codes uint8 [out, in], scales fp32 [out, in/g], zeros uint8 [out, in/g]) when the rounding
+    # was GPTQ; they need the calibration inputs, so search files do not hold them (the block's weights
+    # stay the folded, clipped ones that round-to-nearest would quantize).
+    codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def loss_summary(result: BlockSearch) -> str:
@@ -279,6 +297,8 @@ def collect_stats(block: nn.Module, hidden: torch.Tensor, run_block: Callable, f
     groups = [grp for grp in family.groups if group_applies(grp, parts, block)]
     sites = sorted({p.module for p in parts.values()})
     gram_sites = {parts[grp.linears[0]].module for grp in groups if grp.inspect in grp.linears}
+    if settings.rounding == "gptq":
+        gram_sites = set(sites)
     inspected = {grp.inspect: grp for grp in groups if grp.inspect not in grp.linears}
     g = settings.group_size
 
@@ -490,15 +510,39 @@ def search_block(block: nn.Module, hidden: torch.Tensor, run_block: Callable, fa
         apply_scale(block, parts, group, s)
         site = parts[group.linears[0]].module
         scaled_input[site] = scaled_input.get(site, torch.ones_like(s)) * s
-    for name, part in parts.items():
-        if name in family.no_clip:
-            continue
-        gram = stats[part.module].gram_blocks
-        if part.module in scaled_input:
-            # The folded linear now sees X / s: its Gram blocks scale by 1/s on both sides.
-            inv = (1.0 / scaled_input[part.module].to(gram.device)).view(gram.shape[0], -1)
-            gram = gram * inv[:, :, None] * inv[:, None, :]
-        index = search_clip(_rows(block, part), gram, settings)
-        result.clips[name] = index.cpu()
-        apply_clip(block, parts, name, index, settings)
+    # The folded linear sees X / s: its Gram matrices scale by 1/s on both sides.
+    inv_scale = {site: 1.0 / s for site, s in scaled_input.items()}
+    for module in dict.fromkeys(part.module for part in parts.values()):
+        members = {name: part for name, part in parts.items() if part.module == module}
+        inv = inv_scale.get(module)
+        target = block.get_submodule(module).weight.data.float().clone() if settings.rounding == "gptq" else None
+        for name, part in members.items():
+            if name in family.no_clip:
+                continue
+            gram = stats[module].gram_blocks
+            if inv is not None:
+                iv = inv.to(gram.device).view(gram.shape[0], -1)
+                gram = gram * iv[:, :, None] * iv[:, None, :]
+            index = search_clip(_rows(block, part), gram, settings)
+            result.clips[name] = index.cpu()
+            apply_clip(block, parts, name, index, settings)
+        if target is not None:
+            gram = stats[module].gram
+            if inv is not None:
+                iv = inv.to(gram.device)
+                gram = gram * iv[:, None] * iv[None, :]
+            # GPTQ's grid is the unclipped weights' (measured better than the clipped grid, whose clip
+            # ratios were chosen for round-to-nearest): the clips serve a search file's rounding.
+            result.codes.update(gptq_codes(target, target, gram, members, settings))
     return result, out
+
+
+def gptq_codes(grid: torch.Tensor, target: torch.Tensor, gram: torch.Tensor, members: dict[str, Part],
+               settings: SearchSettings) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """GPTQ codes of one module's rows (its parts share the input, hence H) for the folded weights
+    `target`, on the grid round-to-nearest picks for the weights `grid`; split back into its parts."""
+    _, scales, zeros = quantize_rtn(grid.float(), settings.w_bit, settings.group_size)
+    codes = gptq_round(target, scales, zeros.float(), gram, settings.w_bit, settings.group_size,
+                       act_order=settings.act_order)
+    return {name: (codes[part.rows].cpu(), scales[part.rows].cpu(), zeros[part.rows].cpu())
+            for name, part in members.items()}

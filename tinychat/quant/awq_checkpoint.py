@@ -31,18 +31,27 @@ def edge_names(config: ModelConfig) -> list[str]:
         ([] if config.tie_word_embeddings else ["lm_head.weight"])
 
 
-def pack_block(config: ModelConfig, layer, i: int, parts: dict, w_bit: int, group_size: int) -> dict[str, torch.Tensor]:
-    """The AutoAWQ GEMM tensors of prepared block i (HF names, q/k/v and gate/up split back), in order."""
+def pack_block(config: ModelConfig, layer, i: int, parts: dict, w_bit: int, group_size: int,
+               codes: dict | None = None) -> dict[str, torch.Tensor]:
+    """The AutoAWQ GEMM tensors of prepared block i (HF names, q/k/v and gate/up split back), in order:
+    the linears' weights rounded to nearest, or the (codes, scales, zeros) a GPTQ search made for them."""
     fp16 = torch.float16
     p = f"model.layers.{i}."
     state = {}
+    codes = codes or {}
     for norm in norm_names(config):
         state[p + norm] = to_hf(config, p + norm, layer.get_parameter(norm).data.float()).to(fp16)
     for name, part in parts.items():
         module = layer.get_submodule(part.module)
         w = module.weight.data[part.rows]
-        packed = [_pack_columns(w[:, lo:hi], w_bit, group_size, p + name + ".weight")
-                  for lo, hi in _column_chunks(w.shape, group_size)]
+        if name in codes:
+            q, scales, zeros = codes[name]
+            packed = [quantized_to_awq(q[:, lo:hi], zeros[:, lo // group_size:hi // group_size],
+                                       scales[:, lo // group_size:hi // group_size])
+                      for lo, hi in _column_chunks(w.shape, group_size)]
+        else:
+            packed = [_pack_columns(w[:, lo:hi], w_bit, group_size, p + name + ".weight")
+                      for lo, hi in _column_chunks(w.shape, group_size)]
         for k, suffix in enumerate((".qweight", ".qzeros", ".scales")):
             state[p + name + suffix] = torch.cat([c[k] for c in packed]) if len(packed) > 1 else packed[0][k]
         if module.bias is not None:

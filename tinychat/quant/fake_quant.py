@@ -17,8 +17,8 @@ from ..devices import parse_device
 from .awq import SearchSettings, apply_block_search, block_parts, family_for, loss_summary, search_block
 from .blocks import block_runner
 from .calib import calibration_ids, calibration_record
-from .options import check_method_options, check_search_made_for, search_settings
-from .rtn import fake_quantize
+from .options import check_method_options, check_search_made_for, loaded_search_note, search_settings
+from .rtn import dequantize, fake_quantize
 from .search_io import SearchResult, load_search, model_signature, save_search
 
 
@@ -65,6 +65,9 @@ def prepare_model(model, tokenizer_dir: Path, method: str, w_bit: int, group_siz
     if load_search_file:
         result = load_search(load_search_file, model.config)
         check_search_made_for(result.settings, load_search_file, w_bit, group_size)
+        note = loaded_search_note(result.settings, load_search_file)
+        if note:
+            print(note, file=sys.stderr)
         apply_search(model, result)
     else:
         ids = calibration_ids(calib, tokenizer_dir, n_samples, seqlen, seed)
@@ -77,13 +80,20 @@ def prepare_model(model, tokenizer_dir: Path, method: str, w_bit: int, group_siz
     return result
 
 
-def fake_quantize_model(model, w_bit: int, group_size: int) -> None:
+def fake_quantize_model(model, w_bit: int, group_size: int, result: SearchResult | None = None) -> None:
     """Replace every block linear's weight with its quantize-dequantize image (rows are independent, so
-    fused modules are quantized as they are)."""
-    modules = sorted({p.module for p in block_parts(model.config).values()})
+    fused modules are quantized as they are): round to nearest, or the codes a GPTQ search made (the
+    integers a real checkpoint holds, tinychat.quant.awq_checkpoint.pack_block)."""
+    parts = block_parts(model.config)
+    modules = sorted({p.module for p in parts.values()})
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             for name in modules:
                 linear = layer.get_submodule(name)
                 linear.weight.data = fake_quantize(linear.weight.data, w_bit, group_size,
                                                    name=f"model.layers.{i}.{name}.weight")
+            codes = result.blocks[i].codes if result is not None else {}
+            for name, (q, scales, zeros) in codes.items():
+                part = parts[name]
+                linear = layer.get_submodule(part.module)
+                linear.weight.data[part.rows] = dequantize(q, scales, zeros, group_size).to(linear.weight.dtype)

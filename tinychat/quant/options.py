@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import TinychatError
-from .awq import SearchSettings, block_parts
+from .awq import ROUNDINGS, SearchSettings, block_parts
 
 
 def check_quantizable(config: ModelConfig, w_bit: int, group_size: int) -> None:
@@ -73,3 +73,26 @@ def check_search_made_for(settings: SearchSettings, path, w_bit: int, group_size
 def search_settings(settings: SearchSettings | None, w_bit: int, group_size: int) -> SearchSettings:
     """The search a run makes: the given (or default) settings at the run's bit width and group size."""
     return dataclasses.replace(settings or SearchSettings(), w_bit=w_bit, group_size=group_size)
+
+
+def check_rounding(rounding: str | None, method: str | None = "awq", load_search_file=None) -> None:
+    """--rounding: one of ROUNDINGS (None: the default); GPTQ needs an AWQ search's calibration inputs,
+    which a search file does not hold."""
+    if rounding is not None and rounding not in ROUNDINGS:
+        raise TinychatError(f"--rounding must be {' or '.join(ROUNDINGS)}, got {rounding!r}")
+    if rounding == "gptq" and method != "awq":
+        raise TinychatError("--rounding gptq needs the AWQ search's calibration inputs; use it with AWQ "
+                            "(--method awq / --fake-quant awq)")
+    if rounding == "gptq" and load_search_file:
+        raise TinychatError("--rounding gptq needs the calibration inputs, and a --load-search file holds only "
+                            "scales and clips (its weights are rounded to nearest); pass --calib instead of "
+                            "--load-search for GPTQ")
+
+
+def loaded_search_note(settings: SearchSettings, path) -> str | None:
+    """What a user should know when a search file made with GPTQ rounding is applied without it."""
+    if settings.rounding == "rtn":
+        return None
+    return (f"note: {path} was searched with {settings.rounding} rounding; a search file holds scales and "
+            "clips only, so these weights are rounded to nearest (quantize with --calib for "
+            f"{settings.rounding} rounding)")

@@ -43,14 +43,14 @@ from .awq_checkpoint import (REAL_BITS, SHARD_BYTES, checkpoint_specs, dir_bytes
 from .blocks import block_runner, read_block, rotary_embedding
 from .calib import calibration_ids, calibration_record
 from .options import (check_full_precision, check_method_options, check_output_dir, check_quantizable,
-                      check_search_made_for, search_settings)
+                      check_search_made_for, loaded_search_note, search_settings)
 from .search_io import SearchFile, SearchResult, model_signature, write_search
 from .shards import ShardWriter, write_index
 from .workdir import WorkDir, file_sha256, model_fingerprint, work_path
 
 # SearchSettings fields and the flags that set them (the others are fixed; a resume still compares them).
-SETTING_FLAGS = {"scaling": "--scaling", "sample_seqs": "--sample-seqs", "sample_tokens": "--sample-tokens",
-                 "gram_tokens": "--gram-tokens"}
+SETTING_FLAGS = {"scaling": "--scaling", "rounding": "--rounding", "sample_seqs": "--sample-seqs",
+                 "sample_tokens": "--sample-tokens", "gram_tokens": "--gram-tokens"}
 
 
 @dataclass
@@ -189,18 +189,19 @@ class Stepper:
     def step(self, i: int, hidden: torch.Tensor | None, run_block) -> tuple[torch.Tensor | None, str]:
         layer = read_block(self.reader, self.config, i)
         t0 = time.perf_counter()
-        note = ""
+        note, codes = "", None
         if self.settings is not None:
             layer.to(self.dev)
             result, hidden = search_block(layer, hidden, run_block, self.family, self.parts, self.settings)
             layer.to("cpu")
-            note = loss_summary(result)
+            note, codes = loss_summary(result), result.codes
             write_search(self.work.search_file(i), self.block_result(i, result))
         elif self.search_file is not None:
             apply_block_search(layer, self.parts, self.family, self.search_file.block(i), self.search_file.settings)
         self.search_seconds += time.perf_counter() - t0
         if self.writer is not None:
-            for name, t in pack_block(self.config, layer, i, self.parts, self.job.w_bit, self.job.group_size).items():
+            for name, t in pack_block(self.config, layer, i, self.parts, self.job.w_bit, self.job.group_size,
+                                      codes).items():
                 self.writer.write(name, t)
             self.writer.sync()
         del layer
@@ -270,6 +271,9 @@ def run_job(job: Job) -> QuantizeSummary:
         if job.method == "awq" and job.load_search_file:
             search_file = SearchFile(job.load_search_file, config)
             check_search_made_for(search_file.settings, job.load_search_file, job.w_bit, job.group_size)
+            note = loaded_search_note(search_file.settings, job.load_search_file)
+            if note:
+                print(note, file=sys.stderr)
         elif job.method == "awq":
             ids = calibration_ids(job.calib, job.src_dir, job.n_samples, job.seqlen, job.seed)
             settings = search_settings(job.settings, job.w_bit, job.group_size)

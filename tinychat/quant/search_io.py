@@ -7,6 +7,8 @@ Header metadata (JSON strings): format/version, the search settings, the model's
 
 Clip values are stored as shrink-ratio indices, not absolute bounds: four times smaller than fp32 and
 reproduced exactly, because the bound is recomputed from the same scaled weights the search saw.
+GPTQ's codes are not stored (they are as large as the checkpoint, and remaking them needs the
+calibration inputs): a loaded search rounds to nearest, whatever rounding its settings record.
 """
 
 from __future__ import annotations
@@ -86,10 +88,11 @@ def save_search(path: str | Path, result: SearchResult) -> Path:
 
 def _settings(saved: dict) -> SearchSettings:
     """The settings of a file's metadata. Files written before the "best" scaling say duo_scaling
-    true/false; unknown keys are ignored."""
+    true/false, and those written before GPTQ rounding say no rounding; unknown keys are ignored."""
     saved = dict(saved)
     if "duo_scaling" in saved and "scaling" not in saved:
         saved["scaling"] = "duo" if saved["duo_scaling"] else "plain"
+    saved.setdefault("rounding", "rtn")  # files from before GPTQ rounding were rounded to nearest
     names = {f.name for f in dataclasses.fields(SearchSettings)}
     return SearchSettings(**{k: v for k, v in saved.items() if k in names})
 
