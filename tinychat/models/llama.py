@@ -1,4 +1,5 @@
-"""The LLaMA family in one file: Llama 1/2/3, Mistral (sliding window), SmolLM, Qwen2-style q/k/v bias.
+"""The LLaMA family in one file: Llama 1/2/3, Mistral (sliding window), SmolLM, Qwen2 (q/k/v bias), Qwen3
+(per-head q/k RMSNorm). Its pieces (attention, MLP, the causal LM) also serve tinychat.models.gemma3.
 
 Attribute names follow Hugging Face (`model.layers.N.self_attn...`) except that q/k/v and gate/up are
 fused into `qkv_proj` and `gate_up_proj`; the loader builds those from the HF tensors.
