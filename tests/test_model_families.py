@@ -136,7 +136,9 @@ def test_quantize_writes_a_checkpoint_transformers_reads(case, tmp_path, capsys)
     ref = save_reference(case, src)
     write_byte_tokenizer(src)
     calib.write_text(calib_text())
-    code, _, err = run_cli(capsys, *quantize_args(src, out, calib))
+    # RTN rounding after the AWQ fold: the closeness bound below was measured with it (GPTQ rounding fitted to
+    # 128 calibration tokens of a random model is no better); the layout check holds for either
+    code, _, err = run_cli(capsys, *quantize_args(src, out, calib, "--rounding", "rtn"))
     assert code == 0, err
     state, tensors = {}, read_all(out)
     for name, t in tensors.items():
