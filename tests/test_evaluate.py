@@ -90,7 +90,9 @@ def test_cli_full_precision_fake_quant_and_real_checkpoint(setup, tmp_path, caps
     results = {}
     for label, extra in {"fp": [], "rtn": ["--fake-quant", "rtn", "--group-size", 32],
                          "awq": ["--fake-quant", "awq", "--group-size", 32, "--calib", calib, "--n-samples", 4,
-                                 "--calib-seqlen", 32]}.items():
+                                 "--calib-seqlen", 32],
+                         "awq-rtn": ["--fake-quant", "awq", "--group-size", 32, "--calib", calib, "--n-samples", 4,
+                                     "--calib-seqlen", 32, "--rounding", "rtn"]}.items():
         out = tmp_path / f"{label}.json"
         code, stdout, err = ppl_cli(capsys, "--model", src, "--data", data, "--seqlen", 64, "--json", out, *extra)
         assert code == 0, err
@@ -111,7 +113,8 @@ def test_cli_full_precision_fake_quant_and_real_checkpoint(setup, tmp_path, caps
     code, _, err = ppl_cli(capsys, "--model", src, "--data", data, "--seqlen", 64, "--fake-quant", "awq",
                            "--group-size", 32, "--load-search", search, "--json", tmp_path / "loaded.json")
     assert code == 0, err
-    assert json.loads((tmp_path / "loaded.json").read_text())["ppl"] == pytest.approx(results["awq"]["ppl"], rel=1e-6)
+    # a search file holds scales and clips, not GPTQ's codes: loaded, it rounds to nearest
+    assert json.loads((tmp_path / "loaded.json").read_text())["ppl"] == pytest.approx(results["awq-rtn"]["ppl"], rel=1e-6)
 
 
 @pytest.mark.parametrize("case", ["missing_data", "seqlen_too_long", "group", "calib_without_fake"])
