@@ -18,17 +18,23 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def anon_rss_bytes() -> int:
-    """Resident anonymous memory (RssAnon): tensors and heap, without the code pages of libraries,
-    which torch pages in lazily the first time a kernel runs and any torch program pays."""
+def proc_kib_field(path: str, key: str) -> int | None:
+    """A "Key:   N kB" line of a /proc file, in bytes (None where the file or the key is missing)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return rss_bytes()
+    return None
+
+
+def anon_rss_bytes() -> int:
+    """Resident anonymous memory (RssAnon): tensors and heap, without the code pages of libraries,
+    which torch pages in lazily the first time a kernel runs and any torch program pays."""
+    anon = proc_kib_field("/proc/self/status", "RssAnon")
+    return rss_bytes() if anon is None else anon
 
 
 def release_free_memory() -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .errors import TinychatError
+from .memory import proc_kib_field
 from .models import family, linear_modules, linear_shapes, norm_names
 
 GiB = 1 << 30
@@ -83,14 +84,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 def host_memory() -> int:
     """MemTotal of this machine (0 where /proc/meminfo is missing)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_kib_field("/proc/meminfo", "MemTotal") or 0
 
 
 def cpu_device(memory: int | None = None) -> Device:

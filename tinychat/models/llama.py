@@ -76,7 +76,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        for kind, inv_freq in self._frequencies().items():
+        frequencies = self._frequencies()
+        self.kinds = tuple(frequencies)  # fixed by the config: forward runs every step, so it is not recomputed
+        for kind, inv_freq in frequencies.items():
             self.register_buffer(self._buffer(kind), inv_freq, persistent=False)
 
     def _frequencies(self) -> dict[str, torch.Tensor]:
@@ -98,8 +100,7 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {kind: ops.rope_cos_sin(getattr(self, self._buffer(kind)), positions, dtype)
-                for kind in self._frequencies()}
+        return {kind: ops.rope_cos_sin(getattr(self, self._buffer(kind)), positions, dtype) for kind in self.kinds}
 
 
 class Step:
