@@ -146,15 +146,65 @@ def test_awq_block_error_below_rtn(bits, scaling):
         _fake_quant_block(rtn, bits, 32)
         err_rtn = (run(rtn, hidden) - ref).pow(2).mean()
         searched = copy.deepcopy(block)
-        result, out = awq.search_block(searched, hidden, run, family_for(model.config),
+        result, out = awq.search_block(searched, awq.Activations(hidden), run, family_for(model.config),
                                        block_parts(model.config), settings)
-        assert torch.equal(out, ref)  # the next block's inputs are this block's full-precision outputs
+        # sequential (the default): the next block's inputs are this block's outputs as quantized, and
+        # the full-precision outputs are carried beside them
+        with awq.quantized_block(copy.deepcopy(searched), block_parts(model.config), result.codes,
+                                 settings) as quantized:
+            assert torch.equal(out.x, awq.forward_chunks(quantized, hidden, run, settings))
+        assert torch.equal(out.fp, awq.forward_chunks(block, hidden, run, settings))
         assert set(result.scales) == {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
                                       "mlp.up_proj"}
         assert all(best <= first for first, best in result.losses.values())
         _fake_quant_block(searched, bits, 32)
         err_awq = (run(searched, hidden) - ref).pow(2).mean()
     assert err_awq < 0.8 * err_rtn, (float(err_awq), float(err_rtn))
+
+
+def test_sequential_search_carries_both_models_and_replays_bit_for_bit(tmp_path):
+    """Two blocks in a row: the second is searched on the first's quantized outputs with the full-precision
+    ones beside them, and replay_block (a resumed run, from the saved codes) gives the same bits."""
+    import copy
+
+    from tinychat.quant.search_io import read_codes, write_codes
+
+    model, block, hidden, run = _block_setup(n_kv=2)
+    parts, family = block_parts(model.config), family_for(model.config)
+    settings = SearchSettings(w_bit=4, group_size=32, sample_tokens=128, gram_tokens=0).resolved(hidden.device)
+    with torch.no_grad():
+        first, acts = awq.search_block(copy.deepcopy(block), awq.Activations(hidden), run, family, parts, settings)
+        second, after = awq.search_block(copy.deepcopy(block), acts, run, family, parts, settings)
+        assert not torch.equal(acts.x, acts.fp)  # the quantized model has drifted from the full-precision one
+        assert torch.equal(after.fp, awq.forward_chunks(block, acts.fp, run, settings))
+        for i, result in enumerate((first, second)):
+            write_codes(tmp_path / f"{i}.safetensors", result.codes)
+            codes = read_codes(tmp_path / f"{i}.safetensors")
+            assert codes.keys() == result.codes.keys()
+            assert all(torch.equal(a, b) for name in codes for a, b in zip(codes[name], result.codes[name]))
+        replayed = awq.Activations(hidden)
+        for result in (first, second):
+            replayed = awq.replay_block(copy.deepcopy(block), replayed, run, family, parts, result,
+                                        result.codes, settings)
+    assert torch.equal(replayed.x, after.x) and torch.equal(replayed.fp, after.fp)
+
+
+def test_forward_dtype_auto_follows_the_instruction_set(monkeypatch):
+    from tinychat import devices
+
+    cpu = torch.device("cpu")
+    for flags, want in (({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"), ({"avx2", "avx512f"}, "fp32")):
+        monkeypatch.setattr(devices, "_FLAGS", flags)
+        assert SearchSettings().resolved(cpu).forward_dtype == want
+        assert SearchSettings(forward_dtype="fp32").resolved(cpu).forward_dtype == "fp32"
+    with pytest.raises(ValueError, match="forward_dtype"):
+        SearchSettings(forward_dtype="fp16")
+    # bf16 forward passes stay close to fp32 ones (fp32 accumulation; the statistics stay fp32)
+    model, block, hidden, run = _block_setup()
+    ref = awq.forward_chunks(block, hidden, run, SearchSettings(forward_dtype="fp32"))
+    low = awq.forward_chunks(block, hidden, run, SearchSettings(forward_dtype="bf16"))
+    assert low.dtype == torch.float32
+    assert float((low - ref).norm() / (ref - hidden).norm()) < 2e-2
 
 
 def test_gqa_skips_v_to_o():

@@ -60,7 +60,7 @@ def test_search_block_reports_the_best_losses():
     for scaling in ("plain", "duo", "best"):
         model, block, hidden, run = _block_setup(seed=2, n_kv=4)
         settings = SearchSettings(w_bit=4, group_size=32, scaling=scaling, sample_tokens=128, gram_tokens=0)
-        results[scaling], _ = awq.search_block(copy.deepcopy(block), hidden, run, family_for(model.config),
+        results[scaling], _ = awq.search_block(copy.deepcopy(block), awq.Activations(hidden), run, family_for(model.config),
                                                block_parts(model.config), settings)
     for prev, (_, loss) in results["best"].losses.items():
         assert loss <= min(results["plain"].losses[prev][1], results["duo"].losses[prev][1])
@@ -84,5 +84,9 @@ def test_cli_scaling_flags(argv, want):
 def test_search_files_from_before_best_keep_their_scaling():
     assert _settings({"w_bit": 4, "duo_scaling": True}).scaling == "duo"
     assert _settings({"w_bit": 4, "duo_scaling": False}).scaling == "plain"
-    # (and files from before GPTQ rounding were rounded to nearest)
-    assert _settings({"w_bit": 4, "scaling": "best", "unknown": 1}) == SearchSettings(w_bit=4, rounding="rtn")
+    # (and files from before GPTQ rounding were rounded to nearest, from before the sequential search
+    # searched on the full-precision model's activations in fp32)
+    assert _settings({"w_bit": 4, "scaling": "best", "unknown": 1}) == SearchSettings(
+        w_bit=4, rounding="rtn", sequential=False, fp_target=0.0, forward_dtype="fp32")
+    assert _settings({"w_bit": 4, "rounding": "gptq", "sequential": True, "fp_target": 0.25,
+                      "forward_dtype": "bf16"}) == SearchSettings(w_bit=4, forward_dtype="bf16")

@@ -106,14 +106,20 @@ def test_cli_full_precision_fake_quant_and_real_checkpoint(setup, tmp_path, caps
     assert main(["quantize", "--model", str(src), "--output", str(ckpt), "--group-size", "32", "--calib",
                  str(calib), "--n-samples", "4", "--seqlen", "32", "--save-search", str(search), "--quiet"]) == 0
     capsys.readouterr()
-    code, _, err = ppl_cli(capsys, "--model", ckpt, "--data", data, "--seqlen", 64, "--json", tmp_path / "real.json")
+    code, _, err = ppl_cli(capsys, "--model", ckpt, "--data", data, "--seqlen", 64, "--dtype", "fp32", "--json",
+                           tmp_path / "real.json")
     assert code == 0, err
     real = json.loads((tmp_path / "real.json").read_text())
-    assert real["ppl"] == pytest.approx(results["awq"]["ppl"], rel=5e-3)
+    assert real["ppl"] == pytest.approx(results["awq"]["ppl"], rel=5e-3)  # (the checkpoint holds fp16 scales)
+
+    # A search file holds scales and clips, not GPTQ's codes: loaded, it rounds to nearest, as the same
+    # search made with --rounding rtn does.
+    assert main(["quantize", "--model", str(src), "--group-size", "32", "--calib", str(calib), "--n-samples", "4",
+                 "--seqlen", "32", "--rounding", "rtn", "--save-search", str(search), "--force", "--quiet"]) == 0
+    capsys.readouterr()
     code, _, err = ppl_cli(capsys, "--model", src, "--data", data, "--seqlen", 64, "--fake-quant", "awq",
                            "--group-size", 32, "--load-search", search, "--json", tmp_path / "loaded.json")
     assert code == 0, err
-    # a search file holds scales and clips, not GPTQ's codes: loaded, it rounds to nearest
     assert json.loads((tmp_path / "loaded.json").read_text())["ppl"] == pytest.approx(results["awq-rtn"]["ppl"], rel=1e-6)
 
 

@@ -1,7 +1,8 @@
 """GPTQ rounding (tinychat/quant/gptq.py): the lazy-batch algorithm equals a slow column-by-column OBQ
-reference written here, it never does worse than round-to-nearest on the layer's output error, the real
-checkpoint holds exactly the integers fake quantization uses, and --rounding's bad values are one-line
-errors."""
+reference written here, it never does worse than round-to-nearest on the layer's output error, the scale
+refit is the least-squares solution (checked against torch.linalg.lstsq), the full-precision target moves
+W towards the fp outputs, the real checkpoint holds exactly the integers fake quantization uses, and
+--rounding's bad values are one-line errors."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 
 from test_awq import fp32_model, write_tiny_model
 from test_quantize_cli import calib_file, one_line_error, quantize_args, read_all, run_cli, spec_unpack  # noqa: F401
-from tinychat.quant.awq import SearchSettings, block_parts
+from tinychat.quant.awq import SearchSettings, block_parts, fp_target
 from tinychat.quant.fake_quant import fake_quantize_model, prepare_model
-from tinychat.quant.gptq import DAMP, gptq_round, output_error
+from tinychat.quant.gptq import DAMP, gptq_round, output_error, refit_scales
 from tinychat.quant.rtn import dequantize, quantize_rtn
 from tinychat.quant.search_io import load_search
 
@@ -90,6 +91,43 @@ def test_dead_input_channels():
     _, scales, zeros = quantize_rtn(w, 4, 32)
     codes = gptq_round(w, scales, zeros.float(), x.t() @ x, 4, 32)
     assert codes.shape == w.shape and int(codes.max()) <= 15
+
+
+@pytest.mark.parametrize("bits, g, chunk", [(4, 16, 1 << 26), (3, 32, 200)])
+def test_refit_scales_is_the_least_squares_solution(bits, g, chunk):
+    gen = torch.Generator().manual_seed(bits * 100 + g)
+    rows, cols = 12, 96
+    w = torch.randn(rows, cols, generator=gen)
+    gram = (lambda x: x.t() @ x)(correlated_inputs(400, cols, gen))
+    _, scales, zeros = quantize_rtn(w, bits, g)
+    codes = gptq_round(w, scales, zeros.float(), gram, bits, g, act_order=True)
+    refit = refit_scales(w, codes, scales, zeros, gram, g, chunk_elements=chunk)  # 200: one row per chunk
+    # Reference: per row, min ||L^T (w - C s)|| with H = L L^T and C's column k the row's (q - z) in group k.
+    lower = torch.linalg.cholesky(gram.double())
+    a = (codes.double() - zeros.double().repeat_interleave(g, dim=1))
+    for r in range(rows):
+        design = torch.zeros(cols, cols // g, dtype=torch.float64)
+        for k in range(cols // g):
+            design[k * g:(k + 1) * g, k] = a[r, k * g:(k + 1) * g]
+        want = torch.linalg.lstsq(lower.t() @ design, lower.t() @ w[r].double()).solution
+        assert torch.allclose(refit[r].double(), want, rtol=1e-3, atol=1e-6), r
+    before = output_error(w, dequantize(codes, scales, zeros, g), gram)
+    after = output_error(w, dequantize(codes, refit, zeros, g), gram)
+    assert after < before
+
+
+def test_fp_target_moves_towards_the_full_precision_outputs():
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(16, 64, generator=gen)
+    x = correlated_inputs(2000, 64, gen)                         # along the full-precision model
+    xq = x + 0.1 * correlated_inputs(2000, 64, gen)               # along the quantized one
+    gram, cross = xq.t() @ xq, x.t() @ xq
+    assert torch.equal(fp_target(w, gram, gram, 0.25), w)         # equal inputs: W as it is
+
+    def error(target):
+        return float((x @ w.t() - xq @ target.t()).pow(2).sum())
+    errors = [error(fp_target(w, gram, cross, weight)) for weight in (0.0, 0.25, 1.0)]
+    assert errors[0] > errors[1] > errors[2]
 
 
 def test_real_checkpoint_holds_the_fake_quantization_codes(tmp_path, calib_file, capsys):

@@ -186,7 +186,7 @@ def test_ctrl_c_twice_and_during_the_replay(src, tmp_path, calib_file, capsys, m
     assert cli(capsys, *awq_args(src, out, calib_file))[0] == 130
     monkeypatch.undo()
     # Interrupted again while the resumed run replays block 0: still 1 block done, nothing lost.
-    interrupt_after(monkeypatch, "forward_chunks", 0)
+    interrupt_after(monkeypatch, "replay_block", 0)
     code, err = cli(capsys, *awq_args(src, out, calib_file, "--resume"))
     assert code == 130 and f"after block 1 of {LAYERS}" in err
     monkeypatch.undo()

@@ -1,7 +1,7 @@
 """Fake quantization of a model already in memory, for `tinychat eval ppl --fake-quant` (any bit width).
 
 The AWQ search runs block by block, only one block and the calibration activations on the compute
-device, a block's full-precision outputs being the next block's inputs; the searched (or loaded) scales
+device (tinychat.quant.awq.Activations carries them to the next block); the searched (or loaded) scales
 and clips are folded into the fp32 weights, which are then replaced by their quantize-dequantize image.
 The weights folded here are the ones the streaming driver (tinychat.quant.quantize) packs, bit for bit.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from ..devices import parse_device
-from .awq import SearchSettings, apply_block_search, block_parts, family_for, loss_summary, search_block
+from .awq import (Activations, SearchSettings, apply_block_search, block_parts, family_for, loss_summary,
+                  quantized_weight, search_block)
 from .blocks import block_runner
 from .calib import calibration_ids, calibration_record
 from .options import check_method_options, check_search_made_for, loaded_search_note, search_settings
-from .rtn import dequantize, fake_quantize
 from .search_io import SearchResult, load_search, model_signature, save_search
 
 
@@ -32,14 +32,14 @@ def awq_search(model, calib_ids: torch.Tensor, settings: SearchSettings, device=
     dev = parse_device(str(device)) if not isinstance(device, torch.device) else device
     results = []
     with torch.no_grad():
-        hidden = model.embed(calib_ids.to(model.model.embed_tokens.weight.device)).float().to(dev)
+        acts = Activations(model.embed(calib_ids.to(model.model.embed_tokens.weight.device)).float().to(dev))
         run_block = block_runner(model.rotary.to(dev), calib_ids.shape[1], dev)
         bar = tqdm(model.model.layers, desc="AWQ search", unit="block", disable=not progress,
                    file=sys.stderr, dynamic_ncols=True)
         for layer in bar:
             home = layer.input_layernorm.weight.device
             layer.to(dev)
-            result, hidden = search_block(layer, hidden, run_block, family, parts, settings)
+            result, acts = search_block(layer, acts, run_block, family, parts, settings)
             layer.to(home)
             results.append(result)
             bar.set_postfix_str(loss_summary(result))
@@ -71,7 +71,7 @@ def prepare_model(model, tokenizer_dir: Path, method: str, w_bit: int, group_siz
         apply_search(model, result)
     else:
         ids = calibration_ids(calib, tokenizer_dir, n_samples, seqlen, seed)
-        settings = search_settings(settings, w_bit, group_size)
+        settings = search_settings(settings, w_bit, group_size, parse_device(str(device)))
         blocks = awq_search(model, ids, settings, device, progress)
         result = SearchResult(settings, blocks, calibration=calibration_record(calib, ids, seed),
                               model=model_signature(model.config))
@@ -81,19 +81,14 @@ def prepare_model(model, tokenizer_dir: Path, method: str, w_bit: int, group_siz
 
 
 def fake_quantize_model(model, w_bit: int, group_size: int, result: SearchResult | None = None) -> None:
-    """Replace every block linear's weight with its quantize-dequantize image (rows are independent, so
-    fused modules are quantized as they are): round to nearest, or the codes a GPTQ search made (the
-    integers a real checkpoint holds, tinychat.quant.awq_checkpoint.pack_block)."""
+    """Replace every block linear's weight with its quantize-dequantize image: round to nearest, or the
+    codes a GPTQ search made (the integers a real checkpoint holds, tinychat.quant.awq_checkpoint.pack_block)."""
     parts = block_parts(model.config)
-    modules = sorted({p.module for p in parts.values()})
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
-            for name in modules:
-                linear = layer.get_submodule(name)
-                linear.weight.data = fake_quantize(linear.weight.data, w_bit, group_size,
-                                                   name=f"model.layers.{i}.{name}.weight")
             codes = result.blocks[i].codes if result is not None else {}
-            for name, (q, scales, zeros) in codes.items():
-                part = parts[name]
-                linear = layer.get_submodule(part.module)
-                linear.weight.data[part.rows] = dequantize(q, scales, zeros, group_size).to(linear.weight.dtype)
+            for module in sorted({p.module for p in parts.values()}):
+                linear = layer.get_submodule(module)
+                members = {name: part for name, part in parts.items() if part.module == module}
+                linear.weight.data = quantized_weight(linear.weight.data, members, codes, w_bit, group_size,
+                                                      name=f"model.layers.{i}.{module}.weight")

@@ -7,6 +7,9 @@ rounding error e_j is spread onto the later columns along row j of the upper Cho
 (W[:, j+1:] -= e_j / U[j, j] * U[j, j+1:]). Updates within a block of columns are made at once per
 column, and the block's accumulated errors reach the later columns in one matmul (the lazy batch).
 
+Afterwards `refit_scales` re-solves each group's scale for the codes chosen (the same objective, now
+linear in the scales: one small least-squares system per row).
+
 The grid is fixed beforehand, per (row, group), as round-to-nearest would choose it (AWQ's scale folding
 and clip search decide it): static groups. So the columns may be rounded in any order -- act-order, by
 decreasing H diagonal, is the default of the AWQ search -- and the codes, scales and zeros are still the
@@ -118,3 +121,37 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, gram: torch.Tensor) -> float
     """trace(dW H dW^T): the squared output error of the linear over the inputs H = X^T X sums."""
     d = (w - wq).double()
     return float(((d @ gram.double()) * d).sum())
+
+
+def refit_scales(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 gram: torch.Tensor, group_size: int, chunk_elements: int = 1 << 26) -> torch.Tensor:
+    """Scales [out, in/g] re-solved for the codes GPTQ chose: What = (q - z) * s is linear in each row's
+    scales, so with codes and zeros fixed the output error trace((W - What) H (W - What)^T) -- GPTQ's own
+    objective -- is least at the solution of one [in/g, in/g] system per row. GPTQ fixed the grid before
+    rounding; this moves it to where the rounded codes are best used. A row keeps its old scales where the
+    solution is not positive or not better."""
+    out_f, in_f = w.shape
+    ng = in_f // group_size
+    h = gram.float()
+    new = scales.float().clone()
+    rows = max(1, chunk_elements // (ng * in_f))  # bounds the [ng, rows, in] temporary
+    for lo in range(0, out_f, rows):
+        hi = min(out_f, lo + rows)
+        wr, old = w[lo:hi].float(), scales[lo:hi].float()
+        a = codes[lo:hi].float() - zeros[lo:hi].float().repeat_interleave(group_size, dim=1)  # What = a * s
+        # M_r[g, k] = a_rg^T H_gk a_rk: per group g, Y_g = A_g H_g: ([rows, g] @ [g, in]), then summed by k
+        y = torch.bmm(a.view(hi - lo, ng, group_size).transpose(0, 1), h.view(ng, group_size, in_f))
+        m = (y * a).view(ng, hi - lo, ng, group_size).sum(-1).permute(1, 0, 2).double()  # [rows, ng, ng]
+        rhs = (a * (wr @ h)).view(hi - lo, ng, group_size).sum(-1).double()
+        # A tiny ridge towards the old scales keeps groups whose codes all equal the zero point solvable.
+        ridge = 1e-6 * m.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).clamp(min=1e-30)
+        m = m + ridge[:, :, None] * torch.eye(ng, dtype=torch.float64, device=w.device)
+        sol = torch.linalg.solve(m, rhs + ridge * old.double()).float()
+        sol = torch.where(torch.isfinite(sol) & (sol > 0), sol, old)
+
+        def row_error(s: torch.Tensor) -> torch.Tensor:
+            d = wr - a * s.repeat_interleave(group_size, dim=1)
+            return ((d @ h) * d).sum(-1)
+        better = row_error(sol) < row_error(old)
+        new[lo:hi] = torch.where(better[:, None], sol, old)
+    return new

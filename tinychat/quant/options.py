@@ -70,9 +70,10 @@ def check_search_made_for(settings: SearchSettings, path, w_bit: int, group_size
                             f"not w{w_bit} g{group_size}; use matching --w-bit/--group-size or run a new search")
 
 
-def search_settings(settings: SearchSettings | None, w_bit: int, group_size: int) -> SearchSettings:
-    """The search a run makes: the given (or default) settings at the run's bit width and group size."""
-    return dataclasses.replace(settings or SearchSettings(), w_bit=w_bit, group_size=group_size)
+def search_settings(settings: SearchSettings | None, w_bit: int, group_size: int, device) -> SearchSettings:
+    """The search a run makes: the given (or default) settings at the run's bit width and group size, its
+    forward dtype decided for the device (so the search file and a resumed run record what ran)."""
+    return dataclasses.replace(settings or SearchSettings(), w_bit=w_bit, group_size=group_size).resolved(device)
 
 
 def check_rounding(rounding: str | None, method: str | None = "awq", load_search_file=None) -> None:

@@ -3,18 +3,20 @@ directory into an AutoAWQ GEMM checkpoint and/or an AWQ search file; a model big
 one block at a time, resumable.
 
 For each block: read its weights from the source safetensors (tinychat.checkpoint, one tensor at a
-time), build just that block in fp32, search it (AWQ: its full-precision outputs, computed on the way,
-are the next block's inputs) or apply a loaded search, or nothing (RTN); pack it and write its tensors
-to their planned places in the output shards; then record the block as finished and free it. What stays
-resident is the block in flight and the calibration activations (two [n, seqlen, hidden] fp32 tensors:
-a block's inputs and outputs); the embeddings, final norm and lm_head are read, written and dropped
-before the first block (so a corrupt head fails at once, not after hours).
+time), build just that block in fp32, search it (AWQ: its outputs as quantized, and the full-precision
+model's, are the next block's inputs; tinychat.quant.awq.Activations) or apply a loaded search, or
+nothing (RTN); pack it and write its tensors to their planned places in the output shards; then record
+the block as finished and free it. What stays resident is the block in flight and the calibration
+activations (up to four [n, seqlen, hidden] fp32 tensors: a block's inputs and outputs along both
+models); the embeddings, final norm and lm_head are read, written and dropped before the first block
+(so a corrupt head fails at once, not after hours).
 
 The output is the same, byte for byte, as quantizing the whole model in memory (the tests keep that
 reference: tests/whole_model_quant.py): same fp32 arithmetic per block, same shard plan. Progress lives
 in a work directory beside the output (tinychat/quant/workdir.py); a resumed run rebuilds the next
-block's inputs by running the finished blocks forward (one forward pass per block, a small part of a
-block's search; see docs/memory.md) rather than saving activations after every block.
+block's inputs by running the finished blocks forward (from their saved search and GPTQ codes: up to two
+forward passes per block, a small part of a block's search; see docs/memory.md) rather than saving
+activations after every block.
 """
 
 from __future__ import annotations
@@ -36,15 +38,15 @@ from ..errors import Interrupted, TinychatError
 from ..memory import release_free_memory
 from ..models import embed_scale, hf_shapes
 from ..weights import check_tensor_meta, read_checked
-from .awq import (BlockSearch, SearchSettings, apply_block_search, block_parts, family_for, forward_chunks,
-                  loss_summary, search_block)
+from .awq import (Activations, BlockSearch, SearchSettings, apply_block_search, block_parts, family_for,
+                  loss_summary, replay_block, search_block)
 from .awq_checkpoint import (REAL_BITS, SHARD_BYTES, checkpoint_specs, dir_bytes, edge_names, finish_dir,
                              pack_block)
 from .blocks import block_runner, read_block, rotary_embedding
 from .calib import calibration_ids, calibration_record
 from .options import (check_full_precision, check_method_options, check_output_dir, check_quantizable,
                       check_search_made_for, loaded_search_note, search_settings)
-from .search_io import SearchFile, SearchResult, model_signature, write_search
+from .search_io import SearchFile, SearchResult, model_signature, read_codes, write_codes, write_search
 from .shards import ShardWriter, write_index
 from .workdir import WorkDir, file_sha256, model_fingerprint, work_path
 
@@ -175,26 +177,31 @@ class Stepper:
         self.dev = parse_device(str(job.device))
         self.search_seconds = 0.0
 
-    def replay(self, hidden: torch.Tensor, run_block, upto: int) -> torch.Tensor:
-        """The inputs of block `upto`: the finished blocks run forward, as the search ran them."""
+    def replay(self, acts: Activations, run_block, upto: int) -> Activations:
+        """The inputs of block `upto`: the finished blocks run forward (from their saved search and codes),
+        as the search ran them."""
         from tqdm import tqdm
 
         for i in tqdm(range(upto), desc="resume: replaying finished blocks", unit="block", file=sys.stderr,
                       disable=not self.job.progress, dynamic_ncols=True):
             layer = read_block(self.reader, self.config, i).to(self.dev)
-            hidden = forward_chunks(layer, hidden, run_block, self.settings.chunk_seqs)
+            codes = read_codes(self.work.codes_file(i)) if self.work.codes_file(i).exists() else {}
+            acts = replay_block(layer, acts, run_block, self.family, self.parts, self.saved_search(i).block(i), codes,
+                                self.settings)
             del layer
-        return hidden
+        return acts
 
-    def step(self, i: int, hidden: torch.Tensor | None, run_block) -> tuple[torch.Tensor | None, str]:
+    def step(self, i: int, acts: Activations | None, run_block) -> tuple[Activations | None, str]:
         layer = read_block(self.reader, self.config, i)
         t0 = time.perf_counter()
         note, codes = "", None
         if self.settings is not None:
             layer.to(self.dev)
-            result, hidden = search_block(layer, hidden, run_block, self.family, self.parts, self.settings)
+            result, acts = search_block(layer, acts, run_block, self.family, self.parts, self.settings)
             layer.to("cpu")
             note, codes = loss_summary(result), result.codes
+            if self.settings.sequential and codes:  # a resumed run rebuilds this quantized block from them
+                write_codes(self.work.codes_file(i), codes)
             write_search(self.work.search_file(i), self.block_result(i, result))
         elif self.search_file is not None:
             apply_block_search(layer, self.parts, self.family, self.search_file.block(i), self.search_file.settings)
@@ -207,7 +214,7 @@ class Stepper:
         del layer
         self.work.commit(i + 1)
         release_free_memory()
-        return hidden, note
+        return acts, note
 
     def block_result(self, i: int, block) -> SearchResult:
         return SearchResult(self.settings, [BlockSearch() for _ in range(i)] + [block],
@@ -276,7 +283,7 @@ def run_job(job: Job) -> QuantizeSummary:
                 print(note, file=sys.stderr)
         elif job.method == "awq":
             ids = calibration_ids(job.calib, job.src_dir, job.n_samples, job.seqlen, job.seed)
-            settings = search_settings(job.settings, job.w_bit, job.group_size)
+            settings = search_settings(job.settings, job.w_bit, job.group_size, parse_device(str(job.device)))
         work = WorkDir.begin(work_path(job.out_dir, job.save_search_file), run_meta(job, config, settings, ids),
                              job.resume, job.resumable)
         with _keeping(work, job, config):
@@ -309,20 +316,21 @@ def _run_blocks(job: Job, config: ModelConfig, reader: CheckpointReader, work: W
     try:
         with torch.no_grad():
             hidden = write_edges(reader, config, writer, ids)
-            run_block = None
+            acts, run_block = None, None
             if settings is not None and work.done < total:
-                hidden = hidden.to(stepper.dev)
+                acts = Activations(hidden.to(stepper.dev))
                 run_block = block_runner(rotary_embedding(config, stepper.dev), ids.shape[1], stepper.dev)
                 if work.done:
-                    hidden = stepper.replay(hidden, run_block, work.done)
+                    acts = stepper.replay(acts, run_block, work.done)
+            del hidden
             desc = "AWQ search" if settings is not None else "quantizing"
             bar = tqdm(range(work.done, total), desc=desc, unit="block", initial=work.done, total=total,
                        disable=not job.progress, file=sys.stderr, dynamic_ncols=True)
             for i in bar:
-                hidden, note = stepper.step(i, hidden, run_block)
+                acts, note = stepper.step(i, acts, run_block)
                 if note:
                     bar.set_postfix_str(note)
-            del hidden
+            del acts
         if writer is not None:
             index = writer.index()
             if index is not None:

@@ -105,8 +105,15 @@ def fake_quantize(
     clip_max [out, in/g] (AWQ's clip search) clamps each group to [-clip_max, clip_max] first, so the
     group's range, and with it the rounding step, shrinks at the price of clipping outliers.
     """
-    maxq = _check_bits(bits)
     _check_weight(w, name)
+    return fake_quantize_checked(w, bits, group_size, clip_max)
+
+
+def fake_quantize_checked(w: torch.Tensor, bits: int, group_size: int,
+                          clip_max: torch.Tensor | None = None) -> torch.Tensor:
+    """fake_quantize for a weight already known to be finite: the AWQ search quantizes forty candidates of
+    every weight it checked once, and the finiteness test cost as much as the quantization."""
+    maxq = _check_bits(bits)
     g = _resolve_group_size(w.shape[1], group_size)
     wg = _grouped(w, g)
     if clip_max is not None:

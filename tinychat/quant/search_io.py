@@ -65,6 +65,10 @@ def write_search(path: str | Path, result: SearchResult) -> Path:
         "calibration": json.dumps(result.calibration),
         "num_blocks": str(len(result.blocks)),
     }
+    return _write_atomic(path, tensors, metadata)
+
+
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -75,6 +79,33 @@ def write_search(path: str | Path, result: SearchResult) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_codes(path: str | Path, codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Path:
+    """One block's GPTQ codes, for a resumed sequential search to rebuild the quantized block (a work
+    directory's file, not a search file): codes two to a byte (values < 16), fp32 scales, uint8 zeros."""
+    tensors = {}
+    for name, (q, scales, zeros) in codes.items():
+        q = q.to(torch.uint8).cpu()
+        tensors[f"{name}.codes"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+        tensors[f"{name}.scales"] = scales.float().cpu().contiguous()
+        tensors[f"{name}.zeros"] = zeros.to(torch.uint8).cpu().contiguous()
+    return _write_atomic(Path(path), tensors, {"format": FORMAT + "-codes", "version": str(VERSION)})
+
+
+def read_codes(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """write_codes' dict back, bit for bit."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    out = {}
+    for key in tensors:
+        name, _, kind = key.rpartition(".")
+        if kind == "codes":
+            packed = tensors[key]
+            q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+            out[name] = (q, tensors[f"{name}.scales"], tensors[f"{name}.zeros"])
+    return out
 
 
 def save_search(path: str | Path, result: SearchResult) -> Path:
@@ -93,6 +124,10 @@ def _settings(saved: dict) -> SearchSettings:
     if "duo_scaling" in saved and "scaling" not in saved:
         saved["scaling"] = "duo" if saved["duo_scaling"] else "plain"
     saved.setdefault("rounding", "rtn")  # files from before GPTQ rounding were rounded to nearest
+    # ... and from before the sequential search, on the full-precision model's inputs in fp32
+    saved.setdefault("sequential", False)
+    saved.setdefault("fp_target", 0.0)
+    saved.setdefault("forward_dtype", "fp32")
     names = {f.name for f in dataclasses.fields(SearchSettings)}
     return SearchSettings(**{k: v for k, v in saved.items() if k in names})
 

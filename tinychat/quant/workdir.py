@@ -131,6 +131,10 @@ class WorkDir:
     def search_file(self, i: int) -> Path:
         return self.path / "search" / f"block-{i:05d}.safetensors"
 
+    def codes_file(self, i: int) -> Path:
+        """Block i's GPTQ codes (a sequential search replays the quantized blocks from them on --resume)."""
+        return self.path / "codes" / f"block-{i:05d}.safetensors"
+
     def commit(self, done: int) -> None:
         """Record that blocks 0..done-1 are finished (atomically, and on disk before returning)."""
         self.meta["done"] = self.done = done
