@@ -171,11 +171,17 @@ def test_sequential_search_carries_both_models_and_replays_bit_for_bit(tmp_path)
 
     model, block, hidden, run = _block_setup(n_kv=2)
     parts, family = block_parts(model.config), family_for(model.config)
-    settings = SearchSettings(w_bit=4, group_size=32, sample_tokens=128, gram_tokens=0).resolved(hidden.device)
+    # The Gram sample: 3 whole sequences of the 8 (the full-precision path runs on those only)
+    settings = SearchSettings(w_bit=4, group_size=32, sample_tokens=128, gram_tokens=70).resolved(hidden.device)
+    picked = awq.gram_seqs(8, 32, settings)
+    assert picked.tolist() == [0, 4, 7]
     with torch.no_grad():
         first, acts = awq.search_block(copy.deepcopy(block), awq.Activations(hidden), run, family, parts, settings)
         second, after = awq.search_block(copy.deepcopy(block), acts, run, family, parts, settings)
-        assert not torch.equal(acts.x, acts.fp)  # the quantized model has drifted from the full-precision one
+        assert acts.fp.shape == (3, 32, 128)
+        assert torch.equal(acts.fp, awq.forward_chunks(block, hidden, run, settings)[picked])
+        # the quantized model has drifted from the full-precision one
+        assert not torch.equal(acts.x[picked], acts.fp)
         assert torch.equal(after.fp, awq.forward_chunks(block, acts.fp, run, settings))
         for i, result in enumerate((first, second)):
             write_codes(tmp_path / f"{i}.safetensors", result.codes)
@@ -187,6 +193,24 @@ def test_sequential_search_carries_both_models_and_replays_bit_for_bit(tmp_path)
             replayed = awq.replay_block(copy.deepcopy(block), replayed, run, family, parts, result,
                                         result.codes, settings)
     assert torch.equal(replayed.x, after.x) and torch.equal(replayed.fp, after.fp)
+
+
+def test_cross_gram_pairs_the_same_tokens_of_both_models():
+    """X_fp^T X over the Gram sample pairs each token of the full-precision path with the same token of the
+    quantized path, whatever the forward chunks (3 sequences a chunk here, the sample 3 of 8 sequences)."""
+    model, block, hidden, run = _block_setup(n_kv=2)
+    parts, family = block_parts(model.config), family_for(model.config)
+    settings = SearchSettings(w_bit=4, group_size=32, gram_tokens=70, chunk_seqs=3, forward_dtype="fp32")
+    picked = awq.gram_seqs(8, 32, settings)
+    fp_hidden = hidden[picked] + 0.1 * torch.randn(3, 32, 128)
+    with torch.no_grad():
+        fp_inputs, _ = awq.fp_gram_inputs(block, fp_hidden, run, parts, settings)
+        stats, _, _ = awq.collect_stats(block, hidden, run, family, parts, settings, fp_inputs)
+        q_inputs, _ = awq.fp_gram_inputs(block, hidden[picked], run, parts, settings)
+    for site, st in stats.items():
+        assert st.gram_n == 3 * 32
+        assert torch.allclose(st.gram, q_inputs[site].t() @ q_inputs[site], rtol=1e-4, atol=1e-3), site
+        assert torch.allclose(st.cross, fp_inputs[site].t() @ q_inputs[site], rtol=1e-4, atol=1e-3), site
 
 
 def test_forward_dtype_auto_follows_the_instruction_set(monkeypatch):
@@ -239,7 +263,8 @@ def test_gram_loss_equals_direct_mse():
     st = awq.InputStats(torch.zeros(64, dtype=torch.float64), torch.zeros(2, 32, 32), n=300,
                         gram=x.t() @ x, gram_n=300)
     direct = (x @ w.t() - x @ wq.t()).pow(2).mean()
-    assert awq._gram_loss(w, st)(wq) == pytest.approx(float(direct), rel=1e-4)
+    assert awq._gram_loss(w, st, bf16=False)(wq) == pytest.approx(float(direct), rel=1e-4)
+    assert awq._gram_loss(w, st, bf16=True)(wq) == pytest.approx(float(direct), rel=2e-2)  # bf16 products
 
 
 def test_clip_search_equals_direct_per_group_error():

@@ -37,7 +37,8 @@ def add_quantize_args(p) -> None:
     adv.add_argument("--sample-seqs", type=int, default=None, help="sequences for the attention loss (default 4)")
     adv.add_argument("--sample-tokens", type=int, default=None, help="tokens for the MLP loss (default 1024)")
     adv.add_argument("--gram-tokens", type=int, default=None,
-                     help="tokens in the Gram matrices of linear losses, 0 = all (default 16384)")
+                     help="tokens (whole calibration sequences) in the Gram matrices of GPTQ and the linear losses, "
+                          "0 = all (default 32768)")
 
 
 def add_scaling_args(p) -> None:

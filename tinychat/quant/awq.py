@@ -132,7 +132,7 @@ class SearchSettings:
     # Loss samples for the scale search (statistics and clip errors always use every token).
     sample_seqs: int = 4        # whole sequences for sequence-mixing inspected modules (attention)
     sample_tokens: int = 1024   # tokens for per-token inspected modules (MLP)
-    gram_tokens: int = 16384    # tokens in the Gram matrix of linear inspected modules; 0 = all
+    gram_tokens: int = 32768    # tokens (in whole sequences) of the Gram matrices of GPTQ and linear losses; 0 = all
     chunk_seqs: int = 8         # sequences per forward chunk during the statistics pass
     seed: int = 0
     sequential: bool = True     # inputs along the quantized blocks before (False: the full-precision model's)
@@ -314,8 +314,9 @@ def _seq_pick(n_seqs: int, count: int) -> torch.Tensor:
 @dataclass
 class Activations:
     """The calibration activations [n, T, H] entering a block: `x` along the model as quantized so far (the
-    full-precision model's when the search is not sequential), and `fp` along the full-precision model
-    where the search carries both (SearchSettings.tracks_fp); fp None: the same as x (before block 0)."""
+    full-precision model's when the search is not sequential), and `fp` along the full-precision model on
+    the Gram sample's sequences (gram_seqs) where the search carries both (SearchSettings.tracks_fp);
+    fp None: x's (before block 0)."""
 
     x: torch.Tensor
     fp: torch.Tensor | None = None
@@ -338,43 +339,38 @@ def forward_chunks(block: nn.Module, hidden: torch.Tensor, run_block: Callable, 
     return out
 
 
-def _gram_mask(hidden: torch.Tensor, settings: SearchSettings) -> torch.Tensor:
-    """The tokens of the Gram sample (the same in every pass over the same sequences)."""
-    return _token_mask(hidden.shape[0], hidden.shape[1], settings.gram_tokens, settings.seed + 1, hidden.device)
+def gram_seqs(n_seqs: int, seqlen: int, settings: SearchSettings) -> torch.Tensor:
+    """The Gram sample's sequences: ceil(gram_tokens / seqlen) whole, evenly spaced ones (all for 0). Whole
+    sequences, so the full-precision model's path (which only the Gram sample needs) runs on them alone."""
+    return _seq_pick(n_seqs, -(-settings.gram_tokens // seqlen) if settings.gram_tokens > 0 else 0)
 
 
 def fp_gram_inputs(block: nn.Module, hidden: torch.Tensor, run_block: Callable, parts: dict[str, Part],
-                   settings: SearchSettings) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor]:
-    """The unchanged block over the full-precision model's activations -> (each linear input's Gram-sample
-    tokens by forward chunk, the outputs): the X of GPTQ's full-precision target."""
-    mask = _gram_mask(hidden, settings)
+                   settings: SearchSettings) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The unchanged block over the full-precision model's activations (the Gram sample's sequences) ->
+    (each linear's inputs [tokens, in] fp32, the outputs): the X of GPTQ's full-precision target."""
     inputs = {site: [] for site in sorted({p.module for p in parts.values()})}
-    chunk = {"lo": 0, "hi": 0}
 
     def site_hook(site):
         def hook(module, args):
-            x = args[0].detach()
-            inputs[site].append(x.reshape(-1, x.shape[-1]).float()[mask[chunk["lo"]:chunk["hi"]].reshape(-1)])
+            inputs[site].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
         return hook
-
-    def before(lo, hi):
-        chunk["lo"], chunk["hi"] = lo, hi
 
     handles = [block.get_submodule(site).register_forward_pre_hook(site_hook(site)) for site in inputs]
     try:
-        out = forward_chunks(block, hidden, run_block, settings, before)
+        out = forward_chunks(block, hidden, run_block, settings)
     finally:
         for h in handles:
             h.remove()
-    return inputs, out
+    return {site: torch.cat(xs) for site, xs in inputs.items()}, out
 
 
 def collect_stats(block: nn.Module, hidden: torch.Tensor, run_block: Callable, family: Family,
                   parts: dict[str, Part], settings: SearchSettings,
-                  fp_inputs: dict[str, list[torch.Tensor]] | None = None):
+                  fp_inputs: dict[str, torch.Tensor] | None = None):
     """One pass of the unchanged `block` over hidden [n, T, H] -> (stats by input module, samples by
-    inspected module, outputs [n, T, H]). With fp_inputs (fp_gram_inputs' over the same sequences), each
-    Gram site also sums the cross products X_fp^T X over the Gram sample."""
+    inspected module, outputs [n, T, H]). With fp_inputs (fp_gram_inputs' on the Gram sample's sequences),
+    each Gram site also sums the cross products X_fp^T X over the Gram sample."""
     n, seqlen, _ = hidden.shape
     device = hidden.device
     groups = [grp for grp in family.groups if group_applies(grp, parts, block)]
@@ -392,7 +388,12 @@ def collect_stats(block: nn.Module, hidden: torch.Tensor, run_block: Callable, f
                                  torch.zeros(in_f // g, g, g, device=device))
         if site in gram_sites:
             stats[site].gram = torch.zeros(in_f, in_f, device=device)
-    gram_mask = _gram_mask(hidden, settings)
+    picked = gram_seqs(n, seqlen, settings)
+    gram_mask = torch.zeros(n, seqlen, dtype=torch.bool, device=device)
+    gram_mask[picked.to(device)] = True
+    # fp_inputs' rows of the picked sequences before chunk [lo, hi): picked_before[lo] * seqlen
+    picked_before = torch.cumsum(torch.bincount(picked, minlength=n + 1), 0).tolist()
+    picked_before = [0] + picked_before
     token_mask = _token_mask(n, seqlen, settings.sample_tokens, settings.seed, device)
     seq_pick = _seq_pick(n, settings.sample_seqs).tolist()
     samples = {name: Sample() for name in inspected}
@@ -414,7 +415,8 @@ def collect_stats(block: nn.Module, hidden: torch.Tensor, run_block: Callable, f
                 if fp_inputs is not None:
                     if st.cross is None:
                         st.cross = torch.zeros_like(st.gram)
-                    st.cross.addmm_(fp_inputs[site][chunk["lo"] // settings.chunk_seqs].t(), xs)
+                    rows = slice(picked_before[chunk["lo"]] * seqlen, picked_before[chunk["hi"]] * seqlen)
+                    st.cross.addmm_(fp_inputs[site][rows].t(), xs)
         return hook
 
     def sample_select(name, t):
@@ -491,8 +493,9 @@ def search_scale(block: nn.Module, parts: dict[str, Part], group: ScaleGroup, st
     x_mean = st.x_mean.to(w.device)
     duo_options = {"plain": (False,), "duo": (True,), "best": (False, True)}[settings.scaling]
     w_mean = _weight_mean(w, settings.group_size) if True in duo_options else None
-    loss_of = _gram_loss(w, st) if group.inspect in group.linears else \
-        _module_loss(block, parts, group, samples[group.inspect], settings.bf16_forward(w.device))
+    bf16 = settings.bf16_forward(w.device)
+    loss_of = _gram_loss(w, st, bf16) if group.inspect in group.linears else \
+        _module_loss(block, parts, group, samples[group.inspect], bf16)
     best = (float("inf"), None)
     first = None
     for duo in duo_options:
@@ -509,13 +512,14 @@ def search_scale(block: nn.Module, parts: dict[str, Part], group: ScaleGroup, st
     return best[1], first, best[0]
 
 
-def _gram_loss(w: torch.Tensor, st: InputStats) -> Callable[[torch.Tensor], float]:
-    """MSE of X dW^T over the Gram sample, from G = X^T X: trace(dW G dW^T) / (N out)."""
-    gram = st.gram
+def _gram_loss(w: torch.Tensor, st: InputStats, bf16: bool) -> Callable[[torch.Tensor], float]:
+    """MSE of X dW^T over the Gram sample, from G = X^T X: trace(dW G dW^T) / (N out). bf16: the product
+    dW G in bf16 (fp32 accumulation), as the module losses' forward passes; the sum stays fp32."""
+    gram = st.gram.bfloat16() if bf16 else st.gram
 
     def loss(wq: torch.Tensor) -> float:
         dw = w - wq
-        return float(((dw @ gram) * dw).sum()) / (st.gram_n * w.shape[0])
+        return float(((dw.to(gram.dtype) @ gram).float() * dw).sum()) / (st.gram_n * w.shape[0])
     return loss
 
 
@@ -591,7 +595,7 @@ def search_block(block: nn.Module, acts: Activations, run_block: Callable, famil
         fp_inputs, fp_out = fp_gram_inputs(block, acts.fp, run_block, parts, settings)
     stats, samples, out = collect_stats(block, acts.x, run_block, family, parts, settings, fp_inputs)
     if settings.tracks_fp and fp_out is None:
-        fp_out = out
+        fp_out = out[gram_seqs(out.shape[0], out.shape[1], settings).to(out.device)]
     result = BlockSearch()
     groups = [grp for grp in family.groups if group_applies(grp, parts, block)]
     # All groups are searched on the original weights (as llm-awq and AutoAWQ do), then folded.
@@ -691,10 +695,13 @@ def replay_block(block: nn.Module, acts: Activations, run_block: Callable, famil
                  result: BlockSearch, codes: dict, settings: SearchSettings) -> Activations:
     """The next block's activations from a finished block (unchanged `block`, its search result and codes),
     bit for bit as search_block returned them: a resumed run continues from these."""
-    fp_out = forward_chunks(block, acts.fp if acts.fp is not None else acts.x, run_block, settings) \
-        if settings.tracks_fp or not settings.sequential else None
     if not settings.sequential:
-        return Activations(fp_out)
+        return Activations(forward_chunks(block, acts.x, run_block, settings))
+    fp_out = None
+    if settings.tracks_fp:
+        fp_in = acts.fp if acts.fp is not None else \
+            acts.x[gram_seqs(acts.x.shape[0], acts.x.shape[1], settings).to(acts.x.device)]
+        fp_out = forward_chunks(block, fp_in, run_block, settings)
     apply_block_search(block, parts, family, result, settings)
     return Activations(quantized_forward(block, acts.x, run_block, parts, codes, settings), fp_out)
 
