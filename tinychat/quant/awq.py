@@ -36,7 +36,8 @@ come from the full-precision model (AutoAWQ's order).
 
 The forward passes over the calibration tokens run in bf16 (fp32 accumulation) where the device
 multiplies bf16 natively (settings.forward_dtype "auto"; tinychat.devices.native_bf16_matmul): three
-times faster on an AMX CPU. Statistics, losses, searches and rounding stay fp32.
+times faster on an AMX CPU. The candidate losses run in the dtype of the pass that captured their
+references; statistics, Grams, clip errors and rounding stay fp32.
 
 Plain alpha = 0 (s = 1) and ratio 1 (no clip) are candidates, so on the calibration data the search
 (plain or best) never does worse than round-to-nearest by its own measure.
