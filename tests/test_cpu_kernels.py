@@ -230,6 +230,42 @@ def test_awq_linear_decodes_up_to_16_rows_with_the_gemv_and_prompts_with_torch(m
     assert torch.equal(layer(x), torch.cat([layer(x[r:r + 1]) for r in range(5)]))
 
 
+@pytest.mark.parametrize("n,k", [(4099, 576), (64, 32), (300, 80), (1000, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16])
+def test_int8_gemv_matches_the_reference_and_torch_with_batch_invariant_rows(m, n, k):
+    """The int8 head's GEMV against its reference (the dequantized table @ x in fp64, then one bf16 rounding)
+    and torch's _weight_int8pack_mm; each row of a batch gets the bits it gets alone."""
+    from tinychat.quant.int8 import quantize_rows_int8
+
+    q, scales = quantize_rows_int8(torch.randn(n, k))
+    scales = scales.to(BF16)
+    x = torch.randn(m, k).to(BF16)
+    got = cpu_kernels.int8_gemv(x, q, scales)
+    if got is None:
+        pytest.skip("the GEMV needs AVX-512")
+    ref = x.double() @ (q.double() * scales.double()[:, None]).T
+    assert got.shape == (m, n) and got.dtype == BF16
+    assert rel(got, ref) < 4e-3  # bf16 output rounding
+    assert rel(got, torch.ops.aten._weight_int8pack_mm(x, q, scales)) < 8e-3
+    alone = torch.cat([cpu_kernels.int8_gemv(x[r:r + 1].contiguous(), q, scales) for r in range(m)])
+    assert torch.equal(got, alone)
+
+
+def test_int8_head_uses_the_gemv_for_decode_rows_and_torch_for_prompts(monkeypatch):
+    from tinychat.quant.int8 import Int8Linear
+
+    head = Int8Linear(torch.randn(320, 64), BF16)
+    calls = []
+    real = cpu_kernels.int8_gemv
+    monkeypatch.setattr(cpu_kernels, "int8_gemv", lambda *a: calls.append(tuple(a[0].shape)) or real(*a))
+    for shape in ((1, 1, 64), (4, 1, 64), (1, 17, 64)):
+        x = torch.randn(shape).to(BF16)
+        y = head(x)
+        want = x.double() @ (head.qweight.double() * head.scales.double()[:, None]).T
+        assert y.shape == (*shape[:-1], 320) and rel(y, want) < 4e-3
+    assert calls == [(1, 64), (4, 64)]  # the 17-token prompt went to torch's kernel
+
+
 def test_positions_outside_the_cache_are_refused_not_written():
     q, cache = torch.randn(1, 4, 64).to(BF16), torch.randn(1, 2, 8, 64).to(BF16)
     with pytest.raises(IndexError):

@@ -530,3 +530,73 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
     return -1;
 #endif
 }
+
+#define INT8_CHUNK 4  // rows of x per pass: 4 rows x 4 partial sums = 16 accumulators in registers
+
+#ifdef __AVX512F__
+static inline __m512 i8x16_to_ps(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+// Output o of the int8 GEMV for `rows` (1..INT8_CHUNK, a constant after inlining: the accumulators stay in
+// registers) rows of xf: each 16 codes converted once for all rows. Per row, four partial sums (inputs
+// i mod 64 in [0,16), [16,32), ...: four independent FMA chains, not one 36 FMAs long) added in one fixed
+// order, so a row's bits do not depend on how many rows share the call.
+static inline __attribute__((always_inline)) void int8_output(const int rows, const int8_t* row, const float* xf,
+                                                              float scale, bf16* y, int64_t n, int64_t k) {
+    __m512 acc[INT8_CHUNK][4];
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64)
+        for (int c = 0; c < 4; ++c) {
+            const __m512 w = i8x16_to_ps(row + i + 16 * c);
+            for (int r = 0; r < rows; ++r) acc[r][c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xf + r * k + i + 16 * c), acc[r][c]);
+        }
+    for (int c = 0; i < k; i += 16, ++c) {  // the last k mod 64 inputs
+        const __m512 w = i8x16_to_ps(row + i);
+        for (int r = 0; r < rows; ++r) acc[r][c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xf + r * k + i), acc[r][c]);
+    }
+    for (int r = 0; r < rows; ++r) {
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+        y[r * n] = f2bf(_mm512_reduce_add_ps(sum) * scale);
+    }
+}
+#endif
+
+// y [m, n] bf16 = (x [m, k] @ q.T) * scales for the int8 lm_head (tinychat.quant.int8: q int8 [n, k], one bf16
+// scale per output row), 1..GEMV_MAX_ROWS rows of x; fp32 throughout, rounded to bf16 once, as torch's
+// _weight_int8pack_mm computes it (which read the table at about 14 GB/s in SmolLM2-135M's decode step,
+// 2.0 ms of a 10 ms token on a 2-core Xeon VM). Rows go in passes of up to INT8_CHUNK; each output row of q
+// is prefetched a few rows ahead (the table streams from DRAM once per token).
+// Returns -1 (nothing written) without AVX-512, for k not a multiple of 16 or m outside [1, GEMV_MAX_ROWS].
+int tc_int8_gemv(const bf16* x, int64_t m, const int8_t* q, const bf16* scales, bf16* y, int64_t n, int64_t k) {
+#ifdef __AVX512F__
+    if (k % 16 || m < 1 || m > GEMV_MAX_ROWS) return -1;
+    float* xf = malloc(sizeof(float) * (size_t)(m * k));
+    if (!xf) return -1;
+    for (int64_t i = 0; i < m * k; ++i) xf[i] = bf2f(x[i]);
+#pragma omp parallel for schedule(static) if (n * k >= 65536)
+    for (int64_t o = 0; o < n; ++o) {
+        const int8_t* row = q + o * k;
+        for (int64_t c = 0; c < k; c += 64) _mm_prefetch((const char*)(row + 4 * k + c), _MM_HINT_T0);
+        const float s = bf2f(scales[o]);
+        for (int64_t r0 = 0; r0 < m; r0 += INT8_CHUNK) {
+            const int64_t rows = m - r0 < INT8_CHUNK ? m - r0 : INT8_CHUNK;
+            const float* xr = xf + r0 * k;
+            bf16* yr = y + r0 * n + o;
+            switch (rows) {
+                case 1: int8_output(1, row, xr, s, yr, n, k); break;
+                case 2: int8_output(2, row, xr, s, yr, n, k); break;
+                case 3: int8_output(3, row, xr, s, yr, n, k); break;
+                default: int8_output(4, row, xr, s, yr, n, k); break;
+            }
+        }
+    }
+    free(xf);
+    return 0;
+#else
+    (void)x, (void)m, (void)q, (void)scales, (void)y, (void)n, (void)k;
+    return -1;
+#endif
+}

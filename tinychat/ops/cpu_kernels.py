@@ -36,11 +36,12 @@ SIGNATURES = {
     "tc_decode_attention": (_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
     "tc_silu_mul": (_p, _p, _i64, _i64),
     "tc_int4pack_gemv": (_p, _i64, _p, _p, _p, _i64, _i64, _i64),
+    "tc_int8_gemv": (_p, _i64, _p, _p, _p, _i64, _i64),
     "tc_has_avx512": (),
 }
 
 
-RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_int4pack_gemv", "tc_has_avx512"}  # int results (0 / -1, flags)
+RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_int4pack_gemv", "tc_int8_gemv", "tc_has_avx512"}  # int results (0 / -1, flags)
 _gemv_refused = False  # set once the GEMV said it cannot run on this CPU (no AVX-512)
 
 
@@ -186,4 +187,17 @@ def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features):
     status = library().tc_int4pack_gemv(x.data_ptr(), m, packed.data_ptr(), scales_and_zeros.data_ptr(),
                                         y.data_ptr(), out_features, k, group_size)
     _gemv_refused = status != 0 and library().tc_has_avx512() == 0  # no AVX-512: never again this process
+    return y if status == 0 else None
+
+
+def int8_gemv(x, qweight, scales):
+    """x [rows, in] bf16, contiguous, 1..GEMV_MAX_ROWS rows, @ (qweight int8 [out, in] * scales bf16 [out]).T ->
+    [rows, out] bf16 (the int8 lm_head); None where the kernel does not run (no AVX-512, in not a multiple
+    of 16, too many rows): then torch's _weight_int8pack_mm does."""
+    m, k = x.shape
+    if _gemv_refused or k % 16 or not 1 <= m <= GEMV_MAX_ROWS or scales.dtype != torch.bfloat16:
+        return None
+    y = torch.empty(m, qweight.shape[0], dtype=torch.bfloat16)
+    status = library().tc_int8_gemv(x.data_ptr(), m, qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                                    qweight.shape[0], k)
     return y if status == 0 else None

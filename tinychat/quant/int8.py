@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import cpu_kernels
+
 
 CHUNK_ELEMENTS = 1 << 21  # weights quantized at a time: an 8 MB fp32 temporary, whatever the table
 
@@ -65,7 +67,11 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(self.scales.dtype)
         if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+            y = None
+            if cpu_kernels.applies(x2) and x2.shape[0] <= cpu_kernels.GEMV_MAX_ROWS:  # decode: our GEMV
+                y = cpu_kernels.int8_gemv(x2.contiguous(), self.qweight, self.scales)
+            if y is None:
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         else:
             y = F.linear(x2, self.qweight.to(x2.dtype) * self.scales[:, None])
         return y.reshape(*lead, self.out_features).to(x.dtype)
