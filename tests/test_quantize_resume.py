@@ -341,10 +341,10 @@ def test_packing_in_column_chunks_gives_the_same_bits(src, monkeypatch):
     assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
 
 
-@pytest.mark.parametrize("damage", ["shard", "search"])
+@pytest.mark.parametrize("damage", ["shard", "search", "codes"])
 def test_resume_from_a_damaged_work_dir_fails_cleanly(damage, src, tmp_path, calib_file, capsys, monkeypatch):
     work = interrupted_run(src, tmp_path, calib_file, capsys, monkeypatch)
-    target = work / "checkpoint" / "model.safetensors" if damage == "shard" else work / "search" / "block-00000.safetensors"
+    target = work / "checkpoint" / "model.safetensors" if damage == "shard" else work / damage / "block-00000.safetensors"
     target.write_bytes(target.read_bytes()[:100])
     code, err = cli(capsys, *awq_args(src, tmp_path / "out", calib_file, "--resume"))
     assert code == 2

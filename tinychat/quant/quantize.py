@@ -12,7 +12,7 @@ models); the embeddings, final norm and lm_head are read, written and dropped be
 (so a corrupt head fails at once, not after hours).
 
 The output is the same, byte for byte, as quantizing the whole model in memory (the tests keep that
-reference: tests/whole_model_quant.py): same fp32 arithmetic per block, same shard plan. Progress lives
+reference: tests/whole_model_quant.py): same arithmetic per block, same shard plan. Progress lives
 in a work directory beside the output (tinychat/quant/workdir.py); a resumed run rebuilds the next
 block's inputs by running the finished blocks forward (from their saved search and GPTQ codes: up to two
 forward passes per block, a small part of a block's search; see docs/memory.md) rather than saving
@@ -185,9 +185,8 @@ class Stepper:
         for i in tqdm(range(upto), desc="resume: replaying finished blocks", unit="block", file=sys.stderr,
                       disable=not self.job.progress, dynamic_ncols=True):
             layer = read_block(self.reader, self.config, i).to(self.dev)
-            codes = read_codes(self.work.codes_file(i)) if self.work.codes_file(i).exists() else {}
-            acts = replay_block(layer, acts, run_block, self.family, self.parts, self.saved_search(i).block(i), codes,
-                                self.settings)
+            acts = replay_block(layer, acts, run_block, self.family, self.parts, self.saved_search(i).block(i),
+                                self.saved_codes(i), self.settings)
             del layer
         return acts
 
@@ -225,6 +224,17 @@ class Stepper:
             return SearchFile(self.work.search_file(i), self.config)
         except TinychatError as e:
             raise TinychatError(f"{self.work.path}: the saved search of block {i} is unreadable ({e}), so "
+                                "the work was removed; run the command again without --resume") from None
+
+    def saved_codes(self, i: int) -> dict:
+        """Block i's GPTQ codes as the search saved them ({} where it saved none: round to nearest)."""
+        path = self.work.codes_file(i)
+        if not path.exists():
+            return {}
+        try:
+            return read_codes(path)
+        except Exception as e:  # safetensors' own errors on a truncated or foreign file
+            raise TinychatError(f"{self.work.path}: the saved GPTQ codes of block {i} are unreadable ({e}), so "
                                 "the work was removed; run the command again without --resume") from None
 
     def search_result(self, calibration: dict) -> SearchResult:
