@@ -178,7 +178,6 @@ def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features):
     """x [..., in] bf16, contiguous, 1..GEMV_MAX_ROWS rows in all, @ W.T from torch's CPU int4 layout ->
     [..., out] bf16; each row's bits are those of that row alone. None where the kernel does not run (no
     AVX-512, out not a multiple of 64, too many rows): then torch's kernel does."""
-    global _gemv_refused
     k = x.shape[-1]
     m = x.numel() // k
     if _gemv_refused or out_features % 64 or not 1 <= m <= GEMV_MAX_ROWS:  # the kernel's blocks: 64 outputs
@@ -186,8 +185,14 @@ def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features):
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     status = library().tc_int4pack_gemv(x.data_ptr(), m, packed.data_ptr(), scales_and_zeros.data_ptr(),
                                         y.data_ptr(), out_features, k, group_size)
-    _gemv_refused = status != 0 and library().tc_has_avx512() == 0  # no AVX-512: never again this process
+    _note_refusal(status)
     return y if status == 0 else None
+
+
+def _note_refusal(status: int) -> None:
+    """A GEMV that refused for want of AVX-512 will always refuse: the wrappers stop asking this process."""
+    global _gemv_refused
+    _gemv_refused = status != 0 and library().tc_has_avx512() == 0
 
 
 def int8_gemv(x, qweight, scales):
@@ -200,4 +205,5 @@ def int8_gemv(x, qweight, scales):
     y = torch.empty(m, qweight.shape[0], dtype=torch.bfloat16)
     status = library().tc_int8_gemv(x.data_ptr(), m, qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
                                     qweight.shape[0], k)
+    _note_refusal(status)
     return y if status == 0 else None

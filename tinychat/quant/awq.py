@@ -106,6 +106,14 @@ def block_parts(config: ModelConfig) -> dict[str, Part]:
     return parts
 
 
+def modules_of(parts: dict[str, Part]) -> dict[str, dict[str, Part]]:
+    """Module path -> its parts (HF linear name -> Part), in the family's order: what shares an input."""
+    out: dict[str, dict[str, Part]] = {}
+    for name, part in parts.items():
+        out.setdefault(part.module, {})[name] = part
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------
 # Settings and results
 
@@ -344,6 +352,11 @@ def gram_seqs(n_seqs: int, seqlen: int, settings: SearchSettings) -> torch.Tenso
     """The Gram sample's sequences: ceil(gram_tokens / seqlen) whole, evenly spaced ones (all for 0). Whole
     sequences, so the full-precision model's path (which only the Gram sample needs) runs on them alone."""
     return _seq_pick(n_seqs, -(-settings.gram_tokens // seqlen) if settings.gram_tokens > 0 else 0)
+
+
+def gram_sample(t: torch.Tensor, settings: SearchSettings) -> torch.Tensor:
+    """The Gram sample's sequences of activations t [n, T, H] (where the full-precision path runs)."""
+    return t[gram_seqs(t.shape[0], t.shape[1], settings).to(t.device)]
 
 
 def fp_gram_inputs(block: nn.Module, hidden: torch.Tensor, run_block: Callable, parts: dict[str, Part],
@@ -596,7 +609,7 @@ def search_block(block: nn.Module, acts: Activations, run_block: Callable, famil
         fp_inputs, fp_out = fp_gram_inputs(block, acts.fp, run_block, parts, settings)
     stats, samples, out = collect_stats(block, acts.x, run_block, family, parts, settings, fp_inputs)
     if settings.tracks_fp and fp_out is None:
-        fp_out = out[gram_seqs(out.shape[0], out.shape[1], settings).to(out.device)]
+        fp_out = gram_sample(out, settings)
     result = BlockSearch()
     groups = [grp for grp in family.groups if group_applies(grp, parts, block)]
     # All groups are searched on the original weights (as llm-awq and AutoAWQ do), then folded.
@@ -623,8 +636,7 @@ def search_block(block: nn.Module, acts: Activations, run_block: Callable, famil
             return gram * iv[:, :, None] * iv[:, None, :]
         return gram * iv[:, None] * iv[None, :]
 
-    for module in dict.fromkeys(part.module for part in parts.values()):
-        members = {name: part for name, part in parts.items() if part.module == module}
+    for module, members in modules_of(parts).items():
         target = block.get_submodule(module).weight.data.float().clone() if settings.rounding == "gptq" else None
         for name, part in members.items():
             if name in family.no_clip:
@@ -673,9 +685,8 @@ def quantized_block(block: nn.Module, parts: dict[str, Part], codes: dict, setti
     """The block with its linears quantized (quantized_weight), restored on exit."""
     saved = {}
     try:
-        for module in dict.fromkeys(part.module for part in parts.values()):
+        for module, members in modules_of(parts).items():
             linear = block.get_submodule(module)
-            members = {name: part for name, part in parts.items() if part.module == module}
             saved[module] = linear.weight.data
             linear.weight.data = quantized_weight(linear.weight.data, members, codes, settings.w_bit,
                                                   settings.group_size)
@@ -700,8 +711,7 @@ def replay_block(block: nn.Module, acts: Activations, run_block: Callable, famil
         return Activations(forward_chunks(block, acts.x, run_block, settings))
     fp_out = None
     if settings.tracks_fp:
-        fp_in = acts.fp if acts.fp is not None else \
-            acts.x[gram_seqs(acts.x.shape[0], acts.x.shape[1], settings).to(acts.x.device)]
+        fp_in = acts.fp if acts.fp is not None else gram_sample(acts.x, settings)
         fp_out = forward_chunks(block, fp_in, run_block, settings)
     apply_block_search(block, parts, family, result, settings)
     return Activations(quantized_forward(block, acts.x, run_block, parts, codes, settings), fp_out)

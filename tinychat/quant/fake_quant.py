@@ -15,7 +15,7 @@ import torch
 
 from ..devices import parse_device
 from .awq import (Activations, SearchSettings, apply_block_search, block_parts, family_for, loss_summary,
-                  quantized_weight, search_block)
+                  modules_of, quantized_weight, search_block)
 from .blocks import block_runner
 from .calib import calibration_ids, calibration_record
 from .options import check_method_options, check_search_made_for, loaded_search_note, search_settings
@@ -87,8 +87,7 @@ def fake_quantize_model(model, w_bit: int, group_size: int, result: SearchResult
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             codes = result.blocks[i].codes if result is not None else {}
-            for module in sorted({p.module for p in parts.values()}):
+            for module, members in modules_of(parts).items():
                 linear = layer.get_submodule(module)
-                members = {name: part for name, part in parts.items() if part.module == module}
                 linear.weight.data = quantized_weight(linear.weight.data, members, codes, w_bit, group_size,
                                                       name=f"model.layers.{i}.{module}.weight")
