@@ -321,10 +321,13 @@ def test_full_queue_answers_429_with_retry_after(small_server):
     url = small_server.url + "/v1"
     with httpx.Client(timeout=60, headers=headers) as http:
         with http.stream("POST", url + "/completions", json=counting) as running:
-            next(running.iter_lines())  # it holds the only slot
+            # keep the line iterator: a dropped one is closed at once, and closing it closes the connection
+            running_lines = running.iter_lines()
+            next(running_lines)  # it holds the only slot
             # a chat stream answers at once (its first chunk names the role) while it waits: the queue is full
             with http.stream("POST", url + "/chat/completions", json=chat) as waiting:
-                assert waiting.status_code == 200 and small_server.health()["waiting"] == 1
+                assert waiting.status_code == 200
+                assert small_server.health() == {"status": "ok", "running": 1, "waiting": 1}
                 r = http.post(url + "/completions", json=counting)
                 assert r.status_code == 429, r.text
                 assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
