@@ -15,7 +15,7 @@ import torch
 from test_ops_reference import random_model, small_config
 from tinychat import ops
 from tinychat.cache import CacheRows, KVCache, kv_bytes_per_token
-from tinychat.cuda_graph import StaticStep
+from tinychat.static_step import StaticStep
 from tinychat.errors import TinychatError
 from tinychat.ops import cpu_kernels, reference
 

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from tinychat.cache import KVCache
 from tinychat.config import ModelConfig
-from tinychat.cuda_graph import StaticStep
+from tinychat.static_step import StaticStep
 from tinychat.models.llama import MLP, LlamaForCausalLM, RMSNorm, RotaryEmbedding
+from tinychat import ops
 from tinychat.ops import cuda_ops, reference
 from tinychat.quant import pack
 from tinychat.quant.qlinear import AWQLinear
@@ -174,9 +175,26 @@ def test_rope_kv_write_matches_hf_rotation_and_cache_write(gen, dtype):
     for row in range(b):
         want_kc[row, :, positions[row]] = want_k[row].transpose(0, 1)
         want_vc[row, :, positions[row]] = v[row].transpose(0, 1)
-    got_q = reference.rope_kv_write(qkv, *rotary(positions, dtype)["global"], positions, k_cache, v_cache, hq, hkv, d)
+    got_q = reference.rope_kv_write(qkv, *rotary(positions, dtype, 40)["global"], positions, k_cache, v_cache, hq, hkv, d)
     assert torch.equal(got_q, want_q)
     assert torch.equal(k_cache, want_kc) and torch.equal(v_cache, want_vc)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("theta,scaling", [(10000.0, None), (500000.0, {"rope_type": "llama3", "factor": 8.0,
+                                                                        "original_max_position_embeddings": 8192}),
+                                           (1e6, {"type": "linear", "factor": 2.0})])
+def test_rotary_tables_equal_the_tables_built_at_the_positions(dtype, theta, scaling):
+    """RotaryEmbedding looks its rows up in tables built once for 0..n-1: bit for bit what building them at
+    the positions gives (per element fp32 products and torch's cos/sin, whatever the tensor's length)."""
+    rotary = RotaryEmbedding(small_config(rope_theta=theta, rope_scaling=scaling))
+    n = 5000
+    positions = torch.cat([torch.randint(0, n, (2, 37)), torch.tensor([[0] * 36 + [n - 1]] * 2)], dim=1)
+    cos, sin = rotary(positions, dtype, n)["global"]
+    want_cos, want_sin = ops.rope_cos_sin(rotary.inv_freq, positions, dtype)
+    assert cos.dtype == dtype and torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    one = positions[:1, 5:6]  # a decode step's single position
+    assert torch.equal(rotary(one, dtype, n)["global"][0], ops.rope_cos_sin(rotary.inv_freq, one, dtype)[0])
 
 
 @pytest.mark.parametrize("window", [None, 5])

@@ -23,8 +23,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-head", action="store_true",
                         help="keep the lm_head in full precision (4-bit models on CPU use an int8 head)")
     parser.add_argument("--decode", default="auto", choices=["auto", "graph", "eager"],
-                        help="decode step: CUDA graphs where the model and device allow (auto, graph) or "
-                             "eager calls (eager); the CPU always decodes eagerly")
+                        help="decode step: captured once and replayed where the model allows (auto, graph: "
+                             "a CUDA graph on a GPU, the recorded CPU kernel calls on the CPU) or eager calls "
+                             "(eager)")
     add_kv_cache_arg(parser)
 
 

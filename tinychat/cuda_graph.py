@@ -1,26 +1,26 @@
 """Capture and replay of `model.decode_step` as CUDA graphs: all layers, the lm_head and (where torch can
 capture it) the sampler, replayed per token with no Python work per layer.
 
-Nothing here restates the model's math: a DecodeGraph calls model.decode_step on static buffers (token
-ids and positions as device tensors; the step writes the KV cache by index and attention reads each
-row's length from the positions), so what is captured is exactly the code the CPU runs eagerly and the
-tests check. SamplerGraph captures the sampler on the graph's logits and writes the token back into
-the graph's input, so the next replay needs no copy.
+Nothing here restates the model's math: a DecodeGraph is a tinychat.static_step.CapturedStep, the step
+on static buffers, so what is captured is exactly the code the CPU runs eagerly and the tests check.
+SamplerGraph captures the sampler on the graph's logits and writes the token back into the graph's input,
+so the next replay needs no copy.
 
-GraphDecoder owns a model's graphs (the engine holds one): a graph per KV cache storage, reused by later
-caches of the same shape (the chat, the bench and one-shot generation capture once per shape).
+GraphDecoder owns a model's captured steps (the engine holds one): CUDA graphs on a GPU, recorded kernel
+programs on the CPU (tinychat.cpu_graph); one per KV cache storage, reused by later caches of the same
+shape (the chat, the bench and one-shot generation capture once per shape).
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Callable
 
 import torch
 
-from . import ops
-from .cache import KVCache, KVStorage
+from . import cpu_graph, ops
+from .cache import KVCache
+from .static_step import CapturedStep
 
 MAX_GRAPHS = 2
 MAX_SAMPLER_GRAPHS = 4
@@ -42,47 +42,16 @@ def unsupported_reason(model, cache: KVCache) -> str | None:
     return None
 
 
-def _cache_key(cache: KVStorage) -> tuple:
-    k = cache.keys[0]
-    return (len(cache.keys), tuple(k.shape), k.dtype, k.device, cache.quantized)
-
-
-class StaticStep:
-    """model.decode_step on static buffers (token ids and positions [B] on the model's device, the cache's
-    storage): exactly what a DecodeGraph captures; it runs eagerly anywhere, which is how the CPU tests
-    check the captured code."""
-
-    def __init__(self, model, cache: KVCache):
-        self.model = model
-        # The storage the step writes, apart from the cache object (which may die and be replaced by a
-        # new cache adopting this storage); decode_step reads only the tensors of what it is given.
-        self.storage = KVStorage(list(cache.keys), list(cache.values), list(cache.key_scales),
-                                 list(cache.value_scales))
-        self.batch = cache.keys[0].shape[0]
-        self.tokens = torch.zeros(self.batch, dtype=torch.long, device=model.device)
-        self.positions = torch.zeros(self.batch, dtype=torch.long, device=model.device)
-
-    def __call__(self) -> torch.Tensor:
-        return self.model.decode_step(self.tokens, self.positions, self.storage)
-
-
-class DecodeGraph(StaticStep):
+class DecodeGraph(CapturedStep):
     """A StaticStep captured as a CUDA graph for one KV cache storage."""
 
     def __init__(self, model, cache: KVCache):
-        with torch.inference_mode():  # static buffers are inference tensors: every later use is in this mode
-            super().__init__(model, cache)
-            self.key = _cache_key(cache)
-            self._owner = weakref.ref(cache)
-            self.sampler_graphs: list[tuple[Callable, SamplerGraph | None]] = []
-            self._capture(cache)
+        self.sampler_graphs: list[tuple[Callable, SamplerGraph | None]] = []
+        super().__init__(model, cache)
 
-    def _capture(self, cache: KVCache) -> None:
-        # Warm up eagerly at the first free slot (slots >= offset hold nothing valid): this runs every
-        # kernel's first-use self-check and lets cuBLAS set up, both of which must precede capture.
-        if cache.offset >= cache.max_seq:
-            raise ValueError("the cache is full: no free slot to warm the graph up in")
-        self.positions.fill_(cache.offset)
+    def _capture(self) -> None:
+        # Warm up eagerly first: this runs every kernel's first-use self-check and lets cuBLAS set up, both
+        # of which must precede capture.
         device = self.model.device
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -93,31 +62,8 @@ class DecodeGraph(StaticStep):
         with torch.cuda.graph(self.graph):
             self.logits = self()
 
-    def bound_to(self, cache: KVCache) -> bool:
-        return self._owner() is cache and cache.keys[0] is self.storage.keys[0]
-
-    def can_adopt(self, cache: KVCache) -> bool:
-        """A different cache of the same shape may take over this graph's storage when the cache the
-        graph was bound to is gone."""
-        return self._owner() is None and _cache_key(cache) == self.key
-
-    def adopt(self, cache: KVCache) -> None:
-        """Move the cache's valid positions (its prefill) into the graph's storage and hand it that storage."""
-        with torch.inference_mode():
-            for mine, theirs in zip(self.storage.tensors(), cache.tensors()):
-                mine[:, :, :cache.offset].copy_(theirs[:, :, :cache.offset])
-        cache.replace(self.storage)
-        self._owner = weakref.ref(cache)
-
-    def replay(self, token: torch.Tensor | None, position: int) -> torch.Tensor:
-        """Decode `token` ([B]; None: the token a sampler graph already wrote) at `position`; returns the
-        logits [B, vocab] (a static buffer, overwritten by the next replay)."""
-        with torch.inference_mode():
-            if token is not None:
-                self.tokens.copy_(token.view(self.batch))
-            self.positions.fill_(position)  # a device-side fill: no host sync
+    def _launch(self) -> None:
         self.graph.replay()
-        return self.logits
 
 
 class SamplerGraph:
@@ -148,6 +94,16 @@ class SamplerGraph:
         return self.token
 
 
+def step_class(model, cache: KVCache) -> type[CapturedStep] | None:
+    """How this model's decode step with this cache is captured: a CUDA graph, recorded CPU kernel calls, or
+    not at all (None)."""
+    if unsupported_reason(model, cache) is None:
+        return DecodeGraph
+    if cpu_graph.unsupported_reason(model, cache) is None:
+        return cpu_graph.CpuGraph
+    return None
+
+
 class GraphDecoder:
     """The decode loop's (step, sample) pair from captured graphs; one per model, held by its engine.
 
@@ -155,13 +111,13 @@ class GraphDecoder:
     Python samples, detokenizes and prints.
     """
 
-    lookahead = True
+    lookahead = True  # generate_step queues ahead only on a GPU (on the CPU a replay runs as it is called)
 
     def __init__(self):
-        self.graphs: list[DecodeGraph] = []
+        self.graphs: list[CapturedStep] = []
         self.failed: str | None = None  # a capture failed once: decode eagerly from then on
 
-    def graph_for(self, model, cache: KVCache) -> DecodeGraph:
+    def graph_for(self, model, cache: KVCache) -> CapturedStep:
         for g in self.graphs:
             if g.model is model and g.bound_to(cache):
                 return g
@@ -169,7 +125,7 @@ class GraphDecoder:
             if g.model is model and g.can_adopt(cache):
                 g.adopt(cache)
                 return g
-        g = DecodeGraph(model, cache)
+        g = step_class(model, cache)(model, cache)
         self.graphs = [g] + self.graphs[:MAX_GRAPHS - 1]
         return g
 
@@ -184,17 +140,22 @@ class GraphDecoder:
         graph; sample(logits) returns the token the sampler graph drew for that step's logits, and calls
         `sampler` otherwise (the prefill's logits, or logits changed by processors).
         """
-        if self.failed or cache.room == 0 or unsupported_reason(model, cache) is not None:
+        if self.failed or cache.room == 0 or step_class(model, cache) is None:
             return None
         try:
             dec = self.graph_for(model, cache)
-        except Exception as e:  # never let the fast path break generation: decode eagerly instead
-            torch.cuda.synchronize(model.device)
-            self.failed = f"{type(e).__name__}: {e}"
-            warnings.warn(f"tinychat: capturing the decode step as a CUDA graph failed ({self.failed}); "
-                          "decoding eagerly", RuntimeWarning, stacklevel=2)
+        except cpu_graph.Uncapturable as e:  # torch computes part of this model's step: expected, eager
+            self.failed = str(e)
             return None
-        sampled = None if processors else self._sampler_graph(dec, sampler)
+        except Exception as e:  # never let the fast path break generation: decode eagerly instead
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            self.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(f"tinychat: capturing the decode step failed ({self.failed}); decoding eagerly",
+                          RuntimeWarning, stacklevel=2)
+            return None
+        # sampling is captured in CUDA graphs only (a CPU step returns its logits to the eager sampler)
+        sampled = None if processors or not hasattr(dec, "sampler_graphs") else self._sampler_graph(dec, sampler)
         state = {"token": None}
 
         def step(token: torch.Tensor, position: int) -> torch.Tensor:

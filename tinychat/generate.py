@@ -67,9 +67,9 @@ def prefill(model, cache: KVCache, prompt_ids: list[int], chunk: int = PREFILL_C
 
 
 class EagerDecoder:
-    """model.decode_step called eagerly, one token at a time: the CPU, or a GPU without graphs."""
+    """model.decode_step called eagerly, one token at a time (--decode eager, and where no capture applies)."""
 
-    lookahead = False  # on the CPU nothing runs while Python works: queueing ahead only wastes a step at the end
+    lookahead = False  # nothing is queued: each step runs as it is called
 
     def bind(self, model, cache: KVCache, sampler: Callable, processors=()) -> tuple[Callable, Callable]:
         device = model.device
@@ -85,8 +85,9 @@ DECODE_CHOICES = ("auto", "graph", "eager")
 
 
 def make_decoder(kind: str = "auto"):
-    """The decode implementation for --decode: "graph" replays CUDA graphs where the model and cache
-    allow it (and decodes eagerly elsewhere), "eager" never captures, "auto" is "graph"."""
+    """The decode implementation for --decode: "graph" replays the captured step where the model and cache
+    allow it (a CUDA graph, or on the CPU the recorded kernel calls of tinychat.cpu_graph) and decodes
+    eagerly elsewhere, "eager" never captures, "auto" is "graph"."""
     if kind not in DECODE_CHOICES:
         raise TinychatError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {kind!r}")
     if kind == "eager":
@@ -119,7 +120,9 @@ def generate_step(model, prompt_ids: list[int], cache: KVCache, sampler: Callabl
             decoder = EagerDecoder()
             bound = decoder.bind(model, cache, sampler, processors)
         step, sample = bound
-        ahead = decoder.lookahead and not processors  # processors need each token's id before the next step
+        # queue step n+1 before reading token n where a device computes while the host works (a GPU); processors
+        # need each token's id before the next step
+        ahead = decoder.lookahead and model.device.type == "cuda" and not processors
         history = torch.tensor([prompt_ids], device=model.device) if processors else None
         host = torch.empty(1, dtype=torch.long, pin_memory=model.device.type == "cuda") if ahead else None
         for n in range(max_tokens):

@@ -26,6 +26,7 @@ from . import embed_scale as family_embed_scale
 
 # Default cache length: a Llama-3 128k context would preallocate gigabytes that a chat rarely uses.
 DEFAULT_MAX_CONTEXT = 8192
+MIN_TABLE_POSITIONS = 256  # rotary tables cover at least this many positions (short runs share one table)
 
 
 class RMSNorm(nn.Module):
@@ -78,6 +79,7 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         frequencies = self._frequencies()
         self.kinds = tuple(frequencies)  # fixed by the config: forward runs every step, so it is not recomputed
+        self._table_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (kind, dtype, device) -> tables
         for kind, inv_freq in frequencies.items():
             self.register_buffer(self._buffer(kind), inv_freq, persistent=False)
 
@@ -97,10 +99,27 @@ class RotaryEmbedding(nn.Module):
         super()._apply(fn, recurse)
         for kind, inv_freq in self._frequencies().items():
             setattr(self, self._buffer(kind), inv_freq.to(self.inv_freq.device))
+        self._table_cache.clear()
         return self
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {kind: ops.rope_cos_sin(getattr(self, self._buffer(kind)), positions, dtype) for kind in self.kinds}
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                n_positions: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, signed_sin) of each kind at `positions` (all < n_positions: the cache's length): rows of
+        tables built once for positions 0..n_positions-1 by ops.rope_cos_sin, identical bit for bit to
+        building them at the positions themselves (elementwise fp32 math), and a lookup a decode step can
+        replay (tinychat.cpu_graph) where cos/sin could not be."""
+        device = positions.device
+        return {kind: tuple(ops.take_rows(t, positions) for t in self._tables(kind, dtype, n_positions, device))
+                for kind in self.kinds}
+
+    def _tables(self, kind: str, dtype: torch.dtype, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (kind, dtype, device)
+        tables = self._table_cache.get(key)
+        if tables is None or tables[0].shape[0] < n:
+            positions = torch.arange(max(n, MIN_TABLE_POSITIONS), device=device)
+            cos, sin = ops.rope_cos_sin(getattr(self, self._buffer(kind)), positions, dtype)
+            tables = self._table_cache[key] = (cos, sin)
+        return tables
 
 
 class Step:
@@ -125,7 +144,7 @@ class Step:
 def sequence_step(rotary: RotaryEmbedding, seqlen: int, dtype: torch.dtype, device) -> Step:
     """The Step of whole sequences of `seqlen` tokens without a cache (the quantizer runs blocks on these)."""
     positions = torch.arange(seqlen, device=device).unsqueeze(0)
-    return Step(positions, rotary(positions, dtype), None)
+    return Step(positions, rotary(positions, dtype, seqlen), None)
 
 
 class Attention(nn.Module):
@@ -196,13 +215,20 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         normed, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), step))
-        return h + self.mlp(normed)
+        return ops.add(h, self.mlp(normed))
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding looked up through ops.take_rows (a kernel on the CPU that a decode step can replay)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return ops.take_rows(self.weight, ids)
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, layer=DecoderLayer):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -231,7 +257,8 @@ class LlamaForCausalLM(nn.Module):
         logits [B, T or 1, vocab] (or the final hidden states). Keys/values are written into `cache` at
         those positions (without a cache, positions must be 0..T-1); the cache's bookkeeping (offset,
         token ids) is the caller's, so this can be captured as a CUDA graph."""
-        step = Step(positions, self.rotary(positions, self.dtype), cache)
+        n_positions = cache.keys[0].shape[2] if cache is not None else input_ids.shape[1]
+        step = Step(positions, self.rotary(positions, self.dtype, n_positions), cache)
         h = self.embed(input_ids)
         for layer in self.model.layers:
             h = layer(h, step)

@@ -600,3 +600,79 @@ int tc_int8_gemv(const bf16* x, int64_t m, const int8_t* q, const bf16* scales, 
     return -1;
 #endif
 }
+
+// out [n, row] = table [rows, row] at rows ids [n]: the token embedding, and the rotary tables at the step's
+// positions. table holds 2-byte values (bf16 or fp16 bits) copied as they are, or with scales (bf16 [rows])
+// int8 codes, each times its row's scale rounded to bf16 (the tied int8 embedding: torch's int8 -> bf16
+// cast is exact, then one bf16 product). Returns OUT_OF_CACHE (rows before the bad id written) for an id
+// outside [0, rows).
+int tc_take_rows(const void* table, const bf16* scales, const int64_t* ids, bf16* out, int64_t n, int64_t row,
+                 int64_t rows) {
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t id = ids[i];
+        if (id < 0 || id >= rows) return OUT_OF_CACHE;
+        if (scales) {
+            const int8_t* q = (const int8_t*)table + id * row;
+            const float s = bf2f(scales[id]);
+            for (int64_t j = 0; j < row; ++j) out[i * row + j] = f2bf((float)q[j] * s);
+        } else {
+            memcpy(out + i * row, (const bf16*)table + id * row, sizeof(bf16) * (size_t)row);
+        }
+    }
+    return 0;
+}
+
+// out = a + b, n bf16 values: the sum in fp32 rounded once, as torch's bf16 add.
+void tc_add(const bf16* a, const bf16* b, bf16* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = f2bf(bf2f(a[i]) + bf2f(b[i]));
+}
+
+// ---- replay of a recorded decode step (tinychat.cpu_graph) -------------------------------------------
+//
+// A program is the sequence of kernel calls one decode step made, recorded by tinychat.ops.cpu_kernels as
+// int64 words: [op, argc, arg0 .. arg(argc-1)] per call, where op indexes REPLAY_OPS, pointers and integers
+// are their values and a float argument holds its fp32 bits. Replaying it reruns the step on the same
+// buffers with no Python in between: the step's inputs (tokens, positions) are read from memory by the
+// kernels, as a CUDA graph's are.
+
+#define REPLAY_OPS "tc_add_rmsnorm,tc_rope_kv_write,tc_decode_attention,tc_silu_mul,tc_int4pack_gemv,tc_int8_gemv,tc_take_rows,tc_add"
+
+const char* tc_replay_ops(void) { return REPLAY_OPS; }
+
+static inline float word_f32(int64_t w) {
+    const uint32_t bits = (uint32_t)w;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#define P(i) ((void*)(intptr_t)a[i])
+
+// Runs the program's calls in order; returns 0, or the first nonzero status a call returned (-1 for an
+// unknown op or a wrong argument count: nothing after it ran).
+int tc_replay(const int64_t* prog, int64_t words) {
+    static const int64_t argc_of[] = {8, 15, 13, 4, 8, 7, 7, 4};
+    for (int64_t i = 0; i < words;) {
+        const int64_t op = prog[i], argc = prog[i + 1];
+        const int64_t* a = prog + i + 2;
+        if (op < 0 || op >= (int64_t)(sizeof(argc_of) / sizeof(argc_of[0])) || argc != argc_of[op]) return -1;
+        int status = 0;
+        switch (op) {
+            case 0: tc_add_rmsnorm(P(0), P(1), P(2), P(3), P(4), a[5], a[6], word_f32(a[7])); break;
+            case 1: status = tc_rope_kv_write(P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), a[9], a[10],
+                                              a[11], a[12], a[13], a[14]); break;
+            case 2: status = tc_decode_attention(P(0), P(1), P(2), P(3), P(4), P(5), P(6), a[7], a[8], a[9], a[10],
+                                                 a[11], a[12]); break;
+            case 3: tc_silu_mul(P(0), P(1), a[2], a[3]); break;
+            case 4: status = tc_int4pack_gemv(P(0), a[1], P(2), P(3), P(4), a[5], a[6], a[7]); break;
+            case 5: status = tc_int8_gemv(P(0), a[1], P(2), P(3), P(4), a[5], a[6]); break;
+            case 6: status = tc_take_rows(P(0), P(1), P(2), P(3), a[4], a[5], a[6]); break;
+            case 7: tc_add(P(0), P(1), P(2), a[3]); break;
+        }
+        if (status != 0) return status;
+        i += 2 + argc;
+    }
+    return 0;
+}
+
+#undef P

@@ -17,6 +17,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,11 +38,17 @@ SIGNATURES = {
     "tc_silu_mul": (_p, _p, _i64, _i64),
     "tc_int4pack_gemv": (_p, _i64, _p, _p, _p, _i64, _i64, _i64),
     "tc_int8_gemv": (_p, _i64, _p, _p, _p, _i64, _i64),
+    "tc_take_rows": (_p, _p, _p, _p, _i64, _i64, _i64),
+    "tc_add": (_p, _p, _p, _i64),
     "tc_has_avx512": (),
+    "tc_replay": (_p, _i64),
+    "tc_replay_ops": (),
 }
 
 
-RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_int4pack_gemv", "tc_int8_gemv", "tc_has_avx512"}  # int results (0 / -1, flags)
+# int results (0 / -1, flags); the rest return nothing, tc_replay_ops a string
+RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_int4pack_gemv", "tc_int8_gemv", "tc_take_rows",
+                  "tc_has_avx512", "tc_replay"}
 _gemv_refused = False  # set once the GEMV said it cannot run on this CPU (no AVX-512)
 
 
@@ -99,11 +106,68 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, (ctypes.c_int if name in RETURNS_STATUS else None)
+    lib.tc_replay_ops.restype = ctypes.c_char_p
     return lib, None
 
 
 def unavailable_reason() -> str | None:
     return _load()[1]
+
+
+# ---- recording a decode step's kernel calls, replaying them (tinychat.cpu_graph) ---------------------------
+
+_recording: list | None = None  # while a step is recorded: (name, args) of each kernel call, in order
+
+
+def _call(name: str, *args) -> int | None:
+    """Call kernel `name`; while recording, note the call (if it ran: a refusal leaves the op to torch)."""
+    status = getattr(library(), name)(*args)
+    if _recording is not None and not status:
+        _recording.append((name, args))
+    return status
+
+
+class Program:
+    """Recorded kernel calls, replayed in one call into C (tc_replay): the same kernels on the same buffers,
+    reading their inputs (token ids, positions) from memory as they are when replayed."""
+
+    def __init__(self, calls: list[tuple[str, tuple]]):
+        ops = library().tc_replay_ops().decode().split(",")
+        words = []
+        for name, args in calls:
+            words += [ops.index(name), len(args)] + [_word(a) for a in args]
+        self.calls = len(calls)
+        self.words = (ctypes.c_int64 * len(words))(*words)
+
+    def run(self) -> None:
+        status = library().tc_replay(self.words, len(self.words))
+        if status == OUT_OF_CACHE:
+            raise IndexError("a replayed decode step read a position outside its cache")
+        if status:
+            raise RuntimeError(f"a replayed decode step failed (status {status})")
+
+
+def _word(arg) -> int:
+    if arg is None:
+        return 0
+    if isinstance(arg, float):  # fp32 bits, as the C side reads them back
+        return struct.unpack("<I", struct.pack("<f", arg))[0]
+    return int(arg)
+
+
+class recording:
+    """`with recording() as calls:` collects the kernel calls made inside (one thread records at a time)."""
+
+    def __enter__(self) -> list:
+        global _recording
+        if _recording is not None:
+            raise RuntimeError("already recording")
+        _recording = []
+        return _recording
+
+    def __exit__(self, *exc) -> None:
+        global _recording
+        _recording = None
 
 
 def applies(t: torch.Tensor) -> bool:
@@ -127,8 +191,8 @@ def add_rmsnorm(x, weight, eps, delta=None):
     delta = None if delta is None else delta.contiguous()
     out = torch.empty_like(x)
     h = x if delta is None else torch.empty_like(x)
-    library().tc_add_rmsnorm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
-                             out.data_ptr(), None if delta is None else h.data_ptr(), x.numel() // n, n, eps)
+    _call("tc_add_rmsnorm", x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+          out.data_ptr(), None if delta is None else h.data_ptr(), x.numel() // n, n, eps)
     return out, h
 
 
@@ -144,9 +208,9 @@ def rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads, n_kv, hea
     # one row of positions/tables may be shared by the batch: the kernel reads dense rows, one per token
     positions, cos, sin = (z.expand(b, *z.shape[1:]).contiguous() for z in (positions, cos, sin))
     q = torch.empty(b, t, n_heads, head_dim, dtype=qkv.dtype)
-    status = library().tc_rope_kv_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
-                                        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale),
-                                        _ptr(v_scale), b * t, t, n_heads, n_kv, head_dim, k_cache.shape[2])
+    status = _call("tc_rope_kv_write", qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
+                   q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale),
+                   _ptr(v_scale), b * t, t, n_heads, n_kv, head_dim, k_cache.shape[2])
     _check_positions(status, positions, k_cache.shape[2])
     return q if status == 0 else None
 
@@ -156,18 +220,38 @@ def decode_attention(q, k_cache, v_cache, positions, window, k_scale=None, v_sca
     b, n_heads, head_dim = q.shape
     q, positions = q.contiguous(), positions.contiguous()
     out = torch.empty_like(q)
-    status = library().tc_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale),
-                                           _ptr(v_scale), positions.data_ptr(), out.data_ptr(), b, n_heads,
-                                           k_cache.shape[1], head_dim, k_cache.shape[2], window or 0)
+    status = _call("tc_decode_attention", q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale),
+                   _ptr(v_scale), positions.data_ptr(), out.data_ptr(), b, n_heads,
+                   k_cache.shape[1], head_dim, k_cache.shape[2], window or 0)
     _check_positions(status, positions, k_cache.shape[2])
     return out if status == 0 else None
+
+
+def take_rows(table, ids, scales=None):
+    """table [rows, row] at ids (int64, any shape) -> [*ids.shape, row] bf16: bf16 rows as they are, or int8
+    rows times their bf16 scale (scales [rows]); the dispatch checks the dtypes."""
+    row = table.shape[-1]
+    ids = ids.contiguous()
+    out = torch.empty(*ids.shape, row, dtype=torch.bfloat16)
+    status = _call("tc_take_rows", table.data_ptr(), _ptr(scales), ids.data_ptr(), out.data_ptr(), ids.numel(), row,
+                   table.shape[0])
+    if status == OUT_OF_CACHE:
+        raise IndexError(f"row ids {ids.flatten().tolist()[:16]} outside the table's {table.shape[0]} rows")
+    return out
+
+
+def add(a, b):
+    a, b = a.contiguous(), b.contiguous()
+    out = torch.empty_like(a)
+    _call("tc_add", a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel())
+    return out
 
 
 def silu_mul(gate_up):
     n = gate_up.shape[-1] // 2
     gate_up = gate_up.contiguous()
     out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype)
-    library().tc_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n)
+    _call("tc_silu_mul", gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n)
     return out
 
 
@@ -183,8 +267,8 @@ def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features):
     if _gemv_refused or out_features % 64 or not 1 <= m <= GEMV_MAX_ROWS:  # the kernel's blocks: 64 outputs
         return None
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    status = library().tc_int4pack_gemv(x.data_ptr(), m, packed.data_ptr(), scales_and_zeros.data_ptr(),
-                                        y.data_ptr(), out_features, k, group_size)
+    status = _call("tc_int4pack_gemv", x.data_ptr(), m, packed.data_ptr(), scales_and_zeros.data_ptr(),
+                   y.data_ptr(), out_features, k, group_size)
     _note_refusal(status)
     return y if status == 0 else None
 
@@ -203,7 +287,7 @@ def int8_gemv(x, qweight, scales):
     if _gemv_refused or k % 16 or not 1 <= m <= GEMV_MAX_ROWS or scales.dtype != torch.bfloat16:
         return None
     y = torch.empty(m, qweight.shape[0], dtype=torch.bfloat16)
-    status = library().tc_int8_gemv(x.data_ptr(), m, qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                                    qweight.shape[0], k)
+    status = _call("tc_int8_gemv", x.data_ptr(), m, qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                   qweight.shape[0], k)
     _note_refusal(status)
     return y if status == 0 else None

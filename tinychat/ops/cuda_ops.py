@@ -110,6 +110,25 @@ def gemv_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scales_zeros: torch.Ten
     return reference.gemv_w4a16(x, qweight_t, scales_zeros, group_size, bias, silu)
 
 
+# ---- lookups and sums with no kernel of their own on a GPU (torch there; the CPU kernels elsewhere) ------
+
+def take_rows(table: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """table [rows, row] at ids -> [*ids.shape, row]; with scales, int8 codes times each row's scale."""
+    if (ids.dtype == torch.long and ids.device.type == "cpu" and table.is_contiguous()
+            and (table.dtype == torch.bfloat16 if scales is None else
+                 table.dtype == torch.int8 and cpu_kernels.applies(scales) and scales.is_contiguous())
+            and cpu_kernels.library() is not None and table.device.type == "cpu"):
+        return cpu_kernels.take_rows(table, ids, scales)
+    return reference.take_rows(table, ids, scales)
+
+
+def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b, same shapes and dtype."""
+    if cpu_kernels.applies(a) and b.dtype == a.dtype and b.shape == a.shape and b.device == a.device:
+        return cpu_kernels.add(a, b)
+    return reference.add(a, b)
+
+
 # ---- SiLU-and-multiply ----------------------------------------------------------------------------
 
 def _launch_silu_mul(gate_up):

@@ -44,6 +44,19 @@ def dequant_w4a16(qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_siz
 
 # ---- elementwise -----------------------------------------------------------------------------------
 
+def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b (the residual connection)."""
+    return a + b
+
+
+def take_rows(table: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """table [rows, row] at ids -> [*ids.shape, row]: an embedding lookup; with scales [rows], the table holds
+    int8 codes and a row is its codes times its scale, in the scales' dtype."""
+    if scales is None:
+        return table[ids]
+    return table[ids].to(scales.dtype) * scales[ids].unsqueeze(-1)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dim."""
     gate, up = gate_up.chunk(2, dim=-1)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..ops import cpu_kernels
 
 
@@ -86,7 +87,7 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.table[0]
-        return t.qweight[ids].to(t.scales.dtype) * t.scales[ids].unsqueeze(-1)
+        return ops.take_rows(t.qweight, ids, t.scales)
 
 
 def int8_head_modules(chunks, config, dtype: torch.dtype, device) -> dict[str, nn.Module]:

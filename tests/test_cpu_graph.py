@@ -1,0 +1,127 @@
+"""tinychat.cpu_graph: the decode step recorded as CPU kernel calls and replayed, against the eager step it was
+recorded from (bit for bit: the same kernels on the same inputs), on fresh random bf16 models; the kernels
+it needed beyond the layer ops (row lookups, the residual add) against their torch implementations; and the
+refusals that keep a step torch would partly compute eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinychat import cpu_graph, cuda_graph, ops
+from tinychat.generate import EagerDecoder, generate_step
+from tinychat.ops import cpu_kernels, reference
+from tinychat.quant.int8 import use_int8_head
+from tinychat.sampling import greedy
+
+from test_ops_reference import random_model, small_config  # noqa: E402
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None,
+                                reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+BF16 = torch.bfloat16
+
+
+def test_take_rows_bf16_and_int8_with_scales_match_torch():
+    table = torch.randn(300, 48).to(BF16)
+    ids = torch.randint(0, 300, (3, 5))
+    assert torch.equal(cpu_kernels.take_rows(table, ids), reference.take_rows(table, ids))
+    codes = torch.randint(-127, 128, (300, 48), dtype=torch.int8)
+    scales = (torch.rand(300) * 0.05 + 0.001).to(BF16)
+    got = cpu_kernels.take_rows(codes, ids, scales)
+    assert got.dtype == BF16 and torch.equal(got, reference.take_rows(codes, ids, scales))
+    with pytest.raises(IndexError):
+        cpu_kernels.take_rows(table, torch.tensor([4, 300]))
+
+
+def test_add_matches_torch_bit_for_bit():
+    a, b = (torch.randn(3, 577) * 8).to(BF16), torch.randn(3, 577).to(BF16)
+    assert torch.equal(cpu_kernels.add(a, b), a + b)
+    assert torch.equal(ops.add(a.float(), b.float()), a.float() + b.float())  # fp32: torch's add
+
+
+def bf16_model(kind: str):
+    """A random 4-bit model as the CPU engine loads one: bf16, int4 linears, an int8 head (tied: the embedding
+    reads the head's int8 table)."""
+    extra = {"mistral-window": dict(model_type="mistral", sliding_window=6),
+             "tied-int8-head": dict(tie_word_embeddings=True)}.get(kind, {})
+    model = random_model(small_config(**extra), 64, dtype=BF16)
+    use_int8_head(model)
+    return model
+
+
+@pytest.mark.parametrize("kind,kv_cache", [("awq", None), ("mistral-window", None), ("tied-int8-head", None),
+                                           ("awq", "int8")])
+def test_replayed_step_equals_the_eager_step_bit_for_bit(kind, kv_cache):
+    model = bf16_model(kind)
+    config = model.config
+    prompt = torch.randint(0, config.vocab_size, (1, 7))
+    eager, recorded = model.make_cache(40, kv_cache=kv_cache), model.make_cache(40, kv_cache=kv_cache)
+    with torch.inference_mode():
+        model(prompt, eager)
+        model(prompt, recorded)
+        graph = cpu_graph.CpuGraph(model, recorded)
+        assert graph.program.calls > 0
+        for _ in range(9):  # past the sliding window
+            token = torch.randint(0, config.vocab_size, (1,))
+            want = model.decode_step(token, torch.tensor([eager.offset]), eager)
+            got = graph.replay(token, recorded.offset)
+            assert torch.equal(got, want)
+            eager.append(int(token))
+            recorded.append(int(token))
+    for a, b in zip(eager.tensors(), recorded.tensors()):
+        assert torch.equal(a[:, :, :eager.offset], b[:, :, :eager.offset])
+
+
+def test_a_replay_past_the_cache_raises_instead_of_writing():
+    model = bf16_model("awq")
+    cache = model.make_cache(12)
+    with torch.inference_mode():
+        model(torch.randint(0, model.config.vocab_size, (1, 4)), cache)
+        graph = cpu_graph.CpuGraph(model, cache)
+        before = [t.clone() for t in cache.tensors()]
+        with pytest.raises(IndexError):
+            graph.replay(torch.tensor([3]), 12)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.tensors()))
+
+
+def test_a_step_with_torch_ops_is_refused_and_decodes_eagerly():
+    """A piece torch computes (here a full bf16 head through torch's linear) makes the step uncapturable:
+    the decoder says so once and generates exactly what the eager decoder does."""
+    model = random_model(small_config(), 64, dtype=BF16)  # nn.Linear head: torch computes it
+    with torch.inference_mode(), pytest.raises(cpu_graph.Uncapturable):
+        cache = model.make_cache(16)
+        model(torch.tensor([[1, 2, 3]]), cache)
+        cpu_graph.CpuGraph(model, cache)
+    decoder = cuda_graph.GraphDecoder()
+    prompt = [5, 9, 2, 7]
+    got = list(generate_step(model, prompt, model.make_cache(24), greedy, max_tokens=6, decoder=decoder))
+    want = list(generate_step(model, prompt, model.make_cache(24), greedy, max_tokens=6, decoder=EagerDecoder()))
+    assert got == want and decoder.failed and "outside the CPU kernels" in decoder.failed
+
+
+@pytest.mark.parametrize("kind", ["awq", "tied-int8-head"])
+def test_generation_through_the_graph_decoder_equals_eager(kind):
+    """The engine's default decoder records the step on the CPU: same tokens as eager decoding, a second
+    generation of the same cache shape reuses (adopts) the recorded step."""
+    model = bf16_model(kind)
+    decoder = cuda_graph.GraphDecoder()
+    for prompt in ([5, 9, 2, 7], [11, 3, 8]):
+        got = list(generate_step(model, prompt, model.make_cache(24), greedy, max_tokens=8, decoder=decoder))
+        want = list(generate_step(model, prompt, model.make_cache(24), greedy, max_tokens=8,
+                                  decoder=EagerDecoder()))
+        assert got == want
+    assert decoder.failed is None and len(decoder.graphs) == 1
+    assert isinstance(decoder.graphs[0], cpu_graph.CpuGraph)
+
+
+def test_the_recording_guard_lets_views_through_and_refuses_copies():
+    x = torch.randn(4, 6)
+    with cpu_graph._KernelsOnly():
+        x.view(6, 4).t().reshape(4, 6)  # views (the transpose of a view: reshape copies -> refused below)
+        with pytest.raises(cpu_graph.Uncapturable):
+            x.t().reshape(24)
+        with pytest.raises(cpu_graph.Uncapturable):
+            x + 1
+        with pytest.raises(cpu_graph.Uncapturable):
+            x.to(torch.float16)
