@@ -203,3 +203,27 @@ def test_int4_bf16_batch_rows_equal_rows_alone(default_model_dir):
     finally:
         s.close()
     assert texts == [alone(engine, ids, greedy(24)) for ids in prompts]
+
+
+def test_captured_batched_steps_equal_eager_ones_on_the_4bit_bf16_model(default_model_dir):
+    """The CPU engine's own model (w4a16: bf16, int4 linears, int8 head) records each batch size's decode step
+    and replays it (tinychat.cpu_graph): the same tokens as the eager steps, request by request, while
+    requests join and leave (5 jobs on 3 slots: batch sizes 3, 2, 1)."""
+    from tinychat.engine import load_engine
+    from tinychat.hub import DEFAULT_MODEL
+
+    engine = load_engine(DEFAULT_MODEL, "w4a16", quiet=True)
+    prompts = [chat_ids(engine, q, system=f"Request {i}.") for i, q in enumerate(QUESTIONS)]
+    results = {}
+    for capture in (True, False):
+        s = BatchScheduler(engine.model, engine.tokenizer, slots=3, max_seq=256, capture=capture).start()
+        try:
+            runs = [submit(s, ids, greedy(10 + 3 * i)) for i, ids in enumerate(prompts)]
+            results[capture] = [run.result()[0] for run in runs]
+            if capture:
+                assert 3 in s.captured_sizes and len(s.captured_sizes) >= 2
+            else:
+                assert s.captured_sizes == []
+        finally:
+            s.close()
+    assert results[True] == results[False]

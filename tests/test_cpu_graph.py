@@ -60,7 +60,7 @@ def test_replayed_step_equals_the_eager_step_bit_for_bit(kind, kv_cache):
     with torch.inference_mode():
         model(prompt, eager)
         model(prompt, recorded)
-        graph = cpu_graph.CpuGraph(model, recorded)
+        graph = cpu_graph.CpuGraph(model, recorded, torch.tensor([recorded.offset]))
         assert graph.program.calls > 0
         for _ in range(9):  # past the sliding window
             token = torch.randint(0, config.vocab_size, (1,))
@@ -78,7 +78,7 @@ def test_a_replay_past_the_cache_raises_instead_of_writing():
     cache = model.make_cache(12)
     with torch.inference_mode():
         model(torch.randint(0, model.config.vocab_size, (1, 4)), cache)
-        graph = cpu_graph.CpuGraph(model, cache)
+        graph = cpu_graph.CpuGraph(model, cache, torch.tensor([cache.offset]))
         before = [t.clone() for t in cache.tensors()]
         with pytest.raises(IndexError):
             graph.replay(torch.tensor([3]), 12)
@@ -92,7 +92,7 @@ def test_a_step_with_torch_ops_is_refused_and_decodes_eagerly():
     with torch.inference_mode(), pytest.raises(cpu_graph.Uncapturable):
         cache = model.make_cache(16)
         model(torch.tensor([[1, 2, 3]]), cache)
-        cpu_graph.CpuGraph(model, cache)
+        cpu_graph.CpuGraph(model, cache, torch.tensor([cache.offset]))
     decoder = cuda_graph.GraphDecoder()
     prompt = [5, 9, 2, 7]
     got = list(generate_step(model, prompt, model.make_cache(24), greedy, max_tokens=6, decoder=decoder))

@@ -2,7 +2,8 @@
 
 The KV cache has `slots` rows (its batch dimension), each `max_seq` positions long. Running requests sit
 in rows 0..n-1, so each decode step is one `model.decode_step` over the contiguous first n rows, every row
-at its own position, with its own sampler, logits processors and stop strings. Rows n.. keep the keys and
+at its own position, with its own sampler, logits processors and stop strings (the step of each batch size
+is captured on first use and replayed, as single-stream decoding's is). Rows n.. keep the keys and
 values of finished requests: that is the prefix cache. A new request takes the idle row whose tokens share
 the longest prefix with its prompt (the least recently used row when none does), swaps it into row n,
 prefills only the tokens after the shared prefix, samples its first token and joins the next step. A
@@ -18,13 +19,17 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .cache import CacheRows
+from .cpu_graph import Uncapturable
+from .cuda_graph import step_class
 from .errors import TinychatError
+from .static_step import CapturedStep
 from .generate import PREFILL_CHUNK, ReplyText, eos_ids
 from .sampling import SamplingParams, make_logits_processors, make_sampler
 
@@ -94,7 +99,10 @@ class _Running:
 class BatchScheduler:
     """Runs jobs on `model` in a background thread; at most `slots` decode together, `max_queue` wait."""
 
-    def __init__(self, model, tokenizer, slots: int = 8, max_seq: int | None = None, max_queue: int = 64):
+    def __init__(self, model, tokenizer, slots: int = 8, max_seq: int | None = None, max_queue: int = 64,
+                 capture: bool = True):
+        """capture: replay each batch size's decode step captured (tinychat.cuda_graph.step_class: a CUDA
+        graph, or the CPU's recorded kernel calls) where the model allows; False: always eager."""
         if slots < 1:
             raise TinychatError(f"--slots must be at least 1, got {slots}")
         if max_queue < 0:
@@ -112,6 +120,8 @@ class BatchScheduler:
         self._wake = threading.Condition()
         self._closed = False
         self._views: dict[tuple[int, int], CacheRows] = {}
+        self.capture = capture
+        self._captured: dict[int, CapturedStep | None] = {}  # batch size -> its captured step (None: eager)
         self._thread: threading.Thread | None = None
 
     def start(self) -> BatchScheduler:
@@ -130,6 +140,11 @@ class BatchScheduler:
     @property
     def max_seq(self) -> int:
         return self.cache.max_seq
+
+    @property
+    def captured_sizes(self) -> list[int]:
+        """The batch sizes whose decode step replays a capture."""
+        return sorted(n for n, step in self._captured.items() if step is not None)
 
     @property
     def waiting(self) -> int:
@@ -234,13 +249,33 @@ class BatchScheduler:
         device = self.model.device
         tokens = torch.tensor([r.next_token for r in self.running], dtype=torch.long, device=device)
         positions = torch.tensor([len(self.row_tokens[row]) for row in range(n)], dtype=torch.long, device=device)
-        logits = self.model.decode_step(tokens, positions, self._rows(0, n))
+        logits = self._decode(tokens, positions, n)
         for row, running in enumerate(self.running):
             self.row_tokens[row].append(running.next_token)
         finished = [row for row, running in enumerate(self.running)
                     if self._sample(running, row, logits[row:row + 1]) is not None]
         for row in reversed(finished):
             self._retire(row)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
+        """The decode step of rows 0..n-1: replayed when this batch size's step was captured, captured on its
+        first use (at this very step: the capture writes the keys and values the step writes)."""
+        rows = self._rows(0, n)
+        if self.capture and n not in self._captured:
+            self._captured[n] = None
+            kind = step_class(self.model, rows)
+            if kind is not None:
+                try:
+                    self._captured[n] = kind(self.model, rows, positions, tokens)
+                except Uncapturable:
+                    self.capture = False  # torch computes part of this model's step: so for every size
+                except Exception as e:  # noqa: BLE001 - never let the fast path break serving
+                    warnings.warn(f"tinychat: capturing the batch-{n} decode step failed ({type(e).__name__}: "
+                                  f"{e}); decoding it eagerly", RuntimeWarning, stacklevel=2)
+        captured = self._captured.get(n)
+        if captured is None:
+            return self.model.decode_step(tokens, positions, rows)
+        return captured.replay(tokens, positions)
 
     def _sample(self, running: _Running, row: int, logits: torch.Tensor) -> str | None:
         """Sample the next token of a running job from its logits [1, vocab], send it, and end the job

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .cache import KVCache
+from .cache import KVStorage
 from .ops import cpu_kernels
 from .static_step import CapturedStep
 
@@ -61,7 +61,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def unsupported_reason(model, cache: KVCache) -> str | None:
+def unsupported_reason(model, cache: KVStorage) -> str | None:
     """None when this model's decode step may be recorded (whether it is is known only by trying), else why not."""
     if not hasattr(model, "decode_step"):
         return f"{type(model).__name__} has no decode_step"

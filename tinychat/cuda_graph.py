@@ -19,14 +19,14 @@ from typing import Callable
 import torch
 
 from . import cpu_graph, ops
-from .cache import KVCache
+from .cache import KVCache, KVStorage
 from .static_step import CapturedStep
 
 MAX_GRAPHS = 2
 MAX_SAMPLER_GRAPHS = 4
 
 
-def unsupported_reason(model, cache: KVCache) -> str | None:
+def unsupported_reason(model, cache: KVStorage) -> str | None:
     """None when the decode step of this model and cache can be captured, else why not."""
     if not hasattr(model, "decode_step"):
         return f"{type(model).__name__} has no decode_step"
@@ -45,9 +45,9 @@ def unsupported_reason(model, cache: KVCache) -> str | None:
 class DecodeGraph(CapturedStep):
     """A StaticStep captured as a CUDA graph for one KV cache storage."""
 
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVStorage, positions: torch.Tensor, tokens: torch.Tensor | None = None):
         self.sampler_graphs: list[tuple[Callable, SamplerGraph | None]] = []
-        super().__init__(model, cache)
+        super().__init__(model, cache, positions, tokens)
 
     def _capture(self) -> None:
         # Warm up eagerly first: this runs every kernel's first-use self-check and lets cuBLAS set up, both
@@ -94,7 +94,7 @@ class SamplerGraph:
         return self.token
 
 
-def step_class(model, cache: KVCache) -> type[CapturedStep] | None:
+def step_class(model, cache: KVStorage) -> type[CapturedStep] | None:
     """How this model's decode step with this cache is captured: a CUDA graph, recorded CPU kernel calls, or
     not at all (None)."""
     if unsupported_reason(model, cache) is None:
@@ -125,7 +125,10 @@ class GraphDecoder:
             if g.model is model and g.can_adopt(cache):
                 g.adopt(cache)
                 return g
-        g = step_class(model, cache)(model, cache)
+        if cache.offset >= cache.max_seq:
+            raise ValueError("the cache is full: no free slot to capture the decode step in")
+        positions = torch.full((cache.keys[0].shape[0],), cache.offset, dtype=torch.long, device=model.device)
+        g = step_class(model, cache)(model, cache, positions)
         self.graphs = [g] + self.graphs[:MAX_GRAPHS - 1]
         return g
 

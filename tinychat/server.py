@@ -203,6 +203,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from .batching import BatchScheduler
     from .engine import load_engine_from_args
+    from .generate import EagerDecoder
 
     if not 0 < args.port < 65536:
         raise TinychatError(f"--port must be in 1..65535, got {args.port}")
@@ -213,7 +214,8 @@ def run(args) -> int:
     check_port_free(args.host, args.port)
     engine = load_engine_from_args(args)
     max_seq = min(args.max_context, engine.model.config.max_position_embeddings)
-    scheduler = BatchScheduler(engine.model, engine.tokenizer, args.slots, max_seq, args.max_queue)
+    scheduler = BatchScheduler(engine.model, engine.tokenizer, args.slots, max_seq, args.max_queue,
+                               capture=not isinstance(engine.decoder, EagerDecoder))
     model_ids = served_names(args.model, engine.path)
     app = create_app(scheduler, engine, model_ids, args.api_key)
     kv_gb = scheduler.cache.nbytes / 1e9

@@ -41,19 +41,21 @@ class StaticStep:
 
 
 class CapturedStep(StaticStep):
-    """A StaticStep captured for one KV cache storage and bound to the cache it was made for; a later cache
-    of the same shape may adopt its storage. Subclasses capture (`_capture`, which sets self.logits) and
-    launch a replay (`_launch`)."""
+    """A StaticStep captured for one KV cache storage (a cache, or rows of one). Capturing runs the step at
+    `positions` [B] with `tokens` [B]: slots free to write (nothing valid lives at or past a cache's
+    offset), or the very step about to run (its keys and values are written again, identically, by the
+    replay). Subclasses capture (`_capture`, which sets self.logits) and launch a replay (`_launch`).
 
-    def __init__(self, model, cache: KVCache):
+    Bound to the cache it was made for; a later cache of the same shape may adopt its storage."""
+
+    def __init__(self, model, cache: KVStorage, positions: torch.Tensor, tokens: torch.Tensor | None = None):
         with torch.inference_mode():  # static buffers are inference tensors: every later use is in this mode
             super().__init__(model, cache)
             self.key = cache_key(cache)
             self._owner = weakref.ref(cache)
-            # the capture runs the step at the first free slot (slots >= offset hold nothing valid)
-            if cache.offset >= cache.max_seq:
-                raise ValueError("the cache is full: no free slot to capture the decode step in")
-            self.positions.fill_(cache.offset)
+            self.positions.copy_(positions)
+            if tokens is not None:
+                self.tokens.copy_(tokens)
             self._capture()
 
     def _capture(self) -> None:
@@ -62,7 +64,7 @@ class CapturedStep(StaticStep):
     def _launch(self) -> None:
         raise NotImplementedError
 
-    def bound_to(self, cache: KVCache) -> bool:
+    def bound_to(self, cache: KVStorage) -> bool:
         return self._owner() is cache and cache.keys[0] is self.storage.keys[0]
 
     def can_adopt(self, cache: KVCache) -> bool:
@@ -78,12 +80,16 @@ class CapturedStep(StaticStep):
         cache.replace(self.storage)
         self._owner = weakref.ref(cache)
 
-    def replay(self, token: torch.Tensor | None, position: int) -> torch.Tensor:
-        """Decode `token` ([B]; None: the token already in the input buffer) at `position`; returns the
-        logits [B, vocab] (a static buffer, overwritten by the next replay)."""
+    def replay(self, tokens: torch.Tensor | None, positions: torch.Tensor | int) -> torch.Tensor:
+        """Decode `tokens` ([B]; None: the tokens already in the input buffer) at `positions` ([B], or one
+        position for every row); returns the logits [B, vocab] (a static buffer, overwritten by the next
+        replay)."""
         with torch.inference_mode():
-            if token is not None:
-                self.tokens.copy_(token.view(self.batch))
-            self.positions.fill_(position)  # on a GPU a device-side fill: no host sync
+            if tokens is not None:
+                self.tokens.copy_(tokens.view(self.batch))
+            if isinstance(positions, int):
+                self.positions.fill_(positions)  # on a GPU a device-side fill: no host sync
+            else:
+                self.positions.copy_(positions)
         self._launch()
         return self.logits
