@@ -110,7 +110,7 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
                     return JSONResponse(error_body("client closed the request"), status_code=499)
                 reply.add(event)
         finally:
-            job.cancel()  # a no-op when it finished
+            relay.close()
         if reply.done.finish_reason == "error":
             return JSONResponse(error_body(reply.done.error or "generation failed", "server_error"), status_code=500)
         return reply.response()
@@ -131,7 +131,7 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
                     yield sse(chunk)
             yield "data: [DONE]\n\n"
         finally:
-            relay.job.cancel()  # the client went away (the response task is cancelled) or the reply ended
+            relay.close()  # the reply ended, or the client went away (the response task is cancelled)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -145,29 +145,31 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
 
 
 class EventRelay:
-    """One request's events, handed over from the scheduler thread, and whether its client is still there:
-    the client is checked every DISCONNECT_POLL_SECONDS whether or not tokens flow, so a stream that keeps
-    producing notices a closed connection as fast as an idle one."""
+    """One request's events, handed over from the scheduler thread, and whether its client is still there: a
+    watcher task checks every DISCONNECT_POLL_SECONDS, whether or not tokens flow (a queued request's client
+    may leave before its first token), and when the client has gone it cancels the job and ends the relay.
+    Waiting for a token is then a plain queue read: nothing is created or scheduled per token."""
 
     def __init__(self, request, job, events: asyncio.Queue):
         self.request, self.job, self.events = request, job, events
-        self.checked_at = 0.0
+        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+            if await self.request.is_disconnected():
+                self.job.cancel()
+                self.events.put_nowait(None)
+                return
 
     async def next(self):
         """The job's next event, or None once the client has gone (the job is then cancelled)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                event = None
-            if event is None or loop.time() - self.checked_at > DISCONNECT_POLL_SECONDS:
-                self.checked_at = loop.time()
-                if await self.request.is_disconnected():
-                    self.job.cancel()
-                    return None
-            if event is not None:
-                return event
+        return await self.events.get()
+
+    def close(self) -> None:
+        """The reply is over (done, failed or abandoned): stop watching and let the job go."""
+        self.watcher.cancel()
+        self.job.cancel()  # a no-op when it finished
 
 
 def sse(payload: dict) -> str:
