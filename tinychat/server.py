@@ -86,8 +86,11 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
 
     async def complete(request: Request, chat: bool):
         body = await read_body(request)
-        # tokenizing and compiling a grammar take milliseconds: off the event loop
-        parsed = await run_in_threadpool(parse_request, body, ctx, chat)
+        if isinstance(body, dict) and body.get("response_format") is not None:
+            # compiling a grammar takes milliseconds: off the event loop
+            parsed = await run_in_threadpool(parse_request, body, ctx, chat)
+        else:  # templating and tokenizing a prompt take well under a millisecond; a thread hop takes more
+            parsed = parse_request(body, ctx, chat)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(parsed.prompt_ids, parsed.params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
