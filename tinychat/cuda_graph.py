@@ -20,26 +20,15 @@ import torch
 
 from . import cpu_graph, ops
 from .cache import KVCache, KVStorage
-from .static_step import CapturedStep
+from .static_step import CapturedStep, unmet_requirement
 
 MAX_GRAPHS = 2
 MAX_SAMPLER_GRAPHS = 4
 
 
 def unsupported_reason(model, cache: KVStorage) -> str | None:
-    """None when the decode step of this model and cache can be captured, else why not."""
-    if not hasattr(model, "decode_step"):
-        return f"{type(model).__name__} has no decode_step"
-    if model.device.type != "cuda":
-        return "the model is not on a CUDA device"
-    if model.dtype != torch.float16:
-        return f"the CUDA kernels compute in fp16, the model is {model.dtype}"
-    reason = ops.unavailable_reason(model.device)
-    if reason is not None:
-        return reason
-    if cache.keys[0].dtype not in (torch.float16, torch.int8) or cache.keys[0].device != model.device:
-        return "the KV cache is neither fp16 nor int8 on the model's device"
-    return None
+    """None when the decode step of this model and cache can be captured as a CUDA graph, else why not."""
+    return unmet_requirement(model, cache, "cuda", torch.float16, lambda: ops.unavailable_reason(model.device))
 
 
 class DecodeGraph(CapturedStep):

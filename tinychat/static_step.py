@@ -10,10 +10,29 @@ check.
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 
 from .cache import KVCache, KVStorage
+
+
+def unmet_requirement(model, cache: KVStorage, device_type: str, dtype: torch.dtype,
+                      kernels_unavailable: Callable[[], str | None]) -> str | None:
+    """Why the decode step of `model` over `cache` cannot be captured for kernels that compute in `dtype` on
+    `device_type` (kernels_unavailable() says why those kernels are missing, or None), or None."""
+    if not hasattr(model, "decode_step"):
+        return f"{type(model).__name__} has no decode_step"
+    if model.device.type != device_type:
+        return f"the model is not on a {device_type} device"
+    if model.dtype != dtype:
+        return f"the kernels compute in {dtype}, the model is {model.dtype}"
+    reason = kernels_unavailable()
+    if reason is not None:
+        return reason
+    if cache.keys[0].dtype not in (dtype, torch.int8) or cache.keys[0].device != model.device:
+        return f"the KV cache is neither {dtype} nor int8 on the model's device"
+    return None
 
 
 def cache_key(cache: KVStorage) -> tuple:
