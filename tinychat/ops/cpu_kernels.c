@@ -10,10 +10,10 @@
 // exactly where torch's bf16 ops round (op by op), reductions and attention accumulate in fp32.
 // tests/test_cpu_kernels.py holds them to that on fresh random inputs.
 //
-// Shapes are contiguous row-major; bf16 travels as uint16_t bits. Single-threaded: these ops are a few
-// microseconds each, less than a thread hand-off would cost; the decode attention, which streams the whole
-// cache, splits its keys over torch's OpenMP threads, and the int4 GEMV, which streams the weights, its
-// output blocks.
+// Shapes are contiguous row-major; bf16 travels as uint16_t bits. The row-wise ops run on one thread for
+// a few rows (a few microseconds, less than a thread hand-off costs) and split their rows over torch's
+// OpenMP threads from PARALLEL_ROWS rows on; the decode attention, which streams the whole cache, splits
+// its keys over those threads, and the int4 GEMV, which streams the weights, its output blocks.
 
 #include <math.h>
 #ifdef __AVX512F__
@@ -43,11 +43,15 @@ static inline bf16 f2bf(float f) {  // round to nearest even, as torch does; NaN
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
 #define OUT_OF_CACHE -2  // a position outside the cache: the caller raises, as torch's index ops would
+// Rows (tokens) from which the row-wise ops split their rows over torch's OpenMP threads: a batched decode
+// step or a prompt; each row is computed exactly as alone.
+#define PARALLEL_ROWS 4
 
 // out = weight * bf16(h * rsqrt(mean(h^2) + eps)), h = x + delta (bf16; delta may be NULL, then h = x and
 // h_out is not written).
 void tc_add_rmsnorm(const bf16* x, const bf16* delta, const bf16* weight, bf16* out, bf16* h_out, int64_t rows,
                     int64_t n, float eps) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; ++r) {
         const bf16* xr = x + r * n;
         const bf16* hr = delta ? h_out + r * n : xr;  // h, in bf16 (exact: it was rounded there)
@@ -109,8 +113,9 @@ int tc_rope_kv_write(const bf16* qkv, const bf16* cos_t, const bf16* sin_t, cons
     const int q8 = k_scale != NULL;
     if (q8 && d > MAX_DIM) return -1;
     const int64_t half = d / 2, width = (hq + 2 * hkv) * d;
-    bf16 rotated[MAX_DIM];
+#pragma omp parallel for schedule(static) if (n_tokens >= PARALLEL_ROWS)
     for (int64_t j = 0; j < n_tokens; ++j) {
+        bf16 rotated[MAX_DIM];
         const bf16* src = qkv + j * width;
         const bf16* c = cos_t + j * d;
         const bf16* s = sin_t + j * d;
@@ -349,6 +354,7 @@ int tc_decode_attention(const bf16* q, const void* k_cache, const void* v_cache,
 // silu(gate) * up for gate_up [rows, 2 * n] = [gate | up]: silu rounded to bf16, then the product (torch's
 // two bf16 ops); out [rows, n].
 void tc_silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t n) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; ++r) {
         const bf16* g = gate_up + r * 2 * n;
         const bf16* u = g + n;
