@@ -358,12 +358,15 @@ class BatchScheduler:
     def _swap_rows(self, a: int, b: int) -> None:
         if a == b:
             return
-        length = max(len(self.row_tokens[a]), len(self.row_tokens[b]))
-        if length:
-            for tensor in self.cache.tensors():
-                held = tensor[a, :, :length].clone()
-                tensor[a, :, :length] = tensor[b, :, :length]
-                tensor[b, :, :length] = held
+        # only the positions each row holds move; into an empty row (the usual case: a new request takes an
+        # empty row's place and the finished conversation there moves out) one copy per tensor suffices
+        la, lb = len(self.row_tokens[a]), len(self.row_tokens[b])
+        for tensor in self.cache.tensors() if la or lb else ():
+            held = tensor[a, :, :la].clone() if la and lb else tensor[a, :, :la]
+            if lb:
+                tensor[a, :, :lb] = tensor[b, :, :lb]
+            if la:
+                tensor[b, :, :la] = held
         self.row_tokens[a], self.row_tokens[b] = self.row_tokens[b], self.row_tokens[a]
         self.row_used[a], self.row_used[b] = self.row_used[b], self.row_used[a]
 
