@@ -37,6 +37,8 @@ def test_take_rows_bf16_and_int8_with_scales_match_torch():
 def test_add_matches_torch_bit_for_bit():
     a, b = (torch.randn(3, 577) * 8).to(BF16), torch.randn(3, 577).to(BF16)
     assert torch.equal(cpu_kernels.add(a, b), a + b)
+    bias = torch.randn(577).to(BF16)
+    assert torch.equal(ops.add(a, bias), a + bias)  # a row added to every row
     assert torch.equal(ops.add(a.float(), b.float()), a.float() + b.float())  # fp32: torch's add
 
 
@@ -44,14 +46,14 @@ def bf16_model(kind: str):
     """A random 4-bit model as the CPU engine loads one: bf16, int4 linears, an int8 head (tied: the embedding
     reads the head's int8 table)."""
     extra = {"mistral-window": dict(model_type="mistral", sliding_window=6),
-             "tied-int8-head": dict(tie_word_embeddings=True)}.get(kind, {})
+             "qwen2-bias": dict(model_type="qwen2"), "tied-int8-head": dict(tie_word_embeddings=True)}.get(kind, {})
     model = random_model(small_config(**extra), 64, dtype=BF16)
     use_int8_head(model)
     return model
 
 
-@pytest.mark.parametrize("kind,kv_cache", [("awq", None), ("mistral-window", None), ("tied-int8-head", None),
-                                           ("awq", "int8")])
+@pytest.mark.parametrize("kind,kv_cache", [("awq", None), ("mistral-window", None), ("qwen2-bias", None),
+                                           ("tied-int8-head", None), ("awq", "int8")])
 def test_replayed_step_equals_the_eager_step_bit_for_bit(kind, kv_cache):
     model = bf16_model(kind)
     config = model.config

@@ -628,9 +628,11 @@ int tc_take_rows(const void* table, const bf16* scales, const int64_t* ids, bf16
     return 0;
 }
 
-// out = a + b, n bf16 values: the sum in fp32 rounded once, as torch's bf16 add.
-void tc_add(const bf16* a, const bf16* b, bf16* out, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) out[i] = f2bf(bf2f(a[i]) + bf2f(b[i]));
+// out = a + b, n bf16 values, b repeating every nb values (nb = n: same shapes; a row: a bias added to
+// every row): the sum in fp32 rounded once, as torch's bf16 add.
+void tc_add(const bf16* a, const bf16* b, bf16* out, int64_t n, int64_t nb) {
+    for (int64_t i = 0; i < n; i += nb)
+        for (int64_t j = 0; j < nb; ++j) out[i + j] = f2bf(bf2f(a[i + j]) + bf2f(b[j]));
 }
 
 // ---- replay of a recorded decode step (tinychat.cpu_graph) -------------------------------------------
@@ -657,7 +659,7 @@ static inline float word_f32(int64_t w) {
 // Runs the program's calls in order; returns 0, or the first nonzero status a call returned (-1 for an
 // unknown op or a wrong argument count: nothing after it ran).
 int tc_replay(const int64_t* prog, int64_t words) {
-    static const int64_t argc_of[] = {8, 15, 13, 4, 8, 7, 7, 4};
+    static const int64_t argc_of[] = {8, 15, 13, 4, 8, 7, 7, 5};
     for (int64_t i = 0; i < words;) {
         const int64_t op = prog[i], argc = prog[i + 1];
         const int64_t* a = prog + i + 2;
@@ -673,7 +675,7 @@ int tc_replay(const int64_t* prog, int64_t words) {
             case 4: status = tc_int4pack_gemv(P(0), a[1], P(2), P(3), P(4), a[5], a[6], a[7]); break;
             case 5: status = tc_int8_gemv(P(0), a[1], P(2), P(3), P(4), a[5], a[6]); break;
             case 6: status = tc_take_rows(P(0), P(1), P(2), P(3), a[4], a[5], a[6]); break;
-            case 7: tc_add(P(0), P(1), P(2), a[3]); break;
+            case 7: tc_add(P(0), P(1), P(2), a[3], a[4]); break;
         }
         if (status != 0) return status;
         i += 2 + argc;

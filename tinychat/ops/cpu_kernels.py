@@ -39,7 +39,7 @@ SIGNATURES = {
     "tc_int4pack_gemv": (_p, _i64, _p, _p, _p, _i64, _i64, _i64),
     "tc_int8_gemv": (_p, _i64, _p, _p, _p, _i64, _i64),
     "tc_take_rows": (_p, _p, _p, _p, _i64, _i64, _i64),
-    "tc_add": (_p, _p, _p, _i64),
+    "tc_add": (_p, _p, _p, _i64, _i64),
     "tc_has_avx512": (),
     "tc_replay": (_p, _i64),
     "tc_replay_ops": (),
@@ -241,9 +241,10 @@ def take_rows(table, ids, scales=None):
 
 
 def add(a, b):
+    """a + b for b shaped as a, or as a's last dimension (a bias added to every row)."""
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty_like(a)
-    _call("tc_add", a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel())
+    _call("tc_add", a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), b.numel())
     return out
 
 

@@ -123,8 +123,9 @@ def take_rows(table: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor | Non
 
 
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a + b, same shapes and dtype."""
-    if cpu_kernels.applies(a) and b.dtype == a.dtype and b.shape == a.shape and b.device == a.device:
+    """a + b: the same shape, or b a row added to every row of a (a bias)."""
+    if (cpu_kernels.applies(a) and b.dtype == a.dtype and b.device == a.device
+            and (b.shape == a.shape or (b.dim() == 1 and b.numel() == a.shape[-1]))):
         return cpu_kernels.add(a, b)
     return reference.add(a, b)
 

@@ -45,7 +45,7 @@ def dequant_w4a16(qweight_t: torch.Tensor, scales_zeros: torch.Tensor, group_siz
 # ---- elementwise -----------------------------------------------------------------------------------
 
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a + b (the residual connection)."""
+    """a + b (the residual connection; b may be a row added to every row, a bias)."""
     return a + b
 
 

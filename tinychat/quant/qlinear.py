@@ -185,7 +185,7 @@ class AWQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._modules["inner"].matmul(x)
         bias = self._parameters["bias"]
-        return y if bias is None else y + bias
+        return y if bias is None else ops.add(y, bias)
 
     def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of this fused gate/up projection's output."""
