@@ -29,9 +29,9 @@ from .cache import CacheRows
 from .cpu_graph import Uncapturable
 from .cuda_graph import step_class
 from .errors import TinychatError
-from .static_step import CapturedStep
 from .generate import PREFILL_CHUNK, ReplyText, eos_ids
 from .sampling import SamplingParams, make_logits_processors, make_sampler
+from .static_step import CapturedStep
 
 
 class QueueFull(TinychatError):
