@@ -100,6 +100,7 @@ def test_a_step_with_torch_ops_is_refused_and_decodes_eagerly():
     got = list(generate_step(model, prompt, model.make_cache(24), greedy, max_tokens=6, decoder=decoder))
     want = list(generate_step(model, prompt, model.make_cache(24), greedy, max_tokens=6, decoder=EagerDecoder()))
     assert got == want and decoder.failed and "outside the CPU kernels" in decoder.failed
+    assert decoder.used == "eager"
 
 
 @pytest.mark.parametrize("kind", ["awq", "tied-int8-head"])
@@ -113,7 +114,7 @@ def test_generation_through_the_graph_decoder_equals_eager(kind):
         want = list(generate_step(model, prompt, model.make_cache(24), greedy, max_tokens=8,
                                   decoder=EagerDecoder()))
         assert got == want
-    assert decoder.failed is None and len(decoder.graphs) == 1
+    assert decoder.failed is None and len(decoder.graphs) == 1 and decoder.used == "cpu-graph"
     assert isinstance(decoder.graphs[0], cpu_graph.CpuGraph)
 
 

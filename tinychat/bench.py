@@ -79,7 +79,7 @@ def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
         "kv_cache": str(kv_dtype).split(".")[-1], "kv_bytes_per_token": kv_bytes_per_token(model.config, kv_dtype,
                                                                                            model.dtype),
         "dtype": str(model.dtype).split(".")[-1], "device": args.device, "int8_head": not args.full_head, "threads": torch.get_num_threads(), "prompt_len": prompt_len, "gen": gen,
-        "runs": runs, "load_s": load_s, "weight_bytes": weight_bytes(model),
+        "runs": runs, "decode_step": engine.decoder.used, "load_s": load_s, "weight_bytes": weight_bytes(model),
         "rss_model_bytes": engine.model_rss_bytes, "peak_rss_bytes": peak_rss_bytes(),
         # host anonymous memory (RssAnon), above the process before the load (imports, tokenizer)
         "rss_before_load_bytes": engine.rss_before_load_bytes, "load_peak_bytes": engine.load_peak_bytes, **memory,
@@ -90,12 +90,13 @@ def benchmark(args, prompt_len: int, gen: int, runs: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("model", "precision", "dtype", "KV cache", "prefill tok/s", "decode tok/s", "TTFT s", "weights MB",
-            "RSS of model MB", "load peak MB", "KV cache MB", "activations MB", "peak RSS MB")
+    head = ("model", "precision", "dtype", "KV cache", "decode step", "prefill tok/s", "decode tok/s", "TTFT s",
+            "weights MB", "RSS of model MB", "load peak MB", "KV cache MB", "activations MB", "peak RSS MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = (Path(r["model"]).name, r["precision"], r["dtype"],
-                 f"{r['kv_cache']} ({r['kv_bytes_per_token'] / 1e3:.1f} kB/token)", f"{r['prefill_tps']:.1f}",
+                 f"{r['kv_cache']} ({r['kv_bytes_per_token'] / 1e3:.1f} kB/token)", r["decode_step"],
+                 f"{r['prefill_tps']:.1f}",
                  f"{r['decode_tps']:.1f}", f"{r['ttft_s']:.3f}", f"{r['weight_bytes'] / 1e6:.1f}",
                  f"{r['rss_model_bytes'] / 1e6:.1f}", f"{r['load_peak_bytes'] / 1e6:.1f}",
                  f"{r['kv_cache_rss_bytes'] / 1e6:.1f}", f"{r['activation_peak_bytes'] / 1e6:.1f}",

@@ -105,6 +105,7 @@ class GraphDecoder:
     def __init__(self):
         self.graphs: list[CapturedStep] = []
         self.failed: str | None = None  # a capture failed once: decode eagerly from then on
+        self.used = "eager"  # what decoded the last bound generation: "cuda-graph", "cpu-graph" or "eager"
 
     def graph_for(self, model, cache: KVCache) -> CapturedStep:
         for g in self.graphs:
@@ -132,6 +133,7 @@ class GraphDecoder:
         graph; sample(logits) returns the token the sampler graph drew for that step's logits, and calls
         `sampler` otherwise (the prefill's logits, or logits changed by processors).
         """
+        self.used = "eager"
         if self.failed or cache.room == 0 or step_class(model, cache) is None:
             return None
         try:
@@ -146,6 +148,7 @@ class GraphDecoder:
             warnings.warn(f"tinychat: capturing the decode step failed ({self.failed}); decoding eagerly",
                           RuntimeWarning, stacklevel=2)
             return None
+        self.used = "cuda-graph" if isinstance(dec, DecodeGraph) else "cpu-graph"
         # sampling is captured in CUDA graphs only (a CPU step returns its logits to the eager sampler)
         sampled = None if processors or not hasattr(dec, "sampler_graphs") else self._sampler_graph(dec, sampler)
         state = {"token": None}

@@ -70,6 +70,7 @@ class EagerDecoder:
     """model.decode_step called eagerly, one token at a time (--decode eager, and where no capture applies)."""
 
     lookahead = False  # nothing is queued: each step runs as it is called
+    used = "eager"  # what decoded the last generation (GraphDecoder's says which capture, if any)
 
     def bind(self, model, cache: KVCache, sampler: Callable, processors=()) -> tuple[Callable, Callable]:
         device = model.device
