@@ -119,12 +119,11 @@ def test_generation_through_the_graph_decoder_equals_eager(kind):
 
 
 def test_the_recording_guard_lets_views_through_and_refuses_copies():
-    x = torch.randn(4, 6)
+    x, index = torch.randn(4, 6), torch.tensor([0, 2])
     with cpu_graph._KernelsOnly():
         x.view(6, 4).t().reshape(4, 6)  # views (the transpose of a view: reshape copies -> refused below)
-        with pytest.raises(cpu_graph.Uncapturable):
-            x.t().reshape(24)
-        with pytest.raises(cpu_graph.Uncapturable):
-            x + 1
-        with pytest.raises(cpu_graph.Uncapturable):
-            x.to(torch.float16)
+        torch.empty_like(x)
+        for computes in (lambda: x.t().reshape(24), lambda: x + 1, lambda: x.to(torch.float16), lambda: x[index],
+                         lambda: torch.ops.aten.add(x, x), lambda: float(x[0, 0]), lambda: x.tolist()):
+            with pytest.raises(cpu_graph.Uncapturable):
+                computes()
