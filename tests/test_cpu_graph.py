@@ -75,6 +75,23 @@ def test_replayed_step_equals_the_eager_step_bit_for_bit(kind, kv_cache):
         assert torch.equal(a[:, :, :eager.offset], b[:, :, :eager.offset])
 
 
+def test_a_recorded_step_keeps_what_it_points_into():
+    """Tensors the recording only read (the rotary tables) outlive their owner's reference: a longer cache
+    rebuilds the model's tables, and the step recorded before still replays as the eager step."""
+    model = bf16_model("awq")
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5))
+    eager, recorded = model.make_cache(300), model.make_cache(300)
+    with torch.inference_mode():
+        model(prompt, eager)
+        model(prompt, recorded)
+        graph = cpu_graph.CpuGraph(model, recorded, torch.tensor([recorded.offset]))
+        model(prompt, model.make_cache(2000))  # the tables are rebuilt for 2000 positions, the old ones dropped
+        junk = [torch.full((300, model.config.head_dim), 1e4, dtype=BF16) for _ in range(64)]  # reuse freed memory
+        token = torch.tensor([7])
+        want = model.decode_step(token, torch.tensor([eager.offset]), eager)
+        assert torch.equal(graph.replay(token, recorded.offset), want) and junk
+
+
 def test_a_replay_past_the_cache_raises_instead_of_writing():
     model = bf16_model("awq")
     cache = model.make_cache(12)

@@ -37,8 +37,8 @@ class Uncapturable(Exception):
 
 
 class _KernelsOnly(TorchFunctionMode):
-    """Lets metadata reads, allocations and views through (keeping what they return alive), refuses every
-    other torch function. (A function mode rather than a dispatch mode: entering a dispatch mode the first
+    """Lets metadata reads, allocations and views through, refuses every other torch function, and keeps
+    alive what the recorded calls point into (every tensor whose data_ptr was read, and what was allocated). (A function mode rather than a dispatch mode: entering a dispatch mode the first
     time imports ~60 MB of torch's tracing modules.)"""
 
     def __init__(self):
@@ -52,7 +52,9 @@ class _KernelsOnly(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if name in VIEWS and not all(_same_storage(t, args[0]) for t in _tensors(out)):
             raise Uncapturable(f"the decode step copies a tensor ({name}) outside the CPU kernels")
-        if name not in METADATA:
+        if name == "data_ptr":  # every pointer a recorded call holds was read here: its tensor stays alive
+            self.kept.append(args[0])
+        elif name not in METADATA:
             self.kept.append(out)
         return out
 
