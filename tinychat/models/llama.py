@@ -80,6 +80,8 @@ class RotaryEmbedding(nn.Module):
         frequencies = self._frequencies()
         self.kinds = tuple(frequencies)  # fixed by the config: forward runs every step, so it is not recomputed
         self._table_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (kind, dtype, device) -> tables
+        # Tables a longer cache superseded: a captured decode step (a CUDA graph) may still read them.
+        self._superseded: list[tuple[torch.Tensor, torch.Tensor]] = []
         for kind, inv_freq in frequencies.items():
             self.register_buffer(self._buffer(kind), inv_freq, persistent=False)
 
@@ -100,6 +102,7 @@ class RotaryEmbedding(nn.Module):
         for kind, inv_freq in self._frequencies().items():
             setattr(self, self._buffer(kind), inv_freq.to(self.inv_freq.device))
         self._table_cache.clear()
+        self._superseded.clear()
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype,
@@ -118,6 +121,8 @@ class RotaryEmbedding(nn.Module):
         if tables is None or tables[0].shape[0] < n:
             positions = torch.arange(max(n, MIN_TABLE_POSITIONS), device=device)
             cos, sin = ops.rope_cos_sin(getattr(self, self._buffer(kind)), positions, dtype)
+            if tables is not None:
+                self._superseded.append(tables)
             tables = self._table_cache[key] = (cos, sin)
         return tables
 
