@@ -38,8 +38,9 @@ class Uncapturable(Exception):
 
 class _KernelsOnly(TorchFunctionMode):
     """Lets metadata reads, allocations and views through, refuses every other torch function, and keeps
-    alive what the recorded calls point into (every tensor whose data_ptr was read, and what was allocated). (A function mode rather than a dispatch mode: entering a dispatch mode the first
-    time imports ~60 MB of torch's tracing modules.)"""
+    alive what the recorded calls point into (every tensor whose data_ptr was read, and what was allocated).
+    A function mode rather than a dispatch mode: entering a dispatch mode the first time imports ~60 MB of
+    torch's tracing modules."""
 
     def __init__(self):
         super().__init__()
