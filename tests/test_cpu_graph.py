@@ -42,18 +42,32 @@ def test_add_matches_torch_bit_for_bit():
     assert torch.equal(ops.add(a.float(), b.float()), a.float() + b.float())  # fp32: torch's add
 
 
+def test_qk_rmsnorm_kernel_equals_the_per_head_norms_it_replaces():
+    """The fused per-head q/k norm (Qwen3, Gemma 3) gives the bits of normalizing each head with the CPU
+    RMSNorm kernel and concatenating, which is what the model computed before."""
+    hq, hkv, d = 8, 2, 64
+    qkv = torch.randn(3, 5, (hq + 2 * hkv) * d).to(BF16)
+    q_w, k_w = (1 + 0.1 * torch.randn(d)).to(BF16), (1 + 0.1 * torch.randn(d)).to(BF16)
+    got = ops.qk_rmsnorm(qkv, q_w, k_w, 1e-6, hq, hkv, d)
+    want = reference.qk_rmsnorm(qkv, q_w, k_w, 1e-6, hq, hkv, d, norm=cpu_kernels.add_rmsnorm)
+    assert torch.equal(got, want)
+    torch_only = reference.qk_rmsnorm(qkv.float(), q_w.float(), k_w.float(), 1e-6, hq, hkv, d)
+    assert torch.allclose(got.float(), torch_only, rtol=2e-2, atol=2e-2)
+
+
 def bf16_model(kind: str):
     """A random 4-bit model as the CPU engine loads one: bf16, int4 linears, an int8 head (tied: the embedding
     reads the head's int8 table)."""
     extra = {"mistral-window": dict(model_type="mistral", sliding_window=6),
-             "qwen2-bias": dict(model_type="qwen2"), "tied-int8-head": dict(tie_word_embeddings=True)}.get(kind, {})
+             "qwen2-bias": dict(model_type="qwen2"), "qwen3-qk-norm": dict(model_type="qwen3"),
+             "tied-int8-head": dict(tie_word_embeddings=True)}.get(kind, {})
     model = random_model(small_config(**extra), 64, dtype=BF16)
     use_int8_head(model)
     return model
 
 
 @pytest.mark.parametrize("kind,kv_cache", [("awq", None), ("mistral-window", None), ("qwen2-bias", None),
-                                           ("tied-int8-head", None), ("awq", "int8")])
+                                           ("qwen3-qk-norm", None), ("tied-int8-head", None), ("awq", "int8")])
 def test_replayed_step_equals_the_eager_step_bit_for_bit(kind, kv_cache):
     model = bf16_model(kind)
     config = model.config

@@ -174,11 +174,8 @@ class Attention(nn.Module):
     def _qk_normed(self, qkv: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "q_norm"):
             return qkv
-        b, t, _ = qkv.shape
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(b, t, self.n_heads, self.head_dim)).reshape(b, t, self.q_size)
-        k = self.k_norm(k.reshape(b, t, self.n_kv_heads, self.head_dim)).reshape(b, t, self.kv_size)
-        return torch.cat([q, k, v], dim=-1)
+        return ops.qk_rmsnorm(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.n_heads,
+                              self.n_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         b, t, _ = x.shape

@@ -9,16 +9,16 @@ implementation (tinychat.ops.reference) everywhere else, the CPU included.
 - tinychat.ops.cuda_ops   the dispatching wrappers re-exported here
 
 `attention` (prompts), `rope_cos_sin` and `gelu_tanh_mul` have no kernel of ours: torch runs them on every
-device; `add` and `take_rows` have CPU kernels only (torch on a GPU).
+device; `add`, `take_rows` and `qk_rmsnorm` have CPU kernels only (torch, or the RMSNorm kernel, on a GPU).
 Importing this package needs neither CuPy nor a GPU.
 """
 
 from . import kernels, reference
 from .cuda_ops import (add, add_rmsnorm, decode_attention, gemm_supported, gemm_w4a16, gemv_supported, gemv_w4a16,
-                       rope_kv_write, silu_mul, take_rows)
+                       qk_rmsnorm, rope_kv_write, silu_mul, take_rows)
 from .kernels import available, unavailable_reason
 from .reference import attention, gelu_tanh_mul, rope_cos_sin
 
 __all__ = ["kernels", "reference", "available", "unavailable_reason", "gemv_w4a16", "gemv_supported",
            "gemm_w4a16", "gemm_supported", "silu_mul", "gelu_tanh_mul", "add_rmsnorm", "rope_cos_sin", "rope_kv_write",
-           "attention", "decode_attention", "add", "take_rows"]
+           "attention", "decode_attention", "add", "take_rows", "qk_rmsnorm"]

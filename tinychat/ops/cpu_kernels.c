@@ -71,6 +71,21 @@ void tc_add_rmsnorm(const bf16* x, const bf16* delta, const bf16* weight, bf16* 
     }
 }
 
+// qkv rows [rows, (hq + 2 hkv) d] with each q head RMS-normed by q_w [d] and each k head by k_w [d] (Qwen3,
+// Gemma 3), v copied: the per-head norms tc_add_rmsnorm computes, written into one new qkv.
+void tc_qk_rmsnorm(const bf16* qkv, const bf16* q_w, const bf16* k_w, bf16* out, int64_t rows, int64_t hq,
+                   int64_t hkv, int64_t d, float eps) {
+    const int64_t width = (hq + 2 * hkv) * d;
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
+    for (int64_t r = 0; r < rows; ++r) {
+        const bf16* x = qkv + r * width;
+        bf16* o = out + r * width;
+        tc_add_rmsnorm(x, NULL, q_w, o, NULL, hq, d, eps);
+        tc_add_rmsnorm(x + hq * d, NULL, k_w, o + hq * d, NULL, hkv, d, eps);
+        memcpy(o + (hq + hkv) * d, x + (hq + hkv) * d, sizeof(bf16) * (size_t)(hkv * d));
+    }
+}
+
 #define MAX_DIM 256  // head_dim the kernels take with int8 caches and in the attention
 
 // Symmetric int8 codes of one head's d values (bf16 bits), as reference.quantize_kv computes them op by op:
@@ -643,7 +658,9 @@ void tc_add(const bf16* a, const bf16* b, bf16* out, int64_t n, int64_t nb) {
 // buffers with no Python in between: the step's inputs (tokens, positions) are read from memory by the
 // kernels, as a CUDA graph's are.
 
-#define REPLAY_OPS "tc_add_rmsnorm,tc_rope_kv_write,tc_decode_attention,tc_silu_mul,tc_int4pack_gemv,tc_int8_gemv,tc_take_rows,tc_add"
+#define REPLAY_OPS \
+    "tc_add_rmsnorm,tc_rope_kv_write,tc_decode_attention,tc_silu_mul,tc_int4pack_gemv,tc_int8_gemv,tc_take_rows," \
+    "tc_add,tc_qk_rmsnorm"
 
 const char* tc_replay_ops(void) { return REPLAY_OPS; }
 
@@ -659,7 +676,7 @@ static inline float word_f32(int64_t w) {
 // Runs the program's calls in order; returns 0, or the first nonzero status a call returned (-1 for an
 // unknown op or a wrong argument count: nothing after it ran).
 int tc_replay(const int64_t* prog, int64_t words) {
-    static const int64_t argc_of[] = {8, 15, 13, 4, 8, 7, 7, 5};
+    static const int64_t argc_of[] = {8, 15, 13, 4, 8, 7, 7, 5, 9};
     for (int64_t i = 0; i < words;) {
         const int64_t op = prog[i], argc = prog[i + 1];
         const int64_t* a = prog + i + 2;
@@ -676,6 +693,7 @@ int tc_replay(const int64_t* prog, int64_t words) {
             case 5: status = tc_int8_gemv(P(0), a[1], P(2), P(3), P(4), a[5], a[6]); break;
             case 6: status = tc_take_rows(P(0), P(1), P(2), P(3), a[4], a[5], a[6]); break;
             case 7: tc_add(P(0), P(1), P(2), a[3], a[4]); break;
+            case 8: tc_qk_rmsnorm(P(0), P(1), P(2), P(3), a[4], a[5], a[6], a[7], word_f32(a[8])); break;
         }
         if (status != 0) return status;
         i += 2 + argc;

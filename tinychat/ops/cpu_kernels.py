@@ -40,6 +40,7 @@ SIGNATURES = {
     "tc_int8_gemv": (_p, _i64, _p, _p, _p, _i64, _i64),
     "tc_take_rows": (_p, _p, _p, _p, _i64, _i64, _i64),
     "tc_add": (_p, _p, _p, _i64, _i64),
+    "tc_qk_rmsnorm": (_p, _p, _p, _p, _i64, _i64, _i64, _i64, _f32),
     "tc_has_avx512": (),
     "tc_replay": (_p, _i64),
     "tc_replay_ops": (),
@@ -245,6 +246,15 @@ def add(a, b):
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty_like(a)
     _call("tc_add", a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), b.numel())
+    return out
+
+
+def qk_rmsnorm(qkv, q_weight, k_weight, eps, n_heads, n_kv, head_dim):
+    qkv = qkv.contiguous()
+    out = torch.empty_like(qkv)
+    rows = qkv.numel() // ((n_heads + 2 * n_kv) * head_dim)
+    _call("tc_qk_rmsnorm", qkv.data_ptr(), q_weight.data_ptr(), k_weight.data_ptr(), out.data_ptr(), rows, n_heads,
+          n_kv, head_dim, eps)
     return out
 
 

@@ -192,6 +192,15 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return reference.add_rmsnorm(x, weight, eps, delta)
 
 
+def qk_rmsnorm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, n_heads: int,
+               n_kv: int, head_dim: int) -> torch.Tensor:
+    """qkv with its q and k heads RMS-normed per head (one CPU kernel; elsewhere the dispatched RMSNorm)."""
+    if (cpu_kernels.applies(qkv) and q_weight.dtype == k_weight.dtype == qkv.dtype
+            and q_weight.numel() == k_weight.numel() == head_dim):
+        return cpu_kernels.qk_rmsnorm(qkv, q_weight, k_weight, eps, n_heads, n_kv, head_dim)
+    return reference.qk_rmsnorm(qkv, q_weight, k_weight, eps, n_heads, n_kv, head_dim, norm=add_rmsnorm)
+
+
 # ---- KV caches as the kernels take them ------------------------------------------------------------
 
 def _kv_layout(dtype: torch.dtype, k_cache, v_cache, k_scale, v_scale) -> bool:

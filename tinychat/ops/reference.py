@@ -80,6 +80,19 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * F.rms_norm(h.float(), (h.shape[-1],), None, eps).to(h.dtype), h
 
 
+def qk_rmsnorm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, n_heads: int,
+               n_kv: int, head_dim: int, norm=None) -> torch.Tensor:
+    """qkv [..., (n_heads + 2 n_kv) head_dim] with each q head RMS-normed by q_weight and each k head by
+    k_weight (per-head q/k norms: Qwen3, Gemma 3), v as it is. `norm` is the RMSNorm used (default: this
+    module's add_rmsnorm)."""
+    norm = norm or add_rmsnorm
+    lead = qkv.shape[:-1]
+    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = norm(q.reshape(*lead, n_heads, head_dim), q_weight, eps)[0].reshape(*lead, n_heads * head_dim)
+    k = norm(k.reshape(*lead, n_kv, head_dim), k_weight, eps)[0].reshape(*lead, n_kv * head_dim)
+    return torch.cat([q, k, v], dim=-1)
+
+
 # ---- rotary embedding --------------------------------------------------------------------------------
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
