@@ -115,9 +115,9 @@ def gemv_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scales_zeros: torch.Ten
 def take_rows(table: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """table [rows, row] at ids -> [*ids.shape, row]; with scales, int8 codes times each row's scale."""
     if (ids.dtype == torch.long and ids.device.type == "cpu" and table.is_contiguous()
-            and (table.dtype == torch.bfloat16 if scales is None else
-                 table.dtype == torch.int8 and cpu_kernels.applies(scales) and scales.is_contiguous())
-            and cpu_kernels.library() is not None and table.device.type == "cpu"):
+            and (cpu_kernels.applies(table) if scales is None else
+                 table.dtype == torch.int8 and table.device.type == "cpu" and cpu_kernels.applies(scales)
+                 and scales.is_contiguous())):
         return cpu_kernels.take_rows(table, ids, scales)
     return reference.take_rows(table, ids, scales)
 
