@@ -50,7 +50,7 @@ def bench_linears(rows: list[int], group: int) -> None:
         cells = []
         for m in rows:
             x = torch.randn(m, k).to(torch.bfloat16)
-            gemv = timed(lambda: cpu_kernels.int4pack_gemv(x, packed, sz, group, n), 200)
+            gemv = timed(lambda: cpu_kernels.int4pack_gemv(x, packed, sz, group, n, pack.int4pack_block_n()), 200)
             ref = timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz), 200)
             cells.append(f"{gemv * 1e6:>10.1f} {ref * 1e6:>11.1f}")
         print(f"{name:>9} {f'{k}->{n}':>10} " + " ".join(cells))

@@ -166,10 +166,16 @@ def int4pack_weights(k, n, g):
     return packed, scales_and_zeros, pack.int4pack_cpu_dequant(packed, scales_and_zeros, g, n, k, torch.float32)
 
 
+def gemv(x, packed, scales_and_zeros, g, n):
+    from tinychat.quant import pack
+
+    return cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, g, n, pack.int4pack_block_n())
+
+
 def gemv_or_skip(x, packed, scales_and_zeros, g, n):
-    got = cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, g, n)
+    got = gemv(x, packed, scales_and_zeros, g, n)
     if got is None:
-        pytest.skip("the GEMV needs AVX-512")
+        pytest.skip("the GEMV needs AVX-512 or AVX2 and torch's int4 layout for them")
     return got
 
 
@@ -194,7 +200,7 @@ def test_int4pack_gemv_rows_are_bit_identical_to_one_row_calls(m, k, n, g):
     packed, scales_and_zeros, w = int4pack_weights(k, n, g)
     x = torch.randn(m, k).to(BF16)
     got = gemv_or_skip(x, packed, scales_and_zeros, g, n)
-    alone = torch.cat([cpu_kernels.int4pack_gemv(x[r:r + 1], packed, scales_and_zeros, g, n) for r in range(m)])
+    alone = torch.cat([gemv(x[r:r + 1], packed, scales_and_zeros, g, n) for r in range(m)])
     assert got.shape == (m, n) and got.dtype == BF16
     assert torch.equal(got, alone)
     assert rel(got, x.float() @ w.T) < 4e-3  # bf16 output rounding
@@ -205,7 +211,59 @@ def test_int4pack_gemv_rows_are_bit_identical_to_one_row_calls(m, k, n, g):
 def test_int4pack_gemv_declines_more_rows_than_it_takes():
     packed, scales_and_zeros, _ = int4pack_weights(128, 64, 32)
     x = torch.randn(cpu_kernels.GEMV_MAX_ROWS + 1, 128).to(BF16)
-    assert cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, 32, 64) is None
+    assert gemv(x, packed, scales_and_zeros, 32, 64) is None
+
+
+def test_this_machines_torch_int4_layout_is_known():
+    """4-bit linears take the int4 kernels only where pack reads torch's layout: on every x86 CPU with AVX2
+    (64-output blocks under AVX-512, 32 under AVX2; an unknown one would silently dequantize per call)."""
+    from tinychat.devices import _cpu_flags
+    from tinychat.quant import pack
+
+    if "avx2" not in _cpu_flags():
+        pytest.skip("torch's int4 layout is only known for AVX2 and AVX-512")
+    assert pack.int4pack_block_n() == (64 if "avx512f" in _cpu_flags() else 32)
+    assert cpu_kernels.gemv_support() & {64: cpu_kernels.GEMV_INT4_BLOCK64, 32: cpu_kernels.GEMV_INT4_BLOCK32}[
+        pack.int4pack_block_n()]
+
+
+def pack_int4_blocks(codes, block):
+    """codes [n, k] (0..15) in torch's CPU int4 layout with `block` outputs per block, written here from its
+    description (cpu_kernels.c), independently of torch: [n/block, k, block/2] bytes, output block*b + j in
+    the low nibble of [b, i, j], output block*b + block/2 + j in the high one."""
+    n, k = codes.shape
+    blocks = codes.to(torch.uint8).view(n // block, block, k).transpose(1, 2)  # [n/block, k, block]
+    return (blocks[..., :block // 2] | (blocks[..., block // 2:] << 4)).contiguous().view(n, k // 2)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("k,n,g", [(576, 960, 64), (256, 128, 32), (1536, 576, 128)])
+def test_int4_gemv_layouts_give_the_same_bits(m, k, n, g):
+    """The AVX-512 GEMV (64-output blocks) and the AVX2 one (32) accumulate each output in the same order, so
+    a model decodes the same on both kinds of CPU: where one build runs both, the bits must be equal, and
+    each must match the dequantized reference."""
+    both = cpu_kernels.GEMV_INT4_BLOCK64 | cpu_kernels.GEMV_INT4_BLOCK32
+    if cpu_kernels.gemv_support() & both == 0:
+        pytest.skip("no int4 GEMV built here")
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    s = torch.rand(k // g, n) * 0.02 + 0.002
+    offset = (torch.rand(k // g, n) - 0.5) * 0.1
+    scales_and_zeros = torch.stack([s, offset], dim=-1).to(BF16).contiguous()
+    sz = scales_and_zeros.float().repeat_interleave(g, dim=0)  # [k, n, 2]
+    w = ((codes.float() - 8) * sz[..., 0].T + sz[..., 1].T)
+    x = torch.randn(m, k).to(BF16)
+    from tinychat.quant import pack
+
+    block_here = pack.int4pack_block_n()
+    assert torch.equal(pack_int4_blocks(codes, block_here).view(torch.uint8),
+                       torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))  # the layout as written above
+    got = {}
+    for block, bit in ((64, cpu_kernels.GEMV_INT4_BLOCK64), (32, cpu_kernels.GEMV_INT4_BLOCK32)):
+        if cpu_kernels.gemv_support() & bit:
+            got[block] = cpu_kernels.int4pack_gemv(x, pack_int4_blocks(codes, block), scales_and_zeros, g, n, block)
+            assert rel(got[block], x.float() @ w.T) < 4e-3
+    if len(got) == 2:
+        assert torch.equal(got[64], got[32])
 
 
 def test_awq_linear_decodes_up_to_16_rows_with_the_gemv_and_prompts_with_torch(monkeypatch):

@@ -16,8 +16,11 @@
 // its keys over those threads, and the int4 GEMV, which streams the weights, its output blocks.
 
 #include <math.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define HAVE_AVX2 1  // the GEMVs' AVX2 paths (AMD Zen 2/3, Intel before AVX-512): torch packs int4 for them too
 #endif
 #include <stdint.h>
 #include <stdlib.h>
@@ -381,12 +384,20 @@ void tc_silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t n) {
     }
 }
 
-int tc_has_avx512(void) {
+#define GEMV_INT4_BLOCK64 1  // tc_gemv_support bits: the int4 GEMV on torch's AVX-512 layout (64-output blocks),
+#define GEMV_INT4_BLOCK32 2  // on its AVX2 layout (32-output blocks),
+#define GEMV_INT8 4          // and the int8 GEMV
+
+// Which GEMVs this build runs (the instruction sets it was compiled for): GEMV_* bits.
+int tc_gemv_support(void) {
+    int bits = 0;
 #ifdef __AVX512F__
-    return 1;
-#else
-    return 0;
+    bits |= GEMV_INT4_BLOCK64 | GEMV_INT8;
 #endif
+#ifdef HAVE_AVX2
+    bits |= GEMV_INT4_BLOCK32 | GEMV_INT8;
+#endif
+    return bits;
 }
 
 #ifdef __AVX512F__
@@ -404,6 +415,7 @@ static inline __m512 u8x16_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_c
 // per input against 4 FMAs per row), so fewer, wider passes do less: 6 rather than 4 took 16 rows of the
 // 576->3072 linear from 221 to 191 us and 13 rows from 183 to 166 us (2-core Xeon VM, weights in cache).
 #define GEMV_CHUNK 6
+#define GEMV_CHUNK_AVX2 2  // AVX2: 2 rows x 4 accumulators, 4 decoded vectors and a broadcast: 13 of 16 registers
 
 #ifdef __AVX512F__
 // The 64 codes of one input of a block (its 32 bytes) as four vectors of 16 floats: outputs 0-15 and 16-31
@@ -475,57 +487,136 @@ static inline __attribute__((always_inline)) void block_direct(const int rows, c
         }
 }
 
-// block_direct with rows and prefetch as constants (prefetch: only the first pass over a block streams it
-// from DRAM; later passes find it in L1/L2).
+// fn(R, P, ...) with rows R (1..6) and prefetch P as constants, from runtime values (prefetch: only the
+// first pass over a block streams it from DRAM; later passes find it in L1/L2).
+#define WITH_ROWS(fn, rows, prefetch, ...)                                               \
+    do {                                                                                 \
+        switch ((rows) * 2 + ((prefetch) != 0)) {                                        \
+            case 2: fn(1, 0, __VA_ARGS__); break;                                        \
+            case 3: fn(1, 1, __VA_ARGS__); break;                                        \
+            case 4: fn(2, 0, __VA_ARGS__); break;                                        \
+            case 5: fn(2, 1, __VA_ARGS__); break;                                        \
+            case 6: fn(3, 0, __VA_ARGS__); break;                                        \
+            case 7: fn(3, 1, __VA_ARGS__); break;                                        \
+            case 8: fn(4, 0, __VA_ARGS__); break;                                        \
+            case 9: fn(4, 1, __VA_ARGS__); break;                                        \
+            case 10: fn(5, 0, __VA_ARGS__); break;                                       \
+            case 11: fn(5, 1, __VA_ARGS__); break;                                       \
+            case 12: fn(6, 0, __VA_ARGS__); break;                                       \
+            default: fn(6, 1, __VA_ARGS__); break;                                       \
+        }                                                                                \
+    } while (0)
+
+#define BLOCK64(R, P, ...) block_direct(R, __VA_ARGS__, P)
 static void block_direct_rows(int64_t rows, const uint8_t* block, const float* xf, const float* xsum,
                               const bf16* scales_and_zeros, bf16* y, int64_t n, int64_t k, int64_t group, int64_t b,
                               int prefetch) {
-#define DIRECT(R, P) block_direct(R, block, xf, xsum, scales_and_zeros, y, n, k, group, b, P)
-    if (prefetch)
-        switch (rows) {
-            case 1: DIRECT(1, 1); break;
-            case 2: DIRECT(2, 1); break;
-            case 3: DIRECT(3, 1); break;
-            case 4: DIRECT(4, 1); break;
-            case 5: DIRECT(5, 1); break;
-            default: DIRECT(6, 1); break;
-        }
-    else
-        switch (rows) {
-            case 1: DIRECT(1, 0); break;
-            case 2: DIRECT(2, 0); break;
-            case 3: DIRECT(3, 0); break;
-            case 4: DIRECT(4, 0); break;
-            case 5: DIRECT(5, 0); break;
-            default: DIRECT(6, 0); break;
-        }
-#undef DIRECT
+    WITH_ROWS(BLOCK64, rows, prefetch, block, xf, xsum, scales_and_zeros, y, n, k, group, b);
+}
+#endif
+
+#ifdef HAVE_AVX2
+// The AVX2 GEMV: torch's AVX2 int4 layout is the AVX-512 one with 32-output blocks, packed uint8 [n/32, k, 16]
+// (input i of block b: code of output 32b + j in byte j's low nibble, of 32b + 16 + j in its high nibble),
+// so a block's 32 outputs are four vectors of 8 floats and each input 16 bytes. Every output accumulates
+// the same fp32 operations in the same order as in the AVX-512 kernel (the layouts' bits hold the same
+// codes), so the two give the same bits (tested on CPUs that run both).
+static inline __attribute__((always_inline)) void decode_codes32(const uint8_t* p, __m256 w[4]) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));  // bytes 0-7, one per lane
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)));
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, low));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 
+// Group g's s and (offset - 8 s) for block b's four vectors of outputs: a (s, offset) bf16 pair is one
+// 32-bit lane, s in its low half.
+static inline __attribute__((always_inline)) void group_scales32(const bf16* scales_and_zeros, int64_t n,
+                                                                 int64_t b, int64_t g, __m256 s[4],
+                                                                 __m256 off8[4]) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    for (int64_t c = 0; c < 4; ++c) {
+        const __m256i pairs = _mm256_loadu_si256((const __m256i*)(scales_and_zeros + (g * n + b * 32 + c * 8) * 2));
+        s[c] = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+        off8[c] = _mm256_fnmadd_ps(eight, s[c], _mm256_castsi256_ps(_mm256_and_si256(pairs, high)));
+    }
+}
+
+// block_direct for a 32-output block in the AVX2 layout; the group totals live in memory (touched once a
+// group), the accumulators in registers.
+static inline __attribute__((always_inline)) void block32(const int rows, const uint8_t* block, const float* xf,
+                                                          const float* xsum, const bf16* scales_and_zeros, bf16* y,
+                                                          int64_t n, int64_t k, int64_t group, int64_t b,
+                                                          const int prefetch) {
+    float total[GEMV_CHUNK_AVX2][32];
+    memset(total, 0, sizeof(total));
+    for (int64_t g = 0; g < k / group; ++g) {
+        __m256 acc[GEMV_CHUNK_AVX2][4];
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
+        for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+            if (prefetch && i % 4 == 0) _mm_prefetch((const char*)(block + i * 16 + GEMV_PREFETCH), _MM_HINT_T0);
+            __m256 w[4];
+            decode_codes32(block + i * 16, w);
+            for (int r = 0; r < rows; ++r) {
+                const __m256 xi = _mm256_set1_ps(xf[r * k + i]);
+                for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_fmadd_ps(w[c], xi, acc[r][c]);
+            }
+        }
+        __m256 s[4], off8[4];
+        group_scales32(scales_and_zeros, n, b, g, s, off8);
+        for (int r = 0; r < rows; ++r) {
+            const __m256 xs = _mm256_set1_ps(xsum[r * (k / group) + g]);
+            for (int c = 0; c < 4; ++c) {
+                __m256 t = _mm256_fmadd_ps(s[c], acc[r][c], _mm256_loadu_ps(total[r] + 8 * c));
+                _mm256_storeu_ps(total[r] + 8 * c, _mm256_fmadd_ps(off8[c], xs, t));
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < 32; ++j) y[r * n + b * 32 + j] = f2bf(total[r][j]);
+}
+
+static void block32_rows(int64_t rows, const uint8_t* block, const float* xf, const float* xsum,
+                         const bf16* scales_and_zeros, bf16* y, int64_t n, int64_t k, int64_t group, int64_t b,
+                         int prefetch) {
+#define BLOCK32(R, P) block32(R, block, xf, xsum, scales_and_zeros, y, n, k, group, b, P)
+    if (rows == 1) {
+        if (prefetch) BLOCK32(1, 1); else BLOCK32(1, 0);
+    } else {
+        if (prefetch) BLOCK32(2, 1); else BLOCK32(2, 0);
+    }
+#undef BLOCK32
+}
 #endif
 
 // y [m, n] bf16 = x [m, k] @ W.T for 1..GEMV_MAX_ROWS activation rows (decode: one row per sequence), reading
 // torch's CPU int4 layout as it is (tinychat.quant.pack.awq_to_int4pack_cpu, so prefill keeps torch's kernel
-// on the same tensors): packed uint8 [n/64, k, 32] holds, at [b, i, j], the code of output 64b + j in its low
-// nibble and of output 64b + 32 + j in its high nibble; scales_and_zeros bf16 [k/group, n, 2] holds
-// (s, offset) with W[o, i] = (q - 8) * s + offset. A block's 64 outputs are four vectors of 16 accumulators
-// per row and each input is one broadcast (no horizontal sums); per group,
+// on the same tensors). Torch packs for the instruction set its kernels run: `block` 64 (AVX-512) or 32
+// (AVX2) outputs per block. packed uint8 [n/block, k, block/2] holds, at [b, i, j], the code of output
+// block*b + j in its low nibble and of output block*b + block/2 + j in its high nibble; scales_and_zeros bf16
+// [k/group, n, 2] holds (s, offset) with W[o, i] = (q - 8) * s + offset. A block's outputs are four vectors
+// of accumulators per row and each input is one broadcast (no horizontal sums); per group,
 // sum_i W x_i = s * sum_i q x_i + (offset - 8 s) * sum_i x_i. fp32 throughout, rounded to bf16 once.
 // At batch 1 the weights stream from DRAM once per token, so the loop prefetches GEMV_PREFETCH bytes ahead:
 // on a 2-core Xeon VM the 120 linears of SmolLM2-135M took 4.8-5.0 ms a token this way against 8.0-8.5 ms in
 // torch's kernel.
-// Batched decode (m rows): each 32-byte chunk of codes is decoded once per pass of up to GEMV_CHUNK rows and
-// FMA'd into every row's accumulators, so the weights are read from DRAM once per call, not once per row,
-// and every row gets exactly the bits a one-row call on it gets (a sequence decodes the same in a batch as
-// alone; torch's kernel differs from this one in the last bits). In SmolLM2-135M's decode step an int4
-// linear took 78 us at 8 rows and 130 us at 16 against 111 and 202 us in torch's kernel (same VM).
-// (block, pass) pairs split over torch's OpenMP threads, so 9 blocks of 2 passes still share out evenly.
-// Returns -1 (nothing written) where AVX-512 is missing, n is not a multiple of 64 or m is outside
-// [1, GEMV_MAX_ROWS].
+// Batched decode (m rows): each input's codes are decoded once per pass of up to GEMV_CHUNK rows (AVX2:
+// GEMV_CHUNK_AVX2) and FMA'd into every row's accumulators, so the weights are read from DRAM once per
+// call, not once per row, and every row gets exactly the bits a one-row call on it gets (a sequence decodes
+// the same in a batch as alone; torch's kernel differs from this one in the last bits). In SmolLM2-135M's
+// decode step an int4 linear took 78 us at 8 rows and 130 us at 16 against 111 and 202 us in torch's kernel
+// (same VM, AVX-512). (block, pass) pairs split over torch's OpenMP threads, so 9 blocks of 2 passes still
+// share out evenly.
+// Returns -1 (nothing written) for a block width this build does not run (tc_gemv_support), n not a
+// multiple of it or m outside [1, GEMV_MAX_ROWS].
 int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16* scales_and_zeros, bf16* y,
-                     int64_t n, int64_t k, int64_t group) {
-#ifdef __AVX512F__
-    if (n % 64 || k % group || m < 1 || m > GEMV_MAX_ROWS) return -1;
+                     int64_t n, int64_t k, int64_t group, int64_t block) {
+    const int bit = block == 64 ? GEMV_INT4_BLOCK64 : block == 32 ? GEMV_INT4_BLOCK32 : 0;
+    if (!(tc_gemv_support() & bit) || n % block || k % group || m < 1 || m > GEMV_MAX_ROWS) return -1;
     const int64_t groups = k / group;
     float* xf = malloc(sizeof(float) * (size_t)(m * (k + groups)));
     if (!xf) return -1;
@@ -537,19 +628,25 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
             for (int64_t i = 0; i < group; ++i) s += xf[r * k + g * group + i];
             xsum[r * groups + g] = s;
         }
-    const int64_t chunks = (m + GEMV_CHUNK - 1) / GEMV_CHUNK, tasks = n / 64 * chunks;
+    const int64_t per_pass = block == 64 ? GEMV_CHUNK : GEMV_CHUNK_AVX2;
+    const int64_t chunks = (m + per_pass - 1) / per_pass, tasks = n / block * chunks;
 #pragma omp parallel for schedule(static) if (m * n * k >= 65536)
     for (int64_t t = 0; t < tasks; ++t) {  // pass c of block b: rows [r0, r1), chunks as even as they go
         const int64_t b = t / chunks, c = t % chunks, r0 = c * m / chunks, r1 = (c + 1) * m / chunks;
-        block_direct_rows(r1 - r0, packed + b * k * 32, xf + r0 * k, xsum + r0 * groups, scales_and_zeros,
-                          y + r0 * n, n, k, group, b, c == 0);
+        const uint8_t* codes = packed + b * k * (block / 2);
+#ifdef __AVX512F__
+        if (block == 64)
+            block_direct_rows(r1 - r0, codes, xf + r0 * k, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k,
+                              group, b, c == 0);
+#endif
+#ifdef HAVE_AVX2
+        if (block == 32)
+            block32_rows(r1 - r0, codes, xf + r0 * k, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k, group,
+                         b, c == 0);
+#endif
     }
     free(xf);
     return 0;
-#else
-    (void)x, (void)m, (void)packed, (void)scales_and_zeros, (void)y, (void)n, (void)k, (void)group;
-    return -1;
-#endif
 }
 
 #define INT8_CHUNK 4  // rows of x per pass: 4 rows x 4 partial sums = 16 accumulators in registers
@@ -585,14 +682,47 @@ static inline __attribute__((always_inline)) void int8_output(const int rows, co
 }
 #endif
 
+#ifdef HAVE_AVX2
+static inline __m256 i8x8_to_ps(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+// int8_output for one row with AVX2: each of the four 16-lane partial sums is two vectors of 8 (lanes 0-7,
+// 8-15), added in the AVX-512 kernel's order and reduced in _mm512_reduce_add_ps's tree (GCC: lane j + j+8,
+// then j + j+4, j + j+2, then 0 + 1), so both kernels give the same bits.
+static inline float int8_dot_avx2(const int8_t* row, const float* xf, int64_t k) {
+    __m256 acc[4][2];
+    for (int c = 0; c < 4; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64)
+        for (int c = 0; c < 4; ++c)
+            for (int h = 0; h < 2; ++h) {
+                const int64_t at = i + 16 * c + 8 * h;
+                acc[c][h] = _mm256_fmadd_ps(i8x8_to_ps(row + at), _mm256_loadu_ps(xf + at), acc[c][h]);
+            }
+    for (int c = 0; i < k; i += 16, ++c)  // the last k mod 64 inputs
+        for (int h = 0; h < 2; ++h)
+            acc[c][h] = _mm256_fmadd_ps(i8x8_to_ps(row + i + 8 * h), _mm256_loadu_ps(xf + i + 8 * h), acc[c][h]);
+    __m256 half[2];
+    for (int h = 0; h < 2; ++h)
+        half[h] = _mm256_add_ps(_mm256_add_ps(acc[0][h], acc[1][h]), _mm256_add_ps(acc[2][h], acc[3][h]));
+    const __m256 eight = _mm256_add_ps(half[1], half[0]);
+    const __m128 four = _mm_add_ps(_mm256_extractf128_ps(eight, 1), _mm256_castps256_ps128(eight));
+    const __m128 two = _mm_add_ps(four, _mm_shuffle_ps(four, four, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(two) + _mm_cvtss_f32(_mm_shuffle_ps(two, two, _MM_SHUFFLE(1, 1, 1, 1)));
+}
+#endif
+
 // y [m, n] bf16 = (x [m, k] @ q.T) * scales for the int8 lm_head (tinychat.quant.int8: q int8 [n, k], one bf16
 // scale per output row), 1..GEMV_MAX_ROWS rows of x; fp32 throughout, rounded to bf16 once, as torch's
 // _weight_int8pack_mm computes it (which read the table at about 14 GB/s in SmolLM2-135M's decode step,
 // 2.0 ms of a 10 ms token on a 2-core Xeon VM). Rows go in passes of up to INT8_CHUNK; each output row of q
 // is prefetched a few rows ahead (the table streams from DRAM once per token).
-// Returns -1 (nothing written) without AVX-512, for k not a multiple of 16 or m outside [1, GEMV_MAX_ROWS].
+// Without AVX-512, AVX2 computes one row at a time (the same bits; the row of q is in L1 for the next).
+// Returns -1 (nothing written) without AVX-512 or AVX2, for k not a multiple of 16 or m outside
+// [1, GEMV_MAX_ROWS].
 int tc_int8_gemv(const bf16* x, int64_t m, const int8_t* q, const bf16* scales, bf16* y, int64_t n, int64_t k) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(HAVE_AVX2)
     if (k % 16 || m < 1 || m > GEMV_MAX_ROWS) return -1;
     float* xf = malloc(sizeof(float) * (size_t)(m * k));
     if (!xf) return -1;
@@ -602,6 +732,9 @@ int tc_int8_gemv(const bf16* x, int64_t m, const int8_t* q, const bf16* scales, 
         const int8_t* row = q + o * k;
         for (int64_t c = 0; c < k; c += 64) _mm_prefetch((const char*)(row + 4 * k + c), _MM_HINT_T0);
         const float s = bf2f(scales[o]);
+#ifndef __AVX512F__
+        for (int64_t r = 0; r < m; ++r) y[r * n + o] = f2bf(int8_dot_avx2(row, xf + r * k, k) * s);
+#else
         for (int64_t r0 = 0; r0 < m; r0 += INT8_CHUNK) {
             const int64_t rows = m - r0 < INT8_CHUNK ? m - r0 : INT8_CHUNK;
             const float* xr = xf + r0 * k;
@@ -613,6 +746,7 @@ int tc_int8_gemv(const bf16* x, int64_t m, const int8_t* q, const bf16* scales, 
                 default: int8_output(4, row, xr, s, yr, n, k); break;
             }
         }
+#endif
     }
     free(xf);
     return 0;
@@ -676,7 +810,7 @@ static inline float word_f32(int64_t w) {
 // Runs the program's calls in order; returns 0, or the first nonzero status a call returned (-1 for an
 // unknown op or a wrong argument count: nothing after it ran).
 int tc_replay(const int64_t* prog, int64_t words) {
-    static const int64_t argc_of[] = {8, 15, 13, 4, 8, 7, 7, 5, 9};
+    static const int64_t argc_of[] = {8, 15, 13, 4, 9, 7, 7, 5, 9};
     for (int64_t i = 0; i < words;) {
         const int64_t op = prog[i], argc = prog[i + 1];
         const int64_t* a = prog + i + 2;
@@ -689,7 +823,7 @@ int tc_replay(const int64_t* prog, int64_t words) {
             case 2: status = tc_decode_attention(P(0), P(1), P(2), P(3), P(4), P(5), P(6), a[7], a[8], a[9], a[10],
                                                  a[11], a[12]); break;
             case 3: tc_silu_mul(P(0), P(1), a[2], a[3]); break;
-            case 4: status = tc_int4pack_gemv(P(0), a[1], P(2), P(3), P(4), a[5], a[6], a[7]); break;
+            case 4: status = tc_int4pack_gemv(P(0), a[1], P(2), P(3), P(4), a[5], a[6], a[7], a[8]); break;
             case 5: status = tc_int8_gemv(P(0), a[1], P(2), P(3), P(4), a[5], a[6]); break;
             case 6: status = tc_take_rows(P(0), P(1), P(2), P(3), a[4], a[5], a[6]); break;
             case 7: tc_add(P(0), P(1), P(2), a[3], a[4]); break;

@@ -36,12 +36,12 @@ SIGNATURES = {
     "tc_rope_kv_write": (_p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
     "tc_decode_attention": (_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
     "tc_silu_mul": (_p, _p, _i64, _i64),
-    "tc_int4pack_gemv": (_p, _i64, _p, _p, _p, _i64, _i64, _i64),
+    "tc_int4pack_gemv": (_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64),
     "tc_int8_gemv": (_p, _i64, _p, _p, _p, _i64, _i64),
     "tc_take_rows": (_p, _p, _p, _p, _i64, _i64, _i64),
     "tc_add": (_p, _p, _p, _i64, _i64),
     "tc_qk_rmsnorm": (_p, _p, _p, _p, _i64, _i64, _i64, _i64, _f32),
-    "tc_has_avx512": (),
+    "tc_gemv_support": (),
     "tc_replay": (_p, _i64),
     "tc_replay_ops": (),
 }
@@ -49,8 +49,10 @@ SIGNATURES = {
 
 # int results (0 / -1, flags); the rest return nothing, tc_replay_ops a string
 RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_int4pack_gemv", "tc_int8_gemv", "tc_take_rows",
-                  "tc_has_avx512", "tc_replay"}
-_gemv_refused = False  # set once the GEMV said it cannot run on this CPU (no AVX-512)
+                  "tc_gemv_support", "tc_replay"}
+# tc_gemv_support bits: the int4 GEMV on torch's 64-output blocks (its AVX-512 layout), on its 32-output
+# blocks (AVX2), the int8 GEMV
+GEMV_INT4_BLOCK64, GEMV_INT4_BLOCK32, GEMV_INT8 = 1, 2, 4
 
 
 def cache_dir() -> Path:
@@ -269,36 +271,36 @@ def silu_mul(gate_up):
 GEMV_MAX_ROWS = 16  # cpu_kernels.c GEMV_MAX_ROWS: a batched decode step's rows; more (prompts) run torch's kernel
 
 
-def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features):
-    """x [..., in] bf16, contiguous, 1..GEMV_MAX_ROWS rows in all, @ W.T from torch's CPU int4 layout ->
-    [..., out] bf16; each row's bits are those of that row alone. None where the kernel does not run (no
-    AVX-512, out not a multiple of 64, too many rows): then torch's kernel does."""
+@functools.cache
+def gemv_support() -> int:
+    """The GEMV_* bits of the GEMVs this machine's build runs (0 without the kernels)."""
+    return library().tc_gemv_support() if library() is not None else 0
+
+
+def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features, block):
+    """x [..., in] bf16, contiguous, 1..GEMV_MAX_ROWS rows in all, @ W.T from torch's CPU int4 layout with
+    `block` outputs per block (tinychat.quant.pack.int4pack_block_n) -> [..., out] bf16; each row's bits are
+    those of that row alone. None where the kernel does not run (not built for that layout, out not a
+    multiple of the block, too many rows): then torch's kernel does."""
     k = x.shape[-1]
     m = x.numel() // k
-    if _gemv_refused or out_features % 64 or not 1 <= m <= GEMV_MAX_ROWS:  # the kernel's blocks: 64 outputs
+    bit = {64: GEMV_INT4_BLOCK64, 32: GEMV_INT4_BLOCK32}.get(block, 0)
+    if not gemv_support() & bit or out_features % block or not 1 <= m <= GEMV_MAX_ROWS:
         return None
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     status = _call("tc_int4pack_gemv", x.data_ptr(), m, packed.data_ptr(), scales_and_zeros.data_ptr(),
-                   y.data_ptr(), out_features, k, group_size)
-    _note_refusal(status)
+                   y.data_ptr(), out_features, k, group_size, block)
     return y if status == 0 else None
-
-
-def _note_refusal(status: int) -> None:
-    """A GEMV that refused for want of AVX-512 will always refuse: the wrappers stop asking this process."""
-    global _gemv_refused
-    _gemv_refused = status != 0 and library().tc_has_avx512() == 0
 
 
 def int8_gemv(x, qweight, scales):
     """x [rows, in] bf16, contiguous, 1..GEMV_MAX_ROWS rows, @ (qweight int8 [out, in] * scales bf16 [out]).T ->
-    [rows, out] bf16 (the int8 lm_head); None where the kernel does not run (no AVX-512, in not a multiple
-    of 16, too many rows): then torch's _weight_int8pack_mm does."""
+    [rows, out] bf16 (the int8 lm_head); None where the kernel does not run (neither AVX-512 nor AVX2, in not
+    a multiple of 16, too many rows): then torch's _weight_int8pack_mm does."""
     m, k = x.shape
-    if _gemv_refused or k % 16 or not 1 <= m <= GEMV_MAX_ROWS or scales.dtype != torch.bfloat16:
+    if not gemv_support() & GEMV_INT8 or k % 16 or not 1 <= m <= GEMV_MAX_ROWS or scales.dtype != torch.bfloat16:
         return None
     y = torch.empty(m, qweight.shape[0], dtype=torch.bfloat16)
     status = _call("tc_int8_gemv", x.data_ptr(), m, qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
                    qweight.shape[0], k)
-    _note_refusal(status)
     return y if status == 0 else None

@@ -203,12 +203,12 @@ def awq_to_int4pack_cpu(
         )
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TinychatError(f"the CPU int4 kernel computes in fp32, bf16 or fp16, not {dtype}")
-    # A slice of output rows (whole blocks of 64, a few million codes) at a time, through two int32
+    # A slice of output rows (whole blocks, a few million codes) at a time, through two int32
     # buffers made once (the unpacked codes, then transposed: 8 bytes a weight of the slice), so the
     # scratch is one slice's whatever the linear, and the heap is not left with a hole per slice. The
     # layout is block-local along the outputs (see int4pack_cpu_codes), so converting a slice of rows
     # gives those rows of the whole conversion; the probe checks the slice's widths as well.
-    block = _INT4PACK_BLOCK_N
+    block = int4pack_block_n() or out_features
     step = max(block, (INT4PACK_REPACK_ELEMENTS // in_features) // block * block)
     if step >= out_features or not all(int4pack_layout_is_known(n) for n in (step, out_features % step or step)):
         step = out_features
@@ -242,17 +242,40 @@ def int4pack_mm_cpu(
 
 
 # torch's CPU int4pack layout, read off its output (torch 2.13): the uint8 tensor viewed as
-# [out/64, in, 32] holds, at [b, k, d], code(64b + d, k) in the low nibble and code(64b + 32 + d, k)
-# in the high nibble. It is undocumented, so `int4pack_layout_is_known` checks it on a probe first.
-_INT4PACK_BLOCK_N = 64
+# [out/B, in, B/2] holds, at [b, k, d], code(B b + d, k) in the low nibble and code(B b + B/2 + d, k) in the
+# high nibble, where the block width B follows the instruction set torch's kernels run on this CPU: 64 with
+# AVX-512, 32 with AVX2 (seen on an AMD EPYC Zen 3). It is undocumented, so `int4pack_block_n` reads B off a
+# probe and `int4pack_layout_is_known` checks each width first.
+_INT4PACK_BLOCK_WIDTHS = (64, 32)
 INT4PACK_REPACK_ELEMENTS = 1 << 21  # codes converted per slice: 16 MB of int32 scratch (tinychat.plan counts it)
+
+
+def _int4pack_codes(packed: torch.Tensor, out_features: int, in_features: int, block: int) -> torch.Tensor:
+    blocks = packed.view(out_features // block, in_features, block // 2)
+    codes = torch.cat([blocks & 0xF, blocks >> 4], dim=2)  # [out/B, in, B]
+    return codes.transpose(1, 2).reshape(out_features, in_features)
+
+
+def _probe_codes(out_features: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 16, (out_features, 64), generator=gen, dtype=torch.int32)
+
+
+@functools.cache
+def int4pack_block_n() -> int | None:
+    """The outputs per block of torch's CPU int4 layout on this machine (see above), None if it is neither
+    known layout (then 4-bit linears dequantize: see int4pack_layout_is_known)."""
+    codes = _probe_codes(128)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    if packed.dtype != torch.uint8 or packed.numel() * 2 != codes.numel():
+        return None
+    return next((b for b in _INT4PACK_BLOCK_WIDTHS
+                 if torch.equal(_int4pack_codes(packed, 128, 64, b).to(torch.int32), codes)), None)
 
 
 def int4pack_cpu_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Codes [out, in] (uint8, 0..15) back from the CPU kernel's packed weight."""
-    blocks = packed.view(out_features // _INT4PACK_BLOCK_N, in_features, _INT4PACK_BLOCK_N // 2)
-    codes = torch.cat([blocks & 0xF, blocks >> 4], dim=2)  # [out/64, in, 64]
-    return codes.transpose(1, 2).reshape(out_features, in_features)
+    return _int4pack_codes(packed, out_features, in_features, int4pack_block_n())
 
 
 def int4pack_cpu_dequant(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
@@ -267,13 +290,11 @@ def int4pack_cpu_dequant(packed: torch.Tensor, scales_and_zeros: torch.Tensor, g
 @functools.cache
 def int4pack_layout_is_known(out_features: int) -> bool:
     """Whether int4pack_cpu_codes decodes this torch build's layout for this output width."""
-    if out_features % _INT4PACK_BLOCK_N:
+    block = int4pack_block_n()
+    if block is None or out_features % block:
         return False
-    gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (out_features, 64), generator=gen, dtype=torch.int32)
+    codes = _probe_codes(out_features)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    if packed.dtype != torch.uint8 or packed.numel() * 2 != codes.numel():
-        return False
     return torch.equal(int4pack_cpu_codes(packed, out_features, 64).to(torch.int32), codes)
 
 

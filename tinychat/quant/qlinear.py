@@ -53,6 +53,7 @@ class _Strategy(nn.Module):
 
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 _GEMV_MAX_ROWS = cpu_kernels.GEMV_MAX_ROWS
+_BLOCK_N = pack.int4pack_block_n  # the layout's block width (AVX-512 or AVX2 torch), probed once
 
 
 class Int4CpuKernel(_Strategy):
@@ -78,7 +79,8 @@ class Int4CpuKernel(_Strategy):
             packed, scales_and_zeros = buffers["packed"], buffers["scales_and_zeros"]
             # decode, one row per sequence: the prefetching GEMV (each row's bits as if decoded alone)
             if x.numel() <= _GEMV_MAX_ROWS * self.in_features and cpu_kernels.library() is not None:
-                y = cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, self.group_size, self.out_features)
+                y = cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, self.group_size, self.out_features,
+                                              _BLOCK_N())
                 if y is not None:
                     return y
             y = _INT4_MM(x.view(-1, self.in_features), packed, self.group_size, scales_and_zeros)
