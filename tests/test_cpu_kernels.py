@@ -208,10 +208,19 @@ def test_int4pack_gemv_rows_are_bit_identical_to_one_row_calls(m, k, n, g):
     assert leading.shape == (m, 1, n) and torch.equal(leading.view(m, n), got)
 
 
-def test_int4pack_gemv_declines_more_rows_than_it_takes():
-    packed, scales_and_zeros, _ = int4pack_weights(128, 64, 32)
-    x = torch.randn(cpu_kernels.GEMV_MAX_ROWS + 1, 128).to(BF16)
-    assert gemv(x, packed, scales_and_zeros, 32, 64) is None
+def test_int4pack_gemv_takes_prompts_only_on_the_avx2_layout():
+    """The AVX-512 layout's GEMV declines more than GEMV_MAX_ROWS rows (torch's kernel is faster there); the
+    AVX2 one computes any number, each row as alone, as the reference does."""
+    from tinychat.quant import pack
+
+    packed, scales_and_zeros, w = int4pack_weights(128, 64, 32)
+    x = torch.randn(cpu_kernels.GEMV_MAX_ROWS + 21, 128).to(BF16)
+    got = gemv(x, packed, scales_and_zeros, 32, 64)
+    if pack.int4pack_block_n() == 64 or not cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK32:
+        assert got is None
+    else:
+        assert rel(got, x.float() @ w.T) < 4e-3
+        assert torch.equal(got[20:21], gemv(x[20:21], packed, scales_and_zeros, 32, 64))
 
 
 def test_this_machines_torch_int4_layout_is_known():
@@ -236,8 +245,8 @@ def pack_int4_blocks(codes, block):
     return (blocks[..., :block // 2] | (blocks[..., block // 2:] << 4)).contiguous().view(n, k // 2)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("k,n,g", [(576, 960, 64), (256, 128, 32), (1536, 576, 128)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("k,n,g", [(576, 960, 64), (256, 128, 32), (1536, 576, 128), (512, 64, 256)])
 def test_int4_gemv_layouts_give_the_same_bits(m, k, n, g):
     """The AVX-512 GEMV (64-output blocks) and the AVX2 one (32) accumulate each output in the same order, so
     a model decodes the same on both kinds of CPU: where one build runs both, the bits must be equal, and
@@ -266,7 +275,9 @@ def test_int4_gemv_layouts_give_the_same_bits(m, k, n, g):
         assert torch.equal(got[64], got[32])
 
 
-def test_awq_linear_decodes_up_to_16_rows_with_the_gemv_and_prompts_with_torch(monkeypatch):
+def test_awq_linear_decodes_with_the_gemv_and_prompts_with_the_faster_kernel(monkeypatch):
+    """Decode rows (1..16) take our GEMV; a 17-row prompt takes it on the AVX2 layout and torch's kernel on
+    the AVX-512 one (ours declines it)."""
     from tinychat.quant import pack
     from tinychat.quant.qlinear import AWQLinear
 
@@ -275,15 +286,24 @@ def test_awq_linear_decodes_up_to_16_rows_with_the_gemv_and_prompts_with_torch(m
     scales = (torch.rand(k // g, n) * 0.02 + 0.002).half()
     layer = AWQLinear(pack.pack_awq(codes), pack.pack_awq(zeros), scales, g, dtype=BF16)
     assert layer.implementation == "cpu-int4"
-    calls = []
+    computed = []
     real = cpu_kernels.int4pack_gemv
-    monkeypatch.setattr(cpu_kernels, "int4pack_gemv", lambda *a: calls.append(a[0].shape) or real(*a))
+
+    def spy(*a):
+        y = real(*a)
+        computed.append(y is not None and tuple(a[0].shape))
+        return y
+
+    monkeypatch.setattr(cpu_kernels, "int4pack_gemv", spy)
     w = layer.dequantized_weight().float()
     for shape in ((1, 1, k), (8, 1, k), (16, k), (1, 17, k)):
         x = torch.randn(shape).to(BF16)
         y = layer(x)
         assert y.shape == (*shape[:-1], n) and rel(y, x.float() @ w.T) < 1e-2
-    assert calls == [(1, 1, k), (8, 1, k), (16, k)]  # the 17-row prompt went to torch's kernel
+    if not cpu_kernels.gemv_support():
+        pytest.skip("no GEMV built here")
+    prompt = (1, 17, k) if pack.int4pack_block_n() == 32 else False  # AVX-512: torch's kernel took the prompt
+    assert computed == [(1, 1, k), (8, 1, k), (16, k), prompt]
     x = torch.randn(5, 1, k).to(BF16)
     assert torch.equal(layer(x), torch.cat([layer(x[r:r + 1]) for r in range(5)]))
 

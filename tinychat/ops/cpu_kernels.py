@@ -268,7 +268,8 @@ def silu_mul(gate_up):
     return out
 
 
-GEMV_MAX_ROWS = 16  # cpu_kernels.c GEMV_MAX_ROWS: a batched decode step's rows; more (prompts) run torch's kernel
+GEMV_MAX_ROWS = 16  # cpu_kernels.c GEMV_MAX_ROWS: a batched decode step's rows; more (prompts) run torch's kernel,
+# except on torch's AVX2 int4 layout, whose GEMV takes any rows (faster than torch's kernel there for prompts too)
 
 
 @functools.cache
@@ -278,14 +279,15 @@ def gemv_support() -> int:
 
 
 def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features, block):
-    """x [..., in] bf16, contiguous, 1..GEMV_MAX_ROWS rows in all, @ W.T from torch's CPU int4 layout with
-    `block` outputs per block (tinychat.quant.pack.int4pack_block_n) -> [..., out] bf16; each row's bits are
-    those of that row alone. None where the kernel does not run (not built for that layout, out not a
-    multiple of the block, too many rows): then torch's kernel does."""
+    """x [..., in] bf16, contiguous, @ W.T from torch's CPU int4 layout with `block` outputs per block
+    (tinychat.quant.pack.int4pack_block_n) -> [..., out] bf16; each row's bits are those of that row alone.
+    Rows: 1..GEMV_MAX_ROWS on the AVX-512 layout (64), any number on the AVX2 one (32). None where the kernel
+    does not run (not built for that layout, out not a multiple of the block, too many rows): then torch's
+    kernel does."""
     k = x.shape[-1]
     m = x.numel() // k
     bit = {64: GEMV_INT4_BLOCK64, 32: GEMV_INT4_BLOCK32}.get(block, 0)
-    if not gemv_support() & bit or out_features % block or not 1 <= m <= GEMV_MAX_ROWS:
+    if not gemv_support() & bit or out_features % block or m < 1 or (block == 64 and m > GEMV_MAX_ROWS):
         return None
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     status = _call("tc_int4pack_gemv", x.data_ptr(), m, packed.data_ptr(), scales_and_zeros.data_ptr(),
