@@ -165,7 +165,8 @@ int tc_rope_kv_write(const bf16* qkv, const bf16* cos_t, const bf16* sin_t, cons
 // exp(x) for x in [-87, 88] in a form the compiler vectorises (glibc's expf is a scalar call): Cody-Waite
 // reduction to r in [-ln2/2, ln2/2] and Cephes' degree-6 polynomial; relative error below 2e-7.
 static inline float vexp(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    x = x < -87.0f ? -87.0f : x;  // two selects, not nested ones: the loops calling this vectorise
+    x = x > 88.0f ? 88.0f : x;
     const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
     const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -175,10 +176,8 @@ static inline float vexp(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const float y = p * r * r + r + 1.0f;
-    const uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return y * scale;
+    const union { uint32_t bits; float f; } scale = {(uint32_t)((int32_t)k + 127) << 23};  // 2^k (a union,
+    return y * scale.f;  // not memcpy: GCC vectorises the softmax's exp loop through it, not through a memcpy)
 }
 
 #define ATTN_PREFETCH_ROWS 16  // bf16 key/value rows fetched ahead of use (int8: as many bytes, twice the rows)
@@ -209,7 +208,7 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
     const int64_t len = t1 - t0;
     const int64_t row_bytes = q8 ? d : 2 * d, ahead = ATTN_PREFETCH_ROWS * 2 * d;
     float row[MAX_DIM];
-    (void)ahead;  // used by the AVX-512 loops only
+    (void)ahead, (void)row_bytes;  // used by the vector loops only
 #ifdef __AVX512F__
     if (d % 16 == 0) {  // one key row in registers, a fused multiply-add chain per query head
         for (int64_t t = 0; t < len; ++t) {
@@ -226,6 +225,32 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
                 __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qf[g]), k[0]);
                 for (int64_t c = 1; c < d / 16; ++c) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qf[g] + 16 * c), k[c], sum);
                 scores[g * len + t] = scale * _mm512_reduce_add_ps(sum);
+            }
+        }
+    } else
+#elif defined(HAVE_AVX2)
+    if (d % 16 == 0) {  // the same with 8-float vectors, two FMA chains per query head (the rows are 8 deep)
+        for (int64_t t = 0; t < len; ++t) {
+            const char* kr = (const char*)kb + (t0 + t) * row_bytes;
+            for (int64_t c = 0; c < row_bytes; c += 64) _mm_prefetch(kr + ahead + c, _MM_HINT_T0);
+            __m256 k[MAX_DIM / 8];
+            for (int64_t c = 0; c < d / 8; ++c)
+                k[c] = q8 ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(kr + 8 * c))))
+                          : _mm256_castsi256_ps(_mm256_slli_epi32(
+                                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(kr + 16 * c))), 16));
+            const float scale = q8 ? bf2f(ks[t0 + t]) : 1.0f;
+            for (int64_t g = 0; g < group; ++g) {
+                __m256 even = _mm256_mul_ps(_mm256_loadu_ps(qf[g]), k[0]);
+                __m256 odd = _mm256_mul_ps(_mm256_loadu_ps(qf[g] + 8), k[1]);
+                for (int64_t c = 2; c < d / 8; c += 2) {
+                    even = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + 8 * c), k[c], even);
+                    odd = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + 8 * c + 8), k[c + 1], odd);
+                }
+                const __m256 sum = _mm256_add_ps(even, odd);
+                __m128 h = _mm_add_ps(_mm256_extractf128_ps(sum, 1), _mm256_castps256_ps128(sum));
+                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                scores[g * len + t] = scale * _mm_cvtss_f32(h);
             }
         }
     } else
@@ -255,7 +280,7 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
         for (int64_t i = 0; i < d; ++i) acc[g * d + i] = 0.0f;
     }
     for (int64_t t = 0; t < len; ++t) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(HAVE_AVX2)
         for (int64_t c = 0; c < row_bytes; c += 64)
             _mm_prefetch((const char*)vb + (t0 + t) * row_bytes + ahead + c, _MM_HINT_T0);
 #endif
