@@ -717,6 +717,7 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
     for (int64_t t = 0; t < tasks; ++t) {  // pass c of block b: rows [r0, r1), chunks as even as they go
         const int64_t b = t / chunks, c = t % chunks, r0 = c * m / chunks, r1 = (c + 1) * m / chunks;
         const uint8_t* codes = packed + b * k * (block / 2);
+        (void)codes, (void)r0, (void)r1;  // a build with neither instruction set never gets here (tc_gemv_support)
 #ifdef __AVX512F__
         if (block == 64)
             block_direct_rows(r1 - r0, codes, xf + r0 * k, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k,
