@@ -257,9 +257,10 @@ def kv_cache_bytes(config: ModelConfig, context: int, batch: int, kv_cache: str 
 
 
 def activation_items(config: ModelConfig, precision: str, context: int, batch: int,
-                     chunk: int = PREFILL_CHUNK, cpu: bool = False) -> list[Item]:
+                     chunk: int = PREFILL_CHUNK, cpu: bool = False, group_size: int | None = None) -> list[Item]:
     """Transient memory of one forward: a prefill chunk of min(context, chunk) tokens per sequence. On the
-    CPU the int4 kernel reads the packed weights: no dequantized copy of a linear."""
+    CPU the int4 kernel reads the packed weights: no dequantized copy of a linear, but tinychat's GEMV
+    (which takes prompts on CPUs without AVX-512) copies its input rows to fp32 with their group sums."""
     c, b = min(context, chunk), batch
     h, ffn, V = config.hidden_size, config.intermediate_size, config.vocab_size
     heads = config.num_attention_heads
@@ -277,6 +278,11 @@ def activation_items(config: ModelConfig, precision: str, context: int, batch: i
         Item("activations", "logits", b * V * (FP16 + 2 * FP32),
              f"batch {b} x vocab {V} x (2 fp16 + 4 fp32 + 4 fp32 probabilities)"),
     ]
+    if precision == "w4a16" and cpu:
+        inp = max(i for i, _ in fused_linear_shapes(config).values())
+        sums = inp // group_size if group_size else 0
+        items.append(Item("activations", "int4 GEMV input rows (fp32)", b * c * (inp + sums) * FP32,
+                          f"batch {b} x chunk {c} x (widest linear input {inp} + {sums} group sums) x 4 bytes"))
     if precision == "w4a16" and not cpu:
         name, (inp, out) = max(fused_linear_shapes(config).items(), key=lambda kv_: kv_[1][0] * kv_[1][1])
         items.append(Item("activations", "dequantized linear (fp16)", inp * out * FP16,
@@ -400,7 +406,7 @@ def make_plan(config: ModelConfig, precision: str = "w4a16", group_size: int | N
     items.append(Item("kv cache", f"KV cache ({kv_cache})", kv,
                       f"2 x {config.num_hidden_layers} layers x {config.num_key_value_heads} kv heads x "
                       f"{per_head} x context {context} x batch {batch}"))
-    items += activation_items(config, precision, context, batch, cpu=device.cpu)
+    items += activation_items(config, precision, context, batch, cpu=device.cpu, group_size=group_size)
     items += overhead_items(device, sum(i.bytes for i in items))
     items += load_items(config, precision, group_size, device, weights, int8_head)
     return Plan(model, precision, group_size, context, batch, device, items, notes)
