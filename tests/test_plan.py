@@ -69,6 +69,16 @@ def test_llama2_7b_kv_cache_and_activations_by_hand():
     assert p.fits and p.margin == 24 * GiB - p.total
 
 
+def test_cpu_plan_counts_the_int4_gemvs_fp32_input_rows():
+    """On the CPU a prefill chunk's input rows are copied to fp32 with one sum per group by tinychat's int4
+    GEMV (cpu_kernels.c); no dequantized linear exists there."""
+    p = plan.make_plan(shape("llama-2-7b"), "w4a16", 128, context=4096, batch=2, device="cpu")
+    got = items(p)
+    # widest linear input: down_proj's 11008; 2 x 512 rows x (11008 + 86 group sums) x 4 bytes
+    assert got["int4 GEMV input rows (fp32)"] == 2 * 512 * (11008 + 86) * 4
+    assert "dequantized linear (fp16)" not in got
+
+
 def test_kv_cache_scales_with_context_and_batch():
     config = shape("llama-2-70b")
     # GQA: 2 x 80 x 8 x 128 x 2 = 327,680 bytes per token (PERF.md: 0.31 MB)
