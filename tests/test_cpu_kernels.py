@@ -352,3 +352,81 @@ def test_positions_outside_the_cache_are_refused_not_written():
     cos, sin = reference.rope_cos_sin(torch.rand(32), torch.tensor([[8]]), BF16)
     with pytest.raises(IndexError):
         cpu_kernels.rope_kv_write(qkv, cos, sin, torch.tensor([[8]]), cache, cache.clone(), 4, 2, 64)
+
+
+def avx2_and_native_builds():
+    """(AVX2 build, native AVX-512 build) on a CPU with AVX-512, where the native build never runs the AVX2
+    paths; skips elsewhere (there the native build is the AVX2 one, held to the references above)."""
+    if not cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64:
+        pytest.skip("no AVX-512 here: the native build runs the AVX2 paths itself")
+    try:
+        avx2 = cpu_kernels.build_variant("-mno-avx512f")
+    except OSError as e:
+        pytest.skip(f"no AVX2 variant could be built: {e}")
+    assert avx2.tc_gemv_support() == cpu_kernels.GEMV_INT4_BLOCK32 | cpu_kernels.GEMV_INT8
+    return avx2, cpu_kernels.library()
+
+
+def int4_call(lib, x, codes, scales_and_zeros, g, block):
+    m, k = x.shape
+    n = codes.shape[0]
+    y = torch.empty(m, n, dtype=BF16)
+    packed = pack_int4_blocks(codes, block)
+    assert lib.tc_int4pack_gemv(x.data_ptr(), m, packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), n,
+                                k, g, block) == 0
+    return y
+
+
+def int8_call(lib, x, q, scales):
+    y = torch.empty(x.shape[0], q.shape[0], dtype=BF16)
+    assert lib.tc_int8_gemv(x.data_ptr(), x.shape[0], q.data_ptr(), scales.data_ptr(), y.data_ptr(), q.shape[0],
+                            q.shape[1]) == 0
+    return y
+
+
+def attention_call(lib, q, k_cache, v_cache, pos, k_scale=None, v_scale=None):
+    b, hq, d = q.shape
+    out = torch.empty_like(q)
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    assert lib.tc_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), ptr(k_scale), ptr(v_scale),
+                                   pos.data_ptr(), out.data_ptr(), b, hq, k_cache.shape[1], d, k_cache.shape[2],
+                                   0) == 0
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_avx2_build_gives_the_avx512_builds_gemv_bits(m):
+    """The GEMVs' AVX2 paths (what AMD Zen 2/3 run) against the AVX-512 ones, on one CPU: the same bits."""
+    from tinychat.quant.int8 import quantize_rows_int8
+
+    avx2, native = avx2_and_native_builds()
+    k, n, g = 576, 960, 64
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    scales_and_zeros = torch.stack([torch.rand(k // g, n) * 0.02 + 0.002, (torch.rand(k // g, n) - 0.5) * 0.1],
+                                   dim=-1).to(BF16).contiguous()
+    x = torch.randn(m, k).to(BF16)
+    assert torch.equal(int4_call(avx2, x, codes, scales_and_zeros, g, 32),
+                       int4_call(native, x, codes, scales_and_zeros, g, 64))
+    q, scales = quantize_rows_int8(torch.randn(1000, k))
+    scales = scales.to(BF16)
+    assert torch.equal(int8_call(avx2, x, q, scales), int8_call(native, x, q, scales))
+
+
+@pytest.mark.parametrize("int8_cache", [False, True])
+def test_avx2_builds_decode_attention_matches_the_avx512_builds(int8_cache):
+    """The attention's AVX2 score loop sums in another order than the AVX-512 one: equal up to fp32 rounding
+    (then bf16), and both match the reference."""
+    avx2, native = avx2_and_native_builds()
+    b, hq, hkv, d, max_seq = 2, 9, 3, 64, 600
+    q = torch.randn(b, hq, d).to(BF16)
+    pos = torch.tensor([5, 555])
+    if int8_cache:
+        k_cache = torch.randint(-127, 128, (b, hkv, max_seq, d), dtype=torch.int8)
+        v_cache = torch.randint(-127, 128, (b, hkv, max_seq, d), dtype=torch.int8)
+        k_scale, v_scale = (torch.rand(b, hkv, max_seq) * 0.02 + 0.001).to(BF16), (torch.rand(b, hkv, max_seq) * 0.02).to(BF16)
+    else:
+        k_cache, v_cache = torch.randn(b, hkv, max_seq, d).to(BF16), torch.randn(b, hkv, max_seq, d).to(BF16)
+        k_scale = v_scale = None
+    got = attention_call(avx2, q, k_cache, v_cache, pos, k_scale, v_scale)
+    want = attention_call(native, q, k_cache, v_cache, pos, k_scale, v_scale)
+    assert rel(got, want) < 4e-3

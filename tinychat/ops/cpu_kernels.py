@@ -66,8 +66,9 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def _build(compiler: str) -> Path:
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), platform.machine(), _cpu_identity()])
+def _build(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    flags = (*FLAGS, *extra_flags)
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), platform.machine(), _cpu_identity()])
                          .encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -76,7 +77,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
         os.replace(tmp, target)
@@ -84,6 +85,28 @@ def _build(compiler: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, args in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, (ctypes.c_int if name in RETURNS_STATUS else None)
+    lib.tc_replay_ops.restype = ctypes.c_char_p
+    return lib
+
+
+def build_variant(*extra_flags: str) -> ctypes.CDLL:
+    """The kernels built with more compiler flags (tests: `-mno-avx512f` runs the AVX2 paths on a CPU that
+    has AVX-512, to hold them to the AVX-512 ones); raises OSError where they cannot be built."""
+    compiler = _compiler()
+    if compiler is None:
+        raise OSError("no C compiler")
+    return _open(_build(compiler, extra_flags))
 
 
 @functools.cache
@@ -98,18 +121,14 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, "disabled by TINYCHAT_CPU_KERNELS=0"
     if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
         return None, f"no build recipe for {platform.machine()}"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = _compiler()
     if compiler is None:
         return None, "no C compiler (cc, gcc or clang) on PATH"
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = _open(_build(compiler))
     except OSError as e:
         print(f"tinychat: the CPU kernels could not be built ({e}); using torch ops", file=sys.stderr)
         return None, str(e)
-    for name, args in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, (ctypes.c_int if name in RETURNS_STATUS else None)
-    lib.tc_replay_ops.restype = ctypes.c_char_p
     return lib, None
 
 
