@@ -275,7 +275,11 @@ def int4pack_block_n() -> int | None:
 
 def int4pack_cpu_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """Codes [out, in] (uint8, 0..15) back from the CPU kernel's packed weight."""
-    return _int4pack_codes(packed, out_features, in_features, int4pack_block_n())
+    block = int4pack_block_n()
+    if block is None:
+        raise TinychatError("torch's CPU int4 layout on this machine is neither its AVX2 nor its AVX-512 one; "
+                            "4-bit linears dequantize instead (implementation 'dequant')")
+    return _int4pack_codes(packed, out_features, in_features, block)
 
 
 def int4pack_cpu_dequant(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
