@@ -20,7 +20,7 @@
 #include <immintrin.h>
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-#define HAVE_AVX2 1  // the GEMVs' AVX2 paths (AMD Zen 2/3, Intel before AVX-512): torch packs int4 for them too
+#define HAVE_AVX2 1  // the AVX2 paths (AMD Zen 2/3, Intel before AVX-512): torch packs int4 for them too
 #endif
 #include <stdint.h>
 #include <stdlib.h>
@@ -512,32 +512,33 @@ static inline __attribute__((always_inline)) void block_direct(const int rows, c
         }
 }
 
-// fn(R, P, ...) with rows R (1..6) and prefetch P as constants, from runtime values (prefetch: only the
-// first pass over a block streams it from DRAM; later passes find it in L1/L2).
-#define WITH_ROWS(fn, rows, prefetch, ...)                                               \
-    do {                                                                                 \
-        switch ((rows) * 2 + ((prefetch) != 0)) {                                        \
-            case 2: fn(1, 0, __VA_ARGS__); break;                                        \
-            case 3: fn(1, 1, __VA_ARGS__); break;                                        \
-            case 4: fn(2, 0, __VA_ARGS__); break;                                        \
-            case 5: fn(2, 1, __VA_ARGS__); break;                                        \
-            case 6: fn(3, 0, __VA_ARGS__); break;                                        \
-            case 7: fn(3, 1, __VA_ARGS__); break;                                        \
-            case 8: fn(4, 0, __VA_ARGS__); break;                                        \
-            case 9: fn(4, 1, __VA_ARGS__); break;                                        \
-            case 10: fn(5, 0, __VA_ARGS__); break;                                       \
-            case 11: fn(5, 1, __VA_ARGS__); break;                                       \
-            case 12: fn(6, 0, __VA_ARGS__); break;                                       \
-            default: fn(6, 1, __VA_ARGS__); break;                                       \
-        }                                                                                \
-    } while (0)
-
-#define BLOCK64(R, P, ...) block_direct(R, __VA_ARGS__, P)
+// block_direct with rows and prefetch as constants (prefetch: only the first pass over a block streams it
+// from DRAM; later passes find it in L1/L2).
 static void block_direct_rows(int64_t rows, const uint8_t* block, const float* xf, const float* xsum,
                               const bf16* scales_and_zeros, bf16* y, int64_t n, int64_t k, int64_t group, int64_t b,
                               int prefetch) {
-    WITH_ROWS(BLOCK64, rows, prefetch, block, xf, xsum, scales_and_zeros, y, n, k, group, b);
+#define DIRECT(R, P) block_direct(R, block, xf, xsum, scales_and_zeros, y, n, k, group, b, P)
+    if (prefetch)
+        switch (rows) {
+            case 1: DIRECT(1, 1); break;
+            case 2: DIRECT(2, 1); break;
+            case 3: DIRECT(3, 1); break;
+            case 4: DIRECT(4, 1); break;
+            case 5: DIRECT(5, 1); break;
+            default: DIRECT(6, 1); break;
+        }
+    else
+        switch (rows) {
+            case 1: DIRECT(1, 0); break;
+            case 2: DIRECT(2, 0); break;
+            case 3: DIRECT(3, 0); break;
+            case 4: DIRECT(4, 0); break;
+            case 5: DIRECT(5, 0); break;
+            default: DIRECT(6, 0); break;
+        }
+#undef DIRECT
 }
+
 #endif
 
 #ifdef HAVE_AVX2
