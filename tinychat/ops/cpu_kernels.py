@@ -305,7 +305,7 @@ def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features, block):
     kernel does."""
     k = x.shape[-1]
     m = x.numel() // k
-    bit = {64: GEMV_INT4_BLOCK64, 32: GEMV_INT4_BLOCK32}.get(block, 0)
+    bit = GEMV_INT4_BLOCK64 if block == 64 else GEMV_INT4_BLOCK32 if block == 32 else 0
     if not gemv_support() & bit or out_features % block or m < 1 or (block == 64 and m > GEMV_MAX_ROWS):
         return None
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)

@@ -53,7 +53,6 @@ class _Strategy(nn.Module):
 
 
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
-_BLOCK_N = pack.int4pack_block_n  # the layout's block width (AVX-512 or AVX2 torch), probed once
 
 
 class Int4CpuKernel(_Strategy):
@@ -65,6 +64,7 @@ class Int4CpuKernel(_Strategy):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.kernel = dtype == torch.bfloat16
+        self.block = pack.int4pack_block_n()  # outputs per block of the layout packed above (AVX-512 or AVX2)
 
     @staticmethod
     def applies(in_features: int, out_features: int, group_size: int, device: torch.device) -> bool:
@@ -79,7 +79,7 @@ class Int4CpuKernel(_Strategy):
             packed, scales_and_zeros = buffers["packed"], buffers["scales_and_zeros"]
             # decode, one row per sequence: the prefetching GEMV (each row's bits as if decoded alone); on
             # the AVX2 layout prompts too (it declines them on the AVX-512 one, where torch's kernel is faster)
-            y = cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, self.group_size, self.out_features, _BLOCK_N())
+            y = cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, self.group_size, self.out_features, self.block)
             if y is not None:
                 return y
             y = _INT4_MM(x.view(-1, self.in_features), packed, self.group_size, scales_and_zeros)
