@@ -28,19 +28,19 @@
 
 typedef uint16_t bf16;
 
+// Unions and selects, not memcpy and branches: loops over these vectorise (silu_mul, the norms).
+typedef union { uint32_t bits; float f; } f32_bits;
+
 static inline float bf2f(bf16 b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    const f32_bits v = {(uint32_t)b << 16};
+    return v.f;
 }
 
 static inline bf16 f2bf(float f) {  // round to nearest even, as torch does; NaN stays NaN
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
+    const f32_bits v = {.f = f};
+    const uint32_t rounded = (v.bits + 0x7fffu + ((v.bits >> 16) & 1u)) >> 16;
+    const uint32_t quiet = (v.bits >> 16) | 0x40u;
+    return (bf16)((v.bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
 static inline float round_bf(float f) { return bf2f(f2bf(f)); }
@@ -165,7 +165,7 @@ int tc_rope_kv_write(const bf16* qkv, const bf16* cos_t, const bf16* sin_t, cons
 // exp(x) for x in [-87, 88] in a form the compiler vectorises (glibc's expf is a scalar call): Cody-Waite
 // reduction to r in [-ln2/2, ln2/2] and Cephes' degree-6 polynomial; relative error below 2e-7.
 static inline float vexp(float x) {
-    x = x < -87.0f ? -87.0f : x;  // two selects, not nested ones: the loops calling this vectorise
+    x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
     const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
     const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
@@ -176,8 +176,8 @@ static inline float vexp(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const float y = p * r * r + r + 1.0f;
-    const union { uint32_t bits; float f; } scale = {(uint32_t)((int32_t)k + 127) << 23};  // 2^k (a union,
-    return y * scale.f;  // not memcpy: GCC vectorises the softmax's exp loop through it, not through a memcpy)
+    const f32_bits scale = {(uint32_t)((int32_t)k + 127) << 23};  // 2^k
+    return y * scale.f;
 }
 
 #define ATTN_PREFETCH_ROWS 16  // bf16 key/value rows fetched ahead of use (int8: as many bytes, twice the rows)
@@ -607,26 +607,34 @@ static inline __attribute__((always_inline)) void block32(const int rows, const 
 }
 
 // Block b for 3..GEMV_MAX_ROWS rows with AVX2 (a batched decode step, or GEMV_MAX_ROWS rows of a prompt):
-// each GEMV_SPAN inputs' codes are decoded once into an L1 buffer and every row, three at a time (12
-// accumulators and 3 broadcasts: 15 of the 16 registers), FMAs them from there, so prompts do not decode
-// the codes once per two rows. A row's accumulators go to memory between spans, which leaves each output's
-// fp32 operations and their order those of block32 and of the AVX-512 kernel: the same bits. On a 2-core
-// AMD EPYC Zen 3 VM it ran 36-42 GMAC/s (the FMAs bound it), against torch's AVX2 kernel's 25: the
-// 576->3072 linear at 512 rows took 22.4 vs 36.8 ms, at 64 rows 3.1 vs 4.5 ms; at 8 rows it is as fast as
-// passes of two rows.
+// each GEMV_SPAN inputs' codes are decoded once into an L1 buffer and the rows FMA them from there, so
+// prompts do not decode the codes once per two rows. Rows go six at a time over half the block's outputs
+// (12 accumulators, the half's 2 vectors of codes and a broadcast: 15 of the 16 registers), as broadcasts and
+// loads, not FMAs, bound the smaller tiles on Zen 3 (one core, weights in L1: 6 rows x 16 outputs ran 36 G
+// lane-FMA/s, 3 x 32 with the codes as FMA operands 28, 2 x 32 28, 4 x 16 30; the FMA peak is 44); the rest
+// go 5 x 16, 2 + 2 x 32 or 3/2/1 x 32. A row's accumulators go to memory between spans and halves, which
+// leaves each output's fp32 operations and their order those of block32 and of the AVX-512 kernel: the same
+// bits. On a 2-core AMD EPYC Zen 3 VM the 576->3072 linear took 291 us at 8 rows and 510 at 16 (49 and 56
+// GMAC/s; 3 rows to a tile: 320 and 569), against 608 and 799 in torch's AVX2 kernel.
 #define GEMV_SPAN 64  // inputs decoded per buffer fill: 8 KB of floats
-static inline __attribute__((always_inline)) void rows_span(const int rows, const float (*w)[32], const float* xf,
-                                                            int64_t k, int64_t i0, int64_t len, float (*acc)[32]) {
-    __m256 a[3][4];
-    for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < 4; ++c) a[r][c] = _mm256_loadu_ps(acc[r] + 8 * c);
-    for (int64_t i = 0; i < len; ++i)
-        for (int r = 0; r < rows; ++r) {
-            const __m256 xi = _mm256_set1_ps(xf[r * k + i0 + i]);
-            for (int c = 0; c < 4; ++c) a[r][c] = _mm256_fmadd_ps(_mm256_load_ps(w[i] + 8 * c), xi, a[r][c]);
+static inline __attribute__((always_inline)) void rows_span(const int rows, const int vecs, const float (*w)[32],
+                                                            const float* xf, int64_t k, int64_t i0, int64_t len,
+                                                            float (*acc)[32]) {
+    for (int h = 0; h < 4 / vecs; ++h) {  // outputs 8 vecs h .. 8 vecs (h + 1) - 1
+        __m256 a[6][4];
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < vecs; ++c) a[r][c] = _mm256_loadu_ps(acc[r] + 8 * (vecs * h + c));
+        for (int64_t i = 0; i < len; ++i) {
+            __m256 wv[4];
+            for (int c = 0; c < vecs; ++c) wv[c] = _mm256_load_ps(w[i] + 8 * (vecs * h + c));
+            for (int r = 0; r < rows; ++r) {
+                const __m256 xi = _mm256_set1_ps(xf[r * k + i0 + i]);
+                for (int c = 0; c < vecs; ++c) a[r][c] = _mm256_fmadd_ps(wv[c], xi, a[r][c]);
+            }
         }
-    for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(acc[r] + 8 * c, a[r][c]);
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < vecs; ++c) _mm256_storeu_ps(acc[r] + 8 * (vecs * h + c), a[r][c]);
+    }
 }
 
 static void block32_many(int64_t rows, const uint8_t* block, const float* xf, const float* xsum,
@@ -644,9 +652,15 @@ static void block32_many(int64_t rows, const uint8_t* block, const float* xf, co
                 for (int c = 0; c < 4; ++c) _mm256_store_ps(w[i] + 8 * c, v[c]);
             }
             int64_t r = 0;
-            for (; r + 3 <= rows; r += 3) rows_span(3, w, xf + r * k, k, i0, len, acc + r);
-            if (rows - r == 2) rows_span(2, w, xf + r * k, k, i0, len, acc + r);
-            if (rows - r == 1) rows_span(1, w, xf + r * k, k, i0, len, acc + r);
+            for (; r + 6 <= rows; r += 6) rows_span(6, 2, w, xf + r * k, k, i0, len, acc + r);
+            switch (rows - r) {  // the rest: 5 rows as 2 x 16 outputs, fewer as 1 x 32
+                case 5: rows_span(5, 2, w, xf + r * k, k, i0, len, acc + r); break;
+                case 4: rows_span(2, 4, w, xf + r * k, k, i0, len, acc + r);
+                        rows_span(2, 4, w, xf + (r + 2) * k, k, i0, len, acc + r + 2); break;
+                case 3: rows_span(3, 4, w, xf + r * k, k, i0, len, acc + r); break;
+                case 2: rows_span(2, 4, w, xf + r * k, k, i0, len, acc + r); break;
+                case 1: rows_span(1, 4, w, xf + r * k, k, i0, len, acc + r); break;
+            }
         }
         __m256 s[4], off8[4];
         group_scales32(scales_and_zeros, n, b, g, s, off8);
