@@ -48,7 +48,9 @@ def test_add_rmsnorm(rows, n, with_delta):
     got, got_h = cpu_kernels.add_rmsnorm(x, weight, 1e-5, delta)
     want, want_h = reference.add_rmsnorm(x, weight, 1e-5, delta)
     assert torch.equal(got_h, want_h)  # the residual add is one rounding in both
-    assert ulps_apart(got, want) <= 1  # the sum of squares is accumulated in another order
+    # the sum of squares is accumulated in another order: bf16(h * inv) may be one unit apart, and times the
+    # weight that unit can round to two when the product crosses a power of two (seen once in a few hundred runs)
+    assert ulps_apart(got, want) <= 2
 
 
 @pytest.mark.parametrize("b,t,hq,hkv,d", [(1, 1, 9, 3, 64), (2, 3, 4, 2, 128), (1, 5, 8, 8, 80), (3, 1, 4, 1, 64)])
@@ -401,7 +403,10 @@ def attention_call(lib, q, k_cache, v_cache, pos, k_scale=None, v_scale=None):
 
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_avx2_build_gives_the_avx512_builds_gemv_bits(m):
-    """The GEMVs' AVX2 paths (what AMD Zen 2/3 run) against the AVX-512 ones, on one CPU: the same bits."""
+    """The GEMVs' AVX2 paths (what AMD Zen 2/3 run) against the AVX-512 ones, on one CPU: the int4 GEMV's bits
+    are the same; the int8 head's AVX2 path sums each output in another order (two 8-lane partial sums, so
+    that rows can share each converted vector of codes), so it is equal up to fp32 rounding (then bf16), and
+    its rows are batch invariant on their own."""
     from tinychat.quant.int8 import quantize_rows_int8
 
     avx2, native = avx2_and_native_builds()
@@ -412,9 +417,11 @@ def test_avx2_build_gives_the_avx512_builds_gemv_bits(m):
     x = torch.randn(m, k).to(BF16)
     assert torch.equal(int4_call(avx2, x, codes, scales_and_zeros, g, 32),
                        int4_call(native, x, codes, scales_and_zeros, g, 64))
-    q, scales = quantize_rows_int8(torch.randn(1000, k))
+    q, scales = quantize_rows_int8(torch.randn(1001, k))  # odd: the AVX2 path's last output goes alone
     scales = scales.to(BF16)
-    assert torch.equal(int8_call(avx2, x, q, scales), int8_call(native, x, q, scales))
+    got = int8_call(avx2, x, q, scales)
+    assert rel(got, int8_call(native, x, q, scales)) < 4e-3
+    assert torch.equal(got, torch.cat([int8_call(avx2, x[r:r + 1].contiguous(), q, scales) for r in range(m)]))
 
 
 @pytest.mark.parametrize("int8_cache", [False, True])
