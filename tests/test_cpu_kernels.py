@@ -180,7 +180,8 @@ def gemv(x, packed, scales_and_zeros, g, n):
 def gemv_or_skip(x, packed, scales_and_zeros, g, n):
     got = gemv(x, packed, scales_and_zeros, g, n)
     if got is None:
-        pytest.skip("the GEMV needs AVX-512 or AVX2 and torch's int4 layout for them")
+        pytest.skip("the GEMV does not run here for these rows (it needs AVX2 or AVX-512 and torch's int4 layout "
+                    f"for them; on AVX-512 at most {cpu_kernels.GEMV_MAX_ROWS} rows)")
     return got
 
 
@@ -198,10 +199,11 @@ def test_int4pack_gemv_matches_the_int4_layouts_reference(k, n, g):
 
 
 @pytest.mark.parametrize("k,n,g", [(576, 960, 64), (256, 128, 32), (1536, 576, 128), (512, 64, 256), (576, 192, 64)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16, 37, 75])
 def test_int4pack_gemv_rows_are_bit_identical_to_one_row_calls(m, k, n, g):
     """A batched decode step's rows: each must get the bits it gets alone (a sequence decodes the same in a
-    batch as by itself), and be as close to the reference as one row is."""
+    batch as by itself), and be as close to the reference as one row is. From 17 rows (prompts, AVX2 only)
+    the rows go in several passes of tiles."""
     packed, scales_and_zeros, w = int4pack_weights(k, n, g)
     x = torch.randn(m, k).to(BF16)
     got = gemv_or_skip(x, packed, scales_and_zeros, g, n)

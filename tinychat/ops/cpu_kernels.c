@@ -434,7 +434,7 @@ static inline __m512 u8x16_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_c
 #endif
 
 #define GEMV_PREFETCH 4096  // bytes ahead in the weight stream: hides DRAM latency (torch's kernel has none)
-#define GEMV_MAX_ROWS 16    // rows per call (AVX-512) or per pass (AVX2): a batched decode step's sequences
+#define GEMV_MAX_ROWS 16    // rows per call on AVX-512 (and of the int8 GEMV): a batched decode step's sequences
 // Rows per pass over a block: 6 rows x 4 vectors = 24 accumulators, plus 4 decoded vectors and a broadcast,
 // fit the 32 registers (the inner loop has no spills). Each pass decodes the codes again (8 instructions
 // per input against 4 FMAs per row), so fewer, wider passes do less: 6 rather than 4 took 16 rows of the
@@ -606,7 +606,7 @@ static inline __attribute__((always_inline)) void block32(const int rows, const 
         for (int j = 0; j < 32; ++j) y[r * n + b * 32 + j] = f2bf(total[r][j]);
 }
 
-// Block b for 3..GEMV_MAX_ROWS rows with AVX2 (a batched decode step, or GEMV_MAX_ROWS rows of a prompt):
+// Block b for 3..GEMV_PASS_AVX2 rows with AVX2 (a batched decode step, or GEMV_PASS_AVX2 rows of a prompt):
 // each GEMV_SPAN inputs' codes are decoded once into an L1 buffer and the rows FMA them from there, so
 // prompts do not decode the codes once per two rows. Rows go six at a time over half the block's outputs
 // (12 accumulators, the half's 2 vectors of codes and a broadcast: 15 of the 16 registers), as broadcasts and
@@ -617,6 +617,10 @@ static inline __attribute__((always_inline)) void block32(const int rows, const 
 // bits. On a 2-core AMD EPYC Zen 3 VM the 576->3072 linear took 291 us at 8 rows and 510 at 16 (49 and 56
 // GMAC/s; 3 rows to a tile: 320 and 569), against 608 and 799 in torch's AVX2 kernel.
 #define GEMV_SPAN 64  // inputs decoded per buffer fill: 8 KB of floats
+// Rows per pass of a prompt (6 tiles): each pass decodes the codes again. With 36 rather than 16 the four
+// linears at 61 and 128 rows ran 2-10% faster (Zen 3); its accumulators (9 KB), the span's inputs of
+// its rows (9 KB) and the codes (8 KB) still fit a 32 KB L1.
+#define GEMV_PASS_AVX2 36
 static inline __attribute__((always_inline)) void rows_span(const int rows, const int vecs, const float (*w)[32],
                                                             const float* xf, int64_t k, int64_t i0, int64_t len,
                                                             float (*acc)[32]) {
@@ -640,7 +644,7 @@ static inline __attribute__((always_inline)) void rows_span(const int rows, cons
 static void block32_many(int64_t rows, const uint8_t* block, const float* xf, const float* xsum,
                          const bf16* scales_and_zeros, bf16* y, int64_t n, int64_t k, int64_t group, int64_t b) {
     float w[GEMV_SPAN][32] __attribute__((aligned(32)));
-    float acc[GEMV_MAX_ROWS][32], total[GEMV_MAX_ROWS][32];
+    float acc[GEMV_PASS_AVX2][32], total[GEMV_PASS_AVX2][32];
     memset(total, 0, sizeof(float) * 32 * (size_t)rows);
     for (int64_t g = 0; g < k / group; ++g) {
         memset(acc, 0, sizeof(float) * 32 * (size_t)rows);
@@ -701,13 +705,13 @@ static void block32_rows(int64_t rows, const uint8_t* block, const float* xf, co
 // on a 2-core Xeon VM the 120 linears of SmolLM2-135M took 4.8-5.0 ms a token this way against 8.0-8.5 ms in
 // torch's kernel.
 // Batched decode (m rows): each input's codes are decoded once per pass of up to GEMV_CHUNK rows (AVX2:
-// GEMV_CHUNK_AVX2, or GEMV_MAX_ROWS through an L1 buffer from 3 rows on) and FMA'd into every row's accumulators, so the weights are read from DRAM once per
+// GEMV_CHUNK_AVX2, or up to GEMV_PASS_AVX2 through an L1 buffer from 3 rows on) and FMA'd into every row's accumulators, so the weights are read from DRAM once per
 // call, not once per row, and every row gets exactly the bits a one-row call on it gets (a sequence decodes
 // the same in a batch as alone; torch's kernel differs from this one in the last bits). In SmolLM2-135M's
 // decode step an int4 linear took 78 us at 8 rows and 130 us at 16 against 111 and 202 us in torch's kernel
 // (same VM, AVX-512). (block, pass) pairs split over torch's OpenMP threads, so 9 blocks of 2 passes still
 // share out evenly.
-// With AVX2 (block 32) any number of rows: a prompt's go GEMV_MAX_ROWS to a pass (block32_many).
+// With AVX2 (block 32) any number of rows: a prompt's go up to GEMV_PASS_AVX2 to a pass (block32_many).
 // Returns -1 (nothing written) for a block width this build does not run (tc_gemv_support), n not a
 // multiple of it, m < 1 or, for block 64, m > GEMV_MAX_ROWS.
 int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16* scales_and_zeros, bf16* y,
@@ -726,7 +730,7 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
             xsum[r * groups + g] = s;
         }
     // rows per pass: AVX2 does 3 rows or more in one pass per block (block32_many)
-    const int64_t per_pass = block == 64 ? GEMV_CHUNK : m <= GEMV_CHUNK_AVX2 ? GEMV_CHUNK_AVX2 : GEMV_MAX_ROWS;
+    const int64_t per_pass = block == 64 ? GEMV_CHUNK : m <= GEMV_CHUNK_AVX2 ? GEMV_CHUNK_AVX2 : GEMV_PASS_AVX2;
     const int64_t chunks = (m + per_pass - 1) / per_pass, tasks = n / block * chunks;
 #pragma omp parallel for schedule(static) if (m * n * k >= 65536)
     for (int64_t t = 0; t < tasks; ++t) {  // pass c of block b: rows [r0, r1), chunks as even as they go
