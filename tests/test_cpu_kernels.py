@@ -363,6 +363,23 @@ def test_positions_outside_the_cache_are_refused_not_written():
         cpu_kernels.rope_kv_write(qkv, cos, sin, torch.tensor([[8]]), cache, cache.clone(), 4, 2, 64)
 
 
+def test_kernels_build_without_the_vector_instruction_sets():
+    """A CPU with neither AVX2 nor AVX-512 (or a build told so) still gets the row-wise ops; its GEMVs refuse
+    (torch's kernels run instead). Catches code of one instruction set's paths leaking into common code."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the flags below are x86's")
+    plain = cpu_kernels.build_variant("-mno-avx")  # no AVX: no AVX2, FMA or AVX-512 either
+    assert plain.tc_gemv_support() == 0
+    x = torch.randn(2, 576).to(BF16)
+    assert plain.tc_int4pack_gemv(x.data_ptr(), 2, 0, 0, 0, 64, 576, 64, 32) == -1
+    gate_up = (torch.randn(3, 2 * 64) * 4).to(BF16)
+    out = torch.empty(3, 64, dtype=BF16)
+    plain.tc_silu_mul(gate_up.data_ptr(), out.data_ptr(), 3, 64)
+    assert torch.equal(out, cpu_kernels.silu_mul(gate_up))
+
+
 def avx2_and_native_builds():
     """(AVX2 build, native AVX-512 build) on a CPU with AVX-512, where the native build never runs the AVX2
     paths; skips elsewhere (there the native build is the AVX2 one, held to the references above)."""

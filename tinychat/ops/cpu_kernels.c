@@ -441,6 +441,10 @@ static inline __m512 u8x16_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_c
 // 576->3072 linear from 221 to 191 us and 13 rows from 183 to 166 us (2-core Xeon VM, weights in cache).
 #define GEMV_CHUNK 6
 #define GEMV_CHUNK_AVX2 2  // AVX2: 2 rows x 4 accumulators, 4 decoded vectors and a broadcast: 13 of 16 registers
+// AVX2, from 3 rows on: rows per pass (6 tiles of block32_many). Each pass decodes the codes again: with 36
+// rather than 16 the four linears at 61 and 128 rows ran 2-10% faster (Zen 3); its accumulators (9 KB),
+// the span's inputs of its rows (9 KB) and the codes (8 KB) still fit a 32 KB L1.
+#define GEMV_PASS_AVX2 36
 
 #ifdef __AVX512F__
 // The 64 codes of one input of a block (its 32 bytes) as four vectors of 16 floats: outputs 0-15 and 16-31
@@ -617,10 +621,6 @@ static inline __attribute__((always_inline)) void block32(const int rows, const 
 // bits. On a 2-core AMD EPYC Zen 3 VM the 576->3072 linear took 291 us at 8 rows and 510 at 16 (49 and 56
 // GMAC/s; 3 rows to a tile: 320 and 569), against 608 and 799 in torch's AVX2 kernel.
 #define GEMV_SPAN 64  // inputs decoded per buffer fill: 8 KB of floats
-// Rows per pass of a prompt (6 tiles): each pass decodes the codes again. With 36 rather than 16 the four
-// linears at 61 and 128 rows ran 2-10% faster (Zen 3); its accumulators (9 KB), the span's inputs of
-// its rows (9 KB) and the codes (8 KB) still fit a 32 KB L1.
-#define GEMV_PASS_AVX2 36
 static inline __attribute__((always_inline)) void rows_span(const int rows, const int vecs, const float (*w)[32],
                                                             const float* xf, int64_t k, int64_t i0, int64_t len,
                                                             float (*acc)[32]) {
@@ -652,6 +652,7 @@ static void block32_many(int64_t rows, const uint8_t* block, const float* xf, co
             const int64_t len = (g + 1) * group - i0 < GEMV_SPAN ? (g + 1) * group - i0 : GEMV_SPAN;
             for (int64_t i = 0; i < len; ++i) {
                 __m256 v[4];
+                if (i % 4 == 0) _mm_prefetch((const char*)(block + (i0 + i) * 16 + GEMV_PREFETCH), _MM_HINT_T0);
                 decode_codes32(block + (i0 + i) * 16, v);
                 for (int c = 0; c < 4; ++c) _mm256_store_ps(w[i] + 8 * c, v[c]);
             }
