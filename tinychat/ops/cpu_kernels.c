@@ -180,6 +180,14 @@ static inline float vexp(float x) {
     return y * scale.f;
 }
 
+#if defined(HAVE_AVX2) && !defined(__AVX512F__)
+static inline float sum8(__m256 v) {  // one fixed tree: lanes j + j+4, then j + j+2, then 0 + 1
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+#endif
+
 #define ATTN_PREFETCH_ROWS 16  // bf16 key/value rows fetched ahead of use (int8: as many bytes, twice the rows)
 #define MAX_GROUP 16   // query heads per kv head handled together (GQA groups are 1..8 in practice)
 
@@ -246,11 +254,7 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
                     even = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + 8 * c), k[c], even);
                     odd = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + 8 * c + 8), k[c + 1], odd);
                 }
-                const __m256 sum = _mm256_add_ps(even, odd);
-                __m128 h = _mm_add_ps(_mm256_extractf128_ps(sum, 1), _mm256_castps256_ps128(sum));
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                scores[g * len + t] = scale * _mm_cvtss_f32(h);
+                scores[g * len + t] = scale * sum8(_mm256_add_ps(even, odd));
             }
         }
     } else
@@ -730,7 +734,7 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
             for (int64_t i = 0; i < group; ++i) s += xf[r * k + g * group + i];
             xsum[r * groups + g] = s;
         }
-    // rows per pass: AVX2 does 3 rows or more in one pass per block (block32_many)
+    // rows per pass: AVX2 does 3..GEMV_PASS_AVX2 rows in one pass per block (block32_many), more in several
     const int64_t per_pass = block == 64 ? GEMV_CHUNK : m <= GEMV_CHUNK_AVX2 ? GEMV_CHUNK_AVX2 : GEMV_PASS_AVX2;
     const int64_t chunks = (m + per_pass - 1) / per_pass, tasks = n / block * chunks;
 #pragma omp parallel for schedule(static) if (m * n * k >= 65536)
@@ -791,12 +795,6 @@ static inline __attribute__((always_inline)) void int8_output(const int rows, co
 #if defined(HAVE_AVX2) && !defined(__AVX512F__)  // the int8 GEMV without AVX-512
 static inline __m256 i8x8_to_ps(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-
-static inline float sum8(__m256 v) {  // one fixed tree: lanes j + j+4, then j + j+2, then 0 + 1
-    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
 }
 
 // Outputs o..o+outs-1 of the int8 GEMV for `rows` rows of xf (both constants after inlining: 3 x 2 is 12
@@ -882,7 +880,8 @@ int tc_int8_gemv(const bf16* x, int64_t m, const int8_t* q, const bf16* scales, 
 #pragma omp parallel for schedule(static) if (n * k >= 65536)
     for (int64_t t = 0; t < tasks; ++t) {
         const int64_t o = t * INT8_OUTS_AVX2;
-        // the next task's rows (contiguous): the table streams from DRAM once per token (two tasks ahead was slower)
+        // the rows two tasks ahead (4 rows, the AVX-512 loop's distance): the table streams from DRAM once per
+        // token; 8 rows ahead measured slower
         for (int64_t c = 0; c < INT8_OUTS_AVX2 * k; c += 64)
             _mm_prefetch((const char*)(q + (o + 2 * INT8_OUTS_AVX2) * k + c), _MM_HINT_T0);
         if (n - o >= INT8_OUTS_AVX2) {

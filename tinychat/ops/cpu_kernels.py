@@ -29,8 +29,9 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -fopenmp links libgomp.so.1 by soname: torch has loaded its own copy under that name already, so the
 # attention's parallel loop runs on torch's OpenMP threads (no second pool competing for the cores).
 # -fno-trapping-math: no kernel reads the floating-point exception flags, and without it GCC vectorises no
-# loop that clamps with a select and then computes (vexp: SiLU's loop ran scalar). It changes no result's bits
-# (no reassociation, no contraction: -std=c11 keeps -ffp-contract=off).
+# loop that clamps with a select and then computes (vexp: SiLU's loop ran scalar). It changes no elementwise
+# result (no reassociation, no contraction: -std=c11 keeps -ffp-contract=off); the attention's softmax sum,
+# an `omp simd` reduction that may run in any order, now vectorises without AVX-512 too (its last bits move).
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 
 _i64, _f32, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
