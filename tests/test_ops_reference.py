@@ -446,7 +446,10 @@ def test_emulated_gemv_matches_reference(gen, m, silu, k, n, g):
     got = emulate_gemv(x, qweight_t, scales_zeros, g, bias, silu)
     want = reference.gemv_w4a16(x.float(), qweight_t, scales_zeros, g, None if bias is None else bias.float(), silu)
     assert got.shape == want.shape
-    assert rel(got, want) < 2e-3
+    # each chunk of 32 products is summed in fp16 (half2 FMAs); with SiLU the output is the product of two such
+    # sums, its silu rounded to fp16 too: over 40 seeds the fused gate/up cases reached 1.8-2.0e-3 (one CI
+    # run 2.08e-3), the plain ones 1.0e-3
+    assert rel(got, want) < (4e-3 if silu else 2e-3)
 
 
 # ---- NumPy emulation of cuda/decode_attention.cu --------------------------------------------------
