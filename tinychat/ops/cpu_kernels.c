@@ -824,7 +824,7 @@ static inline __attribute__((always_inline)) void int8_tile(const int rows, cons
             y[r * n + o + c] = f2bf(sum8(_mm256_add_ps(acc[r][c][0], acc[r][c][1])) * bf2f(scales[o + c]));
 }
 
-#define INT8_OUTS_AVX2 2  // outputs per tile (and per task) on AVX2
+#define INT8_OUTS_AVX2 2  // outputs per tile (and per task) on AVX2; the last of an odd n goes alone
 
 // Outputs o..o+outs-1 (outs INT8_OUTS_AVX2, or 1 for the last n mod it) for all m rows, three rows to a tile.
 static void int8_outputs_avx2(const int8_t* q, const float* xf, const bf16* scales, bf16* y, int64_t m, int64_t n,
@@ -884,11 +884,7 @@ int tc_int8_gemv(const bf16* x, int64_t m, const int8_t* q, const bf16* scales, 
         // token; 8 rows ahead measured slower
         for (int64_t c = 0; c < INT8_OUTS_AVX2 * k; c += 64)
             _mm_prefetch((const char*)(q + (o + 2 * INT8_OUTS_AVX2) * k + c), _MM_HINT_T0);
-        if (n - o >= INT8_OUTS_AVX2) {
-            int8_outputs_avx2(q, xf, scales, y, m, n, k, o, INT8_OUTS_AVX2);
-        } else {
-            for (int64_t j = o; j < n; ++j) int8_outputs_avx2(q, xf, scales, y, m, n, k, j, 1);
-        }
+        int8_outputs_avx2(q, xf, scales, y, m, n, k, o, n - o < INT8_OUTS_AVX2 ? n - o : INT8_OUTS_AVX2);
     }
 #endif
     free(xf);
