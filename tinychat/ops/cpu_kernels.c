@@ -203,6 +203,111 @@ static inline __attribute__((always_inline)) void load_row(const void* base, int
     }
 }
 
+// Each query head's scores [group, len] become exp(score - max): m[g] gets the max, l[g] the sum.
+static inline void softmax_parts(float* scores, int64_t len, int64_t group, float* m, float* l) {
+    for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores + g * len;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) mx = sg[t] > mx ? sg[t] : mx;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+            sg[t] = vexp(sg[t] - mx);
+            sum += sg[t];
+        }
+        m[g] = mx;
+        l[g] = sum;
+    }
+}
+
+#ifdef __AVX512F__
+#define ATTN_HEADS 3  // query heads per pass over the keys: 3 heads x 8 keys = 24 sums in registers
+#define ATTN_DIMS 128 // dims per pass over the values: 3 heads x 8 vectors = 24 sums in registers
+
+// Sixteen floats of one key or value row from offset i: bf16 bits widened, or int8 codes converted.
+static inline __attribute__((always_inline)) __m512 row16(const char* row, int64_t i, const int q8) {
+    return q8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(row + i))))
+              : _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(row + 2 * i))), 16));
+}
+
+// The 16-lane sums of v[0..7] as lanes 0..7, in one fixed tree of vector adds (halves, then quarters, then
+// pairs of lanes): 24 instructions for 8 sums, where a horizontal sum each took about 10.
+static inline __attribute__((always_inline)) __m256 sum16x8(const __m512 v[8]) {
+    __m512 half[4], quarter[2];
+    for (int j = 0; j < 4; ++j)  // [v0 lanes 0-3 + 8-11, 4-7 + 12-15 | the same of v1] and so on
+        half[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int j = 0; j < 2; ++j)  // one 128-bit part per key: keys 4j .. 4j+3, four partial sums each
+        quarter[j] = _mm512_add_ps(_mm512_shuffle_f32x4(half[2 * j], half[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(half[2 * j], half[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 pairs = _mm512_add_ps(_mm512_unpacklo_ps(quarter[0], quarter[1]),
+                                       _mm512_unpackhi_ps(quarter[0], quarter[1]));
+    // part p: [key p, key 4+p] twice over
+    const __m512 sums = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, _MM_SHUFFLE(1, 0, 3, 2)));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, sums));
+}
+
+// Scores [G, len] of G (1..ATTN_HEADS, a constant after inlining) query heads against keys t0 .. t0+len-1:
+// each key row read and converted once for the G heads, 8 keys' dot products summed together (sum16x8).
+static inline __attribute__((always_inline)) void scores_avx512(const int G, const float (*qf)[MAX_DIM],
+                                                                const void* kb, const bf16* ks, const int q8,
+                                                                int64_t t0, int64_t len, const int64_t d,
+                                                                float* scores) {
+    const int64_t row_bytes = q8 ? d : 2 * d, ahead = ATTN_PREFETCH_ROWS * 2 * d;
+    for (int64_t t = 0; t < len; t += 8) {
+        const int cnt = len - t < 8 ? (int)(len - t) : 8;
+        const char* kr = (const char*)kb + (t0 + t) * row_bytes;
+        for (int64_t c = 0; c < 8 * row_bytes; c += 64)  // the cache streams from DRAM: fetch rows ahead
+            _mm_prefetch(kr + ahead + c, _MM_HINT_T0);
+        __m512 dot[ATTN_HEADS][8];
+        for (int g = 0; g < G; ++g)
+            for (int j = 0; j < 8; ++j) dot[g][j] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16)
+            for (int j = 0; j < 8; ++j)
+                if (j < cnt) {
+                    const __m512 k = row16(kr + j * row_bytes, i, q8);
+                    for (int g = 0; g < G; ++g) dot[g][j] = _mm512_fmadd_ps(_mm512_loadu_ps(qf[g] + i), k, dot[g][j]);
+                }
+        const __mmask8 valid = (__mmask8)((1u << cnt) - 1);
+        const __m256 scale = q8 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                      _mm_maskz_loadu_epi16(valid, ks + t0 + t)), 16))
+                                : _mm256_set1_ps(1.0f);
+        for (int g = 0; g < G; ++g)
+            _mm256_mask_storeu_ps(scores + g * len + t, valid, _mm256_mul_ps(scale, sum16x8(dot[g])));
+    }
+}
+
+// acc [G, d] = sum over keys t0 .. t0+len-1 of weight [g, t] (times the value's scale) x value row t, with
+// the sums of up to ATTN_DIMS dims of the G heads in registers across all the keys.
+static inline __attribute__((always_inline)) void values_avx512(const int G, const float* weights, const void* vb,
+                                                                const bf16* vs, const int q8, int64_t t0,
+                                                                int64_t len, const int64_t d, float* acc) {
+    const int64_t row_bytes = q8 ? d : 2 * d, ahead = ATTN_PREFETCH_ROWS * 2 * d;
+    for (int64_t i0 = 0; i0 < d; i0 += ATTN_DIMS) {
+        const int64_t dims = d - i0 < ATTN_DIMS ? d - i0 : ATTN_DIMS;
+        __m512 sum[ATTN_HEADS][ATTN_DIMS / 16];
+        for (int g = 0; g < G; ++g)
+            for (int64_t c = 0; c < dims / 16; ++c) sum[g][c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; ++t) {
+            const char* vr = (const char*)vb + (t0 + t) * row_bytes;
+            if (i0 == 0)
+                for (int64_t c = 0; c < row_bytes; c += 64) _mm_prefetch(vr + ahead + c, _MM_HINT_T0);
+            const float scale = q8 ? bf2f(vs[t0 + t]) : 1.0f;
+            __m512 p[ATTN_HEADS];
+            for (int g = 0; g < G; ++g) p[g] = _mm512_set1_ps(weights[g * len + t] * scale);
+            for (int64_t c = 0; c < dims / 16; ++c) {
+                const __m512 v = row16(vr, i0 + 16 * c, q8);
+                for (int g = 0; g < G; ++g) sum[g][c] = _mm512_fmadd_ps(p[g], v, sum[g][c]);
+            }
+        }
+        for (int g = 0; g < G; ++g)
+            for (int64_t c = 0; c < dims / 16; ++c) _mm512_storeu_ps(acc + g * d + i0 + 16 * c, sum[g][c]);
+    }
+}
+#endif
+
 // Partial attention of one kv head's query heads over keys [t0, t1) of keys/values [len, d]: for each query
 // head g, the running max m[g], the sum of exp(score - m) l[g] and the unnormalised output acc[g] (fp32).
 // Keys/values are bf16, or (q8) int8 codes with one scale per row in ks/vs: a key's scale multiplies its
@@ -218,24 +323,22 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
     float row[MAX_DIM];
     (void)ahead, (void)row_bytes;  // used by the vector loops only
 #ifdef __AVX512F__
-    if (d % 16 == 0) {  // one key row in registers, a fused multiply-add chain per query head
-        for (int64_t t = 0; t < len; ++t) {
-            const char* kr = (const char*)kb + (t0 + t) * row_bytes;
-            for (int64_t c = 0; c < row_bytes; c += 64)  // the cache streams from DRAM: fetch rows ahead
-                _mm_prefetch(kr + ahead + c, _MM_HINT_T0);
-            __m512 k[MAX_DIM / 16];
-            for (int64_t c = 0; c < d / 16; ++c)
-                k[c] = q8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(kr + 16 * c))))
-                          : _mm512_castsi512_ps(_mm512_slli_epi32(
-                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(kr + 32 * c))), 16));
-            const float scale = q8 ? bf2f(ks[t0 + t]) : 1.0f;
-            for (int64_t g = 0; g < group; ++g) {
-                __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qf[g]), k[0]);
-                for (int64_t c = 1; c < d / 16; ++c) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qf[g] + 16 * c), k[c], sum);
-                scores[g * len + t] = scale * _mm512_reduce_add_ps(sum);
+    if (d % 16 == 0) {  // 8 keys at a time, the value rows with their sums in registers
+        for (int64_t g0 = 0; g0 < group; g0 += ATTN_HEADS)
+            switch (group - g0 < ATTN_HEADS ? group - g0 : ATTN_HEADS) {
+                case 1: scores_avx512(1, qf + g0, kb, ks, q8, t0, len, d, scores + g0 * len); break;
+                case 2: scores_avx512(2, qf + g0, kb, ks, q8, t0, len, d, scores + g0 * len); break;
+                default: scores_avx512(3, qf + g0, kb, ks, q8, t0, len, d, scores + g0 * len); break;
             }
-        }
-    } else
+        softmax_parts(scores, len, group, m, l);
+        for (int64_t g0 = 0; g0 < group; g0 += ATTN_HEADS)
+            switch (group - g0 < ATTN_HEADS ? group - g0 : ATTN_HEADS) {
+                case 1: values_avx512(1, scores + g0 * len, vb, vs, q8, t0, len, d, acc + g0 * d); break;
+                case 2: values_avx512(2, scores + g0 * len, vb, vs, q8, t0, len, d, acc + g0 * d); break;
+                default: values_avx512(3, scores + g0 * len, vb, vs, q8, t0, len, d, acc + g0 * d); break;
+            }
+        return;
+    }
 #elif defined(HAVE_AVX2)
     if (d % 16 == 0) {  // the same with 8-float vectors, two FMA chains per query head (the rows are 8 deep)
         for (int64_t t = 0; t < len; ++t) {
@@ -269,20 +372,8 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
             scores[g * len + t] = scale * dot;
         }
     }
-    for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores + g * len;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < len; ++t) mx = sg[t] > mx ? sg[t] : mx;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; ++t) {
-            sg[t] = vexp(sg[t] - mx);
-            sum += sg[t];
-        }
-        m[g] = mx;
-        l[g] = sum;
-        for (int64_t i = 0; i < d; ++i) acc[g * d + i] = 0.0f;
-    }
+    softmax_parts(scores, len, group, m, l);
+    for (int64_t i = 0; i < group * d; ++i) acc[i] = 0.0f;
     for (int64_t t = 0; t < len; ++t) {
 #if defined(__AVX512F__) || defined(HAVE_AVX2)
         for (int64_t c = 0; c < row_bytes; c += 64)
@@ -305,8 +396,9 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
 // h / (hq / hkv). The caches are bf16, or int8 codes with scales k_scale, v_scale [b, hkv, max_seq] (bf16;
 // NULL for bf16 caches) applied inside the dot products. Scores, softmax and the weighted sum in fp32; each
 // key and value row is read once per kv head for all its query heads. The keys are split into ranges
-// computed in parallel (on torch's OpenMP threads) and merged by their softmax statistics. Returns 0, or
-// -1 for shapes it does not take.
+// computed in parallel (on torch's OpenMP threads) and merged by their softmax statistics; how a row's keys
+// split depends on its own position only, so a sequence gets the same bits in any batch. Returns 0, or -1
+// for shapes it does not take.
 int tc_decode_attention(const bf16* q, const void* k_cache, const void* v_cache, const bf16* k_scale,
                         const bf16* v_scale, const int64_t* pos, bf16* out, int64_t b, int64_t hq, int64_t hkv,
                         int64_t d, int64_t max_seq, int64_t window) {
@@ -315,27 +407,37 @@ int tc_decode_attention(const bf16* q, const void* k_cache, const void* v_cache,
     for (int64_t r = 0; r < b; ++r)
         if (pos[r] < 0 || pos[r] >= max_seq) return OUT_OF_CACHE;
     const int q8 = k_scale != NULL;
-    int64_t splits = 1;
+    // row r's tasks: hkv x splits[r] key ranges, from first[r] on
+    int64_t* first = malloc(sizeof(int64_t) * (size_t)(2 * b + 1));
+    if (!first) return -1;
+    int64_t* splits = first + b + 1;
+    first[0] = 0;
     for (int64_t r = 0; r < b; ++r) {
-        const int64_t s = (pos[r] + SPLIT_KEYS) / SPLIT_KEYS;
-        splits = s > splits ? s : splits;
+        const int64_t start = window > 0 && pos[r] + 1 > window ? pos[r] + 1 - window : 0;
+        splits[r] = (pos[r] - start + SPLIT_KEYS) / SPLIT_KEYS;
+        first[r + 1] = first[r] + hkv * splits[r];
     }
-    const int64_t tasks = b * hkv * splits;
+    const int64_t tasks = first[b];
     // per task: m, l [group] and acc [group, d]
     float* part = malloc(sizeof(float) * (size_t)(tasks * group * (d + 2)));
-    if (!part) return -1;
+    if (!part) {
+        free(first);
+        return -1;
+    }
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) if (tasks > 1)
     for (int64_t task = 0; task < tasks; ++task) {
-        const int64_t r = task / (hkv * splits), kv = (task / splits) % hkv, sp = task % splits;
+        int64_t r = 0;
+        while (first[r + 1] <= task) ++r;
+        const int64_t kv = (task - first[r]) / splits[r], sp = (task - first[r]) % splits[r];
         const int64_t last = pos[r];
         const int64_t start = window > 0 && last + 1 > window ? last + 1 - window : 0;
-        const int64_t per = (last + 1 - start + splits - 1) / splits;
+        const int64_t per = (last + 1 - start + splits[r] - 1) / splits[r];
         const int64_t t0 = start + sp * per, t1 = t0 + per < last + 1 ? t0 + per : last + 1;
         float* m = part + task * group * (d + 2);
         float* l = m + group;
         float* acc = l + group;
-        if (t0 >= t1) {  // an empty split (a short row in a batch): contributes nothing
+        if (t0 >= t1) {  // an empty split: contributes nothing
             for (int64_t g = 0; g < group; ++g) m[g] = -INFINITY, l[g] = 0.0f;
             continue;
         }
@@ -373,27 +475,29 @@ int tc_decode_attention(const bf16* q, const void* k_cache, const void* v_cache,
         free(scores);
     }
     if (!failed)
-        for (int64_t rk = 0; rk < b * hkv; ++rk)
-            for (int64_t g = 0; g < group; ++g) {
-                float mx = -INFINITY;
-                for (int64_t sp = 0; sp < splits; ++sp) {
-                    const float mm = part[(rk * splits + sp) * group * (d + 2) + g];
-                    mx = mm > mx ? mm : mx;
+        for (int64_t r = 0; r < b; ++r)
+            for (int64_t kv = 0; kv < hkv; ++kv)
+                for (int64_t g = 0; g < group; ++g) {
+                    const float* parts = part + (first[r] + kv * splits[r]) * group * (d + 2);
+                    float mx = -INFINITY;
+                    for (int64_t sp = 0; sp < splits[r]; ++sp) {
+                        const float mm = parts[sp * group * (d + 2) + g];
+                        mx = mm > mx ? mm : mx;
+                    }
+                    float den = 0.0f, o[MAX_DIM];
+                    for (int64_t i = 0; i < d; ++i) o[i] = 0.0f;
+                    for (int64_t sp = 0; sp < splits[r]; ++sp) {
+                        const float* pm = parts + sp * group * (d + 2);
+                        if (pm[g] == -INFINITY) continue;
+                        const float w = expf(pm[g] - mx);
+                        den += w * pm[group + g];
+                        const float* a = pm + 2 * group + g * d;
+                        for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
+                    }
+                    bf16* dst = out + ((r * hq) + kv * group + g) * d;
+                    for (int64_t i = 0; i < d; ++i) dst[i] = f2bf(o[i] / den);
                 }
-                float den = 0.0f, o[MAX_DIM];
-                for (int64_t i = 0; i < d; ++i) o[i] = 0.0f;
-                for (int64_t sp = 0; sp < splits; ++sp) {
-                    const float* pm = part + (rk * splits + sp) * group * (d + 2);
-                    if (pm[g] == -INFINITY) continue;
-                    const float w = expf(pm[g] - mx);
-                    den += w * pm[group + g];
-                    const float* a = pm + 2 * group + g * d;
-                    for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
-                }
-                const int64_t r = rk / hkv, kv = rk % hkv;
-                bf16* dst = out + ((r * hq) + kv * group + g) * d;
-                for (int64_t i = 0; i < d; ++i) dst[i] = f2bf(o[i] / den);
-            }
+    free(first);
     free(part);
     return failed ? -1 : 0;
 }
