@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tinychat.bench import cpu_model  # noqa: E402
+from tinychat.server import STREAM_INTERVAL  # noqa: E402
 
 TOPICS = ["a lighthouse keeper who finds a message in a bottle", "a dragon who is afraid of heights",
           "two rival bakers in a small mountain village", "a robot learning to paint",
@@ -107,7 +108,8 @@ class Server:
         self.url = f"http://127.0.0.1:{args.port}"
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         cmd = [sys.executable, "-m", "tinychat", "serve", "--port", str(args.port), "--model", args.model,
-               "--slots", str(args.slots), "--max-context", str(args.max_context)]
+               "--slots", str(args.slots), "--max-context", str(args.max_context),
+               "--stream-interval", str(args.stream_interval)]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -306,7 +308,7 @@ def summarize(rounds: list[dict], counts: list[int]) -> dict:
 
 def print_table(s: dict, args) -> None:
     print(f"\n{args.max_tokens} tokens, greedy, {args.threads} torch threads, {args.rounds} rounds (medians), "
-          f"client: {args.client}")
+          f"client: {args.client}, server --stream-interval {args.stream_interval}")
     print(f"{'one stream':24s}{'TTFT ms':>10s}{'decode tok/s':>14s}{'total s':>10s}")
     for name, key in (("in process", "in_process"), ("server", "server")):
         row = s[key]
@@ -357,6 +359,8 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     ap.add_argument("--slots", type=int, default=8, help="server --slots (default %(default)s)")
     ap.add_argument("--max-context", type=int, default=4096, help="server --max-context (default %(default)s)")
+    ap.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL,
+                    help="server --stream-interval (default %(default)s; 0: a chunk per token)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, here and in the server (default 2)")
     ap.add_argument("--client", default="httpx", choices=["httpx", "openai"],
                     help="raw SSE over httpx (default) or the official openai client")
@@ -434,6 +438,7 @@ def main() -> int:
         "commit": git_commit(),
         "settings": {"model": args.model, "max_tokens": args.max_tokens, "rounds": args.rounds, "clients": counts,
                      "slots": args.slots, "max_context": args.max_context, "client": args.client,
+                     "stream_interval": args.stream_interval,
                      "sampling": "greedy (temperature 0)"},
         "summary": s,
         "short_replies": len(short),

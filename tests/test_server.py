@@ -114,6 +114,19 @@ def test_chat_streaming_equals_non_streaming(server, model_id):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == response.usage.completion_tokens
 
 
+def test_stream_sends_its_first_token_at_once_and_holds_the_rest_between_chunks(server, model_id):
+    """The default --stream-interval (50 ms): the first text is one token alone; every token after it comes
+    in some chunk, in order (how many to a chunk depends on this machine's speed)."""
+    client = server.client()
+    whole = ask(client, model_id, QUESTIONS[4], max_tokens=24, logprobs=True)
+    chunks = [c for c in ask(client, model_id, QUESTIONS[4], max_tokens=24, logprobs=True, stream=True)
+              if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content]
+    assert len(chunks[0].choices[0].logprobs.content) == 1
+    streamed = [e.token for c in chunks for e in c.choices[0].logprobs.content]
+    assert streamed == [e.token for e in whole.choices[0].logprobs.content]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+
+
 def test_stream_ends_with_done(server, model_id):
     body = {"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
     lines = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).text.strip().split("\n\n")
@@ -300,7 +313,8 @@ def test_openai_client_raises_typed_errors(server, model_id):
 
 @pytest.fixture(scope="module")
 def small_server(default_model_dir):
-    s = Server("--slots", "1", "--max-queue", "1", "--max-context", "512", "--api-key", "sesame")
+    s = Server("--slots", "1", "--max-queue", "1", "--max-context", "512", "--api-key", "sesame",
+               "--stream-interval", "0")
     yield s
     s.stop()
 
@@ -312,6 +326,14 @@ def test_api_key_required(small_server):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert small_server.client(api_key="sesame").models.list().data
     assert httpx.get(small_server.url + "/health", timeout=30).status_code == 200  # probes need no key
+
+
+def test_stream_interval_0_sends_a_chunk_per_token(small_server):
+    client = small_server.client(api_key="sesame")
+    chunks = [c for c in client.completions.create(model="smollm2-135m-instruct", prompt="1, 2, 3,", max_tokens=12,
+                                                   temperature=0, logprobs=0, stream=True)
+              if c.choices and c.choices[0].logprobs]
+    assert len(chunks) == 12 and all(len(c.choices[0].logprobs.tokens) == 1 for c in chunks)
 
 
 def test_full_queue_answers_429_with_retry_after(small_server):
@@ -342,6 +364,7 @@ def test_full_queue_answers_429_with_retry_after(small_server):
     (["--slots", "0"], "--slots must be >= 1"),
     (["--max-queue", "-1"], "--max-queue >= 0"),
     (["--max-context", "0"], "--max-context must be a positive"),
+    (["--stream-interval", "-1"], "--stream-interval must be 0..10 seconds"),
 ])
 def test_bad_serve_flags_are_one_line_errors(flags, message):
     r = subprocess.run([sys.executable, "-m", "tinychat", "serve", *flags], capture_output=True, text=True,

@@ -297,9 +297,9 @@ class Reply:
     # -- streaming -----------------------------------------------------------------------------------------
 
     def _chunk(self, delta_text: str | None, finish_reason: str | None, logprobs: list[dict] | None,
-               first: bool = False) -> dict:
+               first: bool = False, offset: int = 0) -> dict:
         usage_field = {"usage": None} if self.request.include_usage else {}
-        rendered = self._render_logprobs(logprobs or []) if logprobs is not None else None
+        rendered = self._render_logprobs(logprobs, offset) if logprobs is not None else None
         if self.request.chat:
             delta = {"role": "assistant", "content": ""} if first else ({} if delta_text is None else
                                                                            {"content": delta_text})
@@ -313,18 +313,26 @@ class Reply:
     def first_chunks(self) -> list[dict]:
         return [self._chunk(None, None, None, first=True)] if self.request.chat else []
 
-    def chunks(self, event) -> list[dict]:
-        """The stream chunks one event becomes (a token with no visible text and no logprobs becomes none)."""
-        if isinstance(event, TokenEvent):
+    def chunks(self, events: list) -> list[dict]:
+        """The stream chunks a run of events becomes: their tokens as one chunk (the texts joined, the
+        logprobs in order; none when no token shows text or carries logprobs), then, after a DoneEvent, the
+        finishing chunk and the usage chunk."""
+        tokens = [e for e in events if isinstance(e, TokenEvent)]
+        offset = sum(len(e["token"]) for e in self.logprobs)  # text_offset of a completion's first token here
+        for event in tokens:
             self.add(event)
-            entries = [self.logprobs[-1]] if self.request.logprobs is not None else None
-            if not event.text and entries is None:
-                return []
-            return [self._chunk(event.text, None, entries)]
-        self.done = event
-        chunks = [self._chunk(None, event.finish_reason, None)]
+        chunks = []
+        text = "".join(e.text for e in tokens)
+        if tokens and (text or self.request.logprobs is not None):
+            entries = self.logprobs[-len(tokens):] if self.request.logprobs is not None else None
+            chunks.append(self._chunk(text, None, entries, offset=offset))
+        done = next((e for e in events if not isinstance(e, TokenEvent)), None)
+        if done is None:
+            return chunks
+        self.done = done
+        chunks.append(self._chunk(None, done.finish_reason, None))
         if self.request.include_usage:
-            chunks.append({"id": self.id, "object": chunks[0]["object"], "created": self.created,
+            chunks.append({"id": self.id, "object": chunks[-1]["object"], "created": self.created,
                            "model": self.model_id, "system_fingerprint": None, "choices": [],
                            "usage": self.usage()})
         return chunks

@@ -2,8 +2,10 @@
 
 Request handlers run on uvicorn's event loop (a second thread) and never touch the model: they validate
 the body (tinychat.openai_api), submit a Job to the scheduler, which decodes on the main thread, and relay
-its events, which the scheduler hands over with `loop.call_soon_threadsafe`. A client that goes away
-cancels its job; the scheduler drops it before its next decode step.
+its events (EventRelay). A stream sends its first text at once and then at most one chunk per
+--stream-interval, holding every token sampled meanwhile: on a 2-core CPU the HTTP thread and the client
+compete with the decode step for the cores, and per-token chunks cost a stream a fifth of its speed (see
+the README). A client that goes away cancels its job; the scheduler drops it before its next decode step.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at definition.
@@ -12,23 +14,27 @@ import hmac
 import json
 import socket
 import sys
+import threading
 import time
 
+from .batching import Job, QueueFull, TokenEvent
 from .errors import TinychatError
 from .openai_api import APIError, Reply, RequestContext, error_body, models_list, parse_request
 
 DISCONNECT_POLL_SECONDS = 0.1  # how often a handler checks that its client is still there
+STREAM_INTERVAL = 0.05  # default seconds between a stream's chunks after its first text (--stream-interval)
 
 
-def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = None):
-    """The FastAPI app serving `engine` through `scheduler` under the names `model_ids` (the first is listed)."""
+def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = None,
+               stream_interval: float = STREAM_INTERVAL):
+    """The FastAPI app serving `engine` through `scheduler` under the names `model_ids` (the first is listed);
+    a stream's chunks go out at most every `stream_interval` seconds after its first text (0: each token)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    from .batching import Job, QueueFull
     from .generate import eos_ids
 
     app = FastAPI(title="tinychat", docs_url=None, redoc_url=None, openapi_url=None)
@@ -91,27 +97,27 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
             parsed = await run_in_threadpool(parse_request, body, ctx, chat)
         else:  # templating and tokenizing a prompt take well under a millisecond; a thread hop takes more
             parsed = parse_request(body, ctx, chat)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = Job(parsed.prompt_ids, parsed.params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                  stop=parsed.stop, processors=parsed.processors, logprobs=parsed.logprobs)
+        relay = EventRelay(request)
+        job = Job(parsed.prompt_ids, parsed.params, relay.emit, stop=parsed.stop, processors=parsed.processors,
+                  logprobs=parsed.logprobs)
         try:
             scheduler.submit(job)
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full", kind="rate_limit_error", headers={"Retry-After": "1"})
         except TinychatError as e:
             raise APIError(400, str(e)) from None
+        relay.watch(job)
         reply = Reply(parsed, model_ids[0], engine.tokenizer)
-        relay = EventRelay(request, job, events)
         if parsed.stream:
             return StreamingResponse(stream(relay, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             while reply.done is None:
-                event = await relay.next()
-                if event is None:
+                events = await relay.next_events()
+                if events is None:
                     return JSONResponse(error_body("client closed the request"), status_code=499)
-                reply.add(event)
+                for event in events:
+                    reply.add(event)
         finally:
             relay.close()
         if reply.done.finish_reason == "error":
@@ -122,16 +128,20 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
         try:
             for chunk in reply.first_chunks():
                 yield sse(chunk)
+            sent = None  # when the last chunk with text went out (loop time); None before the first
             while reply.done is None:
-                event = await relay.next()
-                if event is None:
+                events = await relay.next_events(None if sent is None else sent + stream_interval)
+                if events is None:
                     return
-                if getattr(event, "finish_reason", None) == "error":
-                    reply.done = event
-                    yield sse(error_body(event.error or "generation failed", "server_error"))
-                    break
-                for chunk in reply.chunks(event):
-                    yield sse(chunk)
+                failed = events[-1] if getattr(events[-1], "finish_reason", None) == "error" else None
+                chunks = reply.chunks([e for e in events if e is not failed])
+                if failed is not None:
+                    reply.done = failed
+                    chunks.append(error_body(failed.error or "generation failed", "server_error"))
+                if chunks:
+                    yield "".join(sse(chunk) for chunk in chunks)
+                    if any(isinstance(e, TokenEvent) and e.text for e in events):
+                        sent = asyncio.get_running_loop().time()
             yield "data: [DONE]\n\n"
         finally:
             relay.close()  # the reply ended, or the client went away (the response task is cancelled)
@@ -148,31 +158,84 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
 
 
 class EventRelay:
-    """One request's events, handed over from the scheduler thread, and whether its client is still there: a
-    watcher task checks every DISCONNECT_POLL_SECONDS, whether or not tokens flow (a queued request's client
-    may leave before its first token), and when the client has gone it cancels the job and ends the relay.
-    Waiting for a token is then a plain queue read: nothing is created or scheduled per token."""
+    """One request's events, handed over from the scheduler thread: `emit` (that thread) appends to a list
+    and wakes the event loop only when the handler waits for what came, so tokens sampled while a stream
+    holds back cost no wake-up each. A watcher task checks every DISCONNECT_POLL_SECONDS, whether or not
+    tokens flow (a queued request's client may leave before its first token), and when the client has gone
+    it cancels the job and ends the relay."""
 
-    def __init__(self, request, job, events: asyncio.Queue):
-        self.request, self.job, self.events = request, job, events
-        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+    def __init__(self, request):
+        self.request = request
+        self.loop = asyncio.get_running_loop()
+        self.job = self.watcher = None
+        self.gone = False
+        self._lock = threading.Lock()
+        self._events: list = []
+        self._wake_on: str | None = None  # None: nobody waits; "any": any event; "end": only the last one
+        self._waiter = self.loop.create_future()
+
+    def emit(self, event) -> None:
+        """The scheduler's callback (its thread): keep the event, and wake the handler if it waits for it."""
+        with self._lock:
+            self._events.append(event)
+            wake = self._wake_on == "any" or (self._wake_on == "end" and not isinstance(event, TokenEvent))
+            if wake:
+                self._wake_on = None
+        if wake:
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:  # on the loop: a stale wake-up only makes next_events look again
+        if not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def watch(self, job) -> None:
+        """Start watching the client of `job` (submitted)."""
+        self.job = job
+        self.watcher = self.loop.create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(DISCONNECT_POLL_SECONDS)
             if await self.request.is_disconnected():
                 self.job.cancel()
-                self.events.put_nowait(None)
+                self.gone = True
+                self._wake()
                 return
 
-    async def next(self):
-        """The job's next event, or None once the client has gone (the job is then cancelled)."""
-        return await self.events.get()
+    async def _wait(self, wake_on: str, timeout: float | None = None) -> None:
+        """Wait for emit to see an event of the kind `wake_on` names (or the client to go, or `timeout`)."""
+        with self._lock:
+            if self._events and (wake_on == "any" or not isinstance(self._events[-1], TokenEvent)):
+                return
+            self._waiter = self.loop.create_future()
+            self._wake_on = wake_on
+        timer = self.loop.call_later(timeout, self._wake) if timeout is not None else None
+        try:
+            await self._waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            with self._lock:
+                self._wake_on = None
+
+    async def next_events(self, not_before: float | None = None) -> list | None:
+        """The events since the last call (at least one), not before the loop time `not_before` unless the
+        job ends sooner; None once the client has gone (the job is then cancelled)."""
+        if not_before is not None and not_before > self.loop.time() and not self.gone:
+            await self._wait("end", timeout=not_before - self.loop.time())
+        while not self.gone:
+            with self._lock:
+                if self._events:
+                    events, self._events = self._events, []
+                    return events
+            await self._wait("any")
+        return None
 
     def close(self) -> None:
         """The reply is over (done, failed or abandoned): stop watching and let the job go."""
-        self.watcher.cancel()
-        self.job.cancel()  # a no-op when it finished
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.job.cancel()  # a no-op when it finished
 
 
 def sse(payload: dict) -> str:
@@ -201,6 +264,9 @@ def register(subparsers) -> None:
                    help="requests that may wait for a slot; more get 429 (default %(default)s)")
     p.add_argument("--max-context", type=int, default=4096,
                    help="tokens per sequence, prompt and reply (default %(default)s, at most the model's)")
+    p.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL, metavar="SECONDS",
+                   help="a stream sends its first text at once, then at most one chunk per SECONDS with every "
+                        "token sampled meanwhile (default %(default)s; 0: a chunk per token)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -216,13 +282,15 @@ def run(args) -> int:
         raise TinychatError(f"--max-context must be a positive number of tokens, got {args.max_context}")
     if args.slots < 1 or args.max_queue < 0:
         raise TinychatError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
+    if not 0 <= args.stream_interval <= 10:
+        raise TinychatError(f"--stream-interval must be 0..10 seconds, got {args.stream_interval}")
     check_port_free(args.host, args.port)
     engine = load_engine_from_args(args)
     max_seq = min(args.max_context, engine.model.config.max_position_embeddings)
     scheduler = BatchScheduler(engine.model, engine.tokenizer, args.slots, max_seq, args.max_queue,
                                capture=not isinstance(engine.decoder, EagerDecoder))
     model_ids = served_names(args.model, engine.path)
-    app = create_app(scheduler, engine, model_ids, args.api_key)
+    app = create_app(scheduler, engine, model_ids, args.api_key, args.stream_interval)
     kv_gb = scheduler.cache.nbytes / 1e9
     print(f"serving {model_ids[0]} at http://{args.host}:{args.port}/v1 · {args.slots} slots x {max_seq} tokens "
           f"(KV cache {kv_gb:.2f} GB)" + (" · API key required" if args.api_key else ""), file=sys.stderr, flush=True)
