@@ -234,15 +234,18 @@ def test_int4pack_gemv_rows_are_bit_identical_to_one_row_calls(m, k, n, g):
     assert leading.shape == (m, 1, n) and torch.equal(leading.view(m, n), got)
 
 
-def test_int4pack_gemv_takes_prompts_only_on_the_avx2_layout():
-    """The AVX-512 layout's GEMV declines more than GEMV_MAX_ROWS rows (torch's kernel is faster there); the
-    AVX2 one computes any number, each row as alone, as the reference does."""
+def test_int4pack_gemv_takes_prompts_where_it_beats_torchs_kernel():
+    """The AVX-512 layout's GEMV declines more than GEMV_MAX_ROWS rows (torch's kernel is faster there) unless
+    it runs on vdpbf16ps; the AVX2 one computes any number. Each row as alone, as the reference does."""
     from tinychat.quant import pack
 
     packed, scales_and_zeros, w = int4pack_weights(128, 64, 32)
     x = torch.randn(cpu_kernels.GEMV_MAX_ROWS + 21, 128).to(BF16)
     got = gemv(x, packed, scales_and_zeros, 32, 64)
-    if pack.int4pack_block_n() != 32 or not cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK32:
+    block, support = pack.int4pack_block_n(), cpu_kernels.gemv_support()
+    takes = (block == 32 and support & cpu_kernels.GEMV_INT4_BLOCK32) or (
+        block == 64 and support & cpu_kernels.GEMV_INT4_BLOCK64_PROMPTS)
+    if not takes:
         assert got is None
     else:
         assert rel(got, x.float() @ w.T) < 4e-3
@@ -302,8 +305,8 @@ def test_int4_gemv_layouts_give_the_same_bits(m, k, n, g):
 
 
 def test_awq_linear_decodes_with_the_gemv_and_prompts_with_the_faster_kernel(monkeypatch):
-    """Decode rows (1..16) take our GEMV; a 17-row prompt takes it on the AVX2 layout and torch's kernel on
-    the AVX-512 one (ours declines it)."""
+    """Decode rows (1..16) take our GEMV; a 17-row prompt takes it on the AVX2 layout and on the AVX-512 one
+    with AVX512_BF16, torch's kernel on the AVX-512 one without (ours declines it)."""
     from tinychat.quant import pack
     from tinychat.quant.qlinear import AWQLinear
 
@@ -330,7 +333,8 @@ def test_awq_linear_decodes_with_the_gemv_and_prompts_with_the_faster_kernel(mon
         assert y.shape == (*shape[:-1], n) and rel(y, x.float() @ w.T) < 1e-2
     if not cpu_kernels.gemv_support():
         pytest.skip("no GEMV built here")
-    prompt = (1, 17, k) if pack.int4pack_block_n() == 32 else False  # AVX-512: torch's kernel took the prompt
+    takes_prompts = pack.int4pack_block_n() == 32 or cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64_PROMPTS
+    prompt = (1, 17, k) if takes_prompts else False  # else torch's kernel took the prompt
     assert computed == [(1, 1, k), (8, 1, k), (16, k), prompt]
     x = torch.randn(5, 1, k).to(BF16)
     assert torch.equal(layer(x), torch.cat([layer(x[r:r + 1]) for r in range(5)]))
@@ -460,6 +464,26 @@ def test_avx2_build_gives_the_avx512_builds_gemv_bits(m):
     got = int8_call(avx2, x, q, scales)
     assert rel(got, int8_call(native, x, q, scales)) < 4e-3
     assert torch.equal(got, torch.cat([int8_call(avx2, x[r:r + 1].contiguous(), q, scales) for r in range(m)]))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 8, 13, 16])  # every pass shape: 1-6 rows, several passes
+@pytest.mark.parametrize("k,g", [(576, 64), (256, 32), (1536, 128)])
+def test_int4_gemv_on_vdpbf16ps_gives_the_fma_kernels_bits(m, k, g):
+    """With AVX512_BF16 the AVX-512 int4 GEMV multiplies on vdpbf16ps, pairs of inputs at a time, with its
+    outputs in another order within a block: every output must still get the bits of the FMA kernel (a build
+    without AVX512_BF16), on this CPU's own instruction."""
+    if not cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64_PROMPTS:
+        pytest.skip("no AVX512_BF16 here: the FMA kernel is the one that runs")
+    fma = cpu_kernels.build_variant("-mno-avx512bf16")
+    assert fma.tc_gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64 and not fma.tc_gemv_support() & 8
+    n = 1024
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    scales_and_zeros = torch.stack([torch.rand(k // g, n) * 0.02 + 0.002, (torch.rand(k // g, n) - 0.5) * 0.1],
+                                   dim=-1).to(BF16).contiguous()
+    # magnitudes over 2^-20..2^20: the sums round (with a narrow range fp32 holds them exactly in any order)
+    x = (torch.randn(m, k) * torch.exp2(torch.randint(-20, 21, (m, k)).float())).to(BF16)
+    assert torch.equal(int4_call(cpu_kernels.library(), x, codes, scales_and_zeros, g, 64),
+                       int4_call(fma, x, codes, scales_and_zeros, g, 64))
 
 
 def test_avx2_builds_prompt_rows_are_batch_invariant():

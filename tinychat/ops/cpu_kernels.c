@@ -22,6 +22,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #define HAVE_AVX2 1  // the AVX2 paths (AMD Zen 2/3, Intel before AVX-512): torch packs int4 for them too
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HAVE_DPBF16 1  // the AVX-512 int4 GEMV on vdpbf16ps (block_dp)
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -520,12 +523,16 @@ void tc_silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t n) {
 #define GEMV_INT4_BLOCK64 1  // tc_gemv_support bits: the int4 GEMV on torch's AVX-512 layout (64-output blocks),
 #define GEMV_INT4_BLOCK32 2  // on its AVX2 layout (32-output blocks),
 #define GEMV_INT8 4          // and the int8 GEMV
+#define GEMV_INT4_BLOCK64_PROMPTS 8  // the block-64 one takes any number of rows (vdpbf16ps: faster than torch's)
 
 // Which GEMVs this build runs (the instruction sets it was compiled for): GEMV_* bits.
 int tc_gemv_support(void) {
     int bits = 0;
 #ifdef __AVX512F__
     bits |= GEMV_INT4_BLOCK64 | GEMV_INT8;
+#endif
+#ifdef HAVE_DPBF16
+    bits |= GEMV_INT4_BLOCK64_PROMPTS;
 #endif
 #ifdef HAVE_AVX2
     bits |= GEMV_INT4_BLOCK32 | GEMV_INT8;
@@ -624,6 +631,117 @@ static inline __attribute__((always_inline)) void block_direct(const int rows, c
         }
 }
 
+#ifdef HAVE_DPBF16
+// With AVX512_BF16 (AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids and later) block_direct runs
+// on vdpbf16ps, which does 32 multiply-adds where an fp32 FMA does 16, at the same rate. It is exact here:
+// a code (0..15) and an activation (bf16 already) are bf16 numbers, their product is exact in fp32, and the
+// instruction adds a lane's odd product, then its even one, each rounded as an FMA rounds (checked on Zen 4:
+// no difference in 3.2M lanes). With input i in the odd half of a lane and i + 1 in the even half it is the
+// FMA chain of block_direct, so every output gets block_direct's bits (and so the AVX2 kernel's); only a
+// denormal activation or sum, which the instruction flushes to zero, could differ.
+//
+// bf16 bits of e & 15 for e in 0..31 (vpermw reads the low 5 bits of an index word).
+static const uint16_t CODE_BF16[32] __attribute__((aligned(64))) = {
+    0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+    0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
+    0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+    0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+
+// Inputs i and i + 1 of a block (64 bytes) as four vectors of 16 lanes, each lane one output's two codes as
+// bf16 (i in the odd half): 10 instructions for two inputs where decode_codes takes 16. The unpacks pair
+// byte j of both inputs within 128-bit lanes, so vector c holds outputs DP_OUTPUT[c][0..15], not 16c..16c+15.
+static inline __attribute__((always_inline)) void decode_pair(const uint8_t* p, __m512i table, __m512bh w[4]) {
+    const __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));  // input i, a byte per word
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 32)));  // input i + 1
+    const __m512i lo = _mm512_unpacklo_epi16(b, a), hi = _mm512_unpackhi_epi16(b, a);
+    w[0] = (__m512bh)_mm512_permutexvar_epi16(lo, table);  // low nibbles: outputs 0-31
+    w[1] = (__m512bh)_mm512_permutexvar_epi16(hi, table);
+    w[2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(lo, 4), table);  // high nibbles: 32-63
+    w[3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), table);
+}
+
+// Which output of the block lane l of decode_pair's vector c holds: byte j = 8 (l / 4) + l % 4 (+ 4 in the
+// unpackhi vectors), its high nibble 32 outputs on.
+static inline int dp_output(int c, int l) { return (c >= 2 ? 32 : 0) + 8 * (l / 4) + (c % 2 ? 4 : 0) + l % 4; }
+
+// block_direct on vdpbf16ps: xp [rows, k/2] holds each row's activations as pairs (x[2p+1] | x[2p] << 16).
+static inline __attribute__((always_inline)) void block_dp(const int rows, const uint8_t* block, const uint32_t* xp,
+                                                           const float* xsum, const bf16* scales_and_zeros,
+                                                           bf16* y, int64_t n, int64_t k, int64_t group, int64_t b,
+                                                           const int prefetch) {
+    const __m512i table = _mm512_load_si512((const void*)CODE_BF16);
+    __m512i order[4];  // lane l of vector c: the index of output dp_output(c, l) among two vectors of 16
+    for (int c = 0; c < 4; ++c) {
+        int32_t idx[16];
+        for (int l = 0; l < 16; ++l) idx[l] = dp_output(c, l) % 32;
+        order[c] = _mm512_loadu_si512((const void*)idx);
+    }
+    __m512 total[GEMV_CHUNK][4];
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < 4; ++c) total[r][c] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < k / group; ++g) {
+        __m512 acc[GEMV_CHUNK][4];
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+        for (int64_t i = g * group; i < (g + 1) * group; i += 2) {
+            if (prefetch) _mm_prefetch((const char*)(block + i * 32 + GEMV_PREFETCH), _MM_HINT_T0);
+            __m512bh w[4];
+            decode_pair(block + i * 32, table, w);
+            for (int r = 0; r < rows; ++r) {
+                const __m512bh xi = (__m512bh)_mm512_set1_epi32((int)xp[r * (k / 2) + i / 2]);
+                for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w[c], xi);
+            }
+        }
+        __m512 s4[4], off4[4], s[4], off8[4];
+        group_scales(scales_and_zeros, n, b, g, s4, off4);
+        for (int c = 0; c < 4; ++c) {  // into decode_pair's order of outputs
+            const int half = c < 2 ? 0 : 2;
+            s[c] = _mm512_permutex2var_ps(s4[half], order[c], s4[half + 1]);
+            off8[c] = _mm512_permutex2var_ps(off4[half], order[c], off4[half + 1]);
+        }
+        for (int r = 0; r < rows; ++r) {
+            const __m512 xs = _mm512_set1_ps(xsum[r * (k / group) + g]);
+            for (int c = 0; c < 4; ++c) {
+                total[r][c] = _mm512_fmadd_ps(s[c], acc[r][c], total[r][c]);
+                total[r][c] = _mm512_fmadd_ps(off8[c], xs, total[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < 4; ++c) {
+            float o[16];
+            _mm512_storeu_ps(o, total[r][c]);
+            for (int l = 0; l < 16; ++l) y[r * n + b * 64 + dp_output(c, l)] = f2bf(o[l]);
+        }
+}
+
+static void block_dp_rows(int64_t rows, const uint8_t* block, const uint32_t* xp, const float* xsum,
+                          const bf16* scales_and_zeros, bf16* y, int64_t n, int64_t k, int64_t group, int64_t b,
+                          int prefetch) {
+#define DP(R, P) block_dp(R, block, xp, xsum, scales_and_zeros, y, n, k, group, b, P)
+    if (prefetch)
+        switch (rows) {
+            case 1: DP(1, 1); break;
+            case 2: DP(2, 1); break;
+            case 3: DP(3, 1); break;
+            case 4: DP(4, 1); break;
+            case 5: DP(5, 1); break;
+            default: DP(6, 1); break;
+        }
+    else
+        switch (rows) {
+            case 1: DP(1, 0); break;
+            case 2: DP(2, 0); break;
+            case 3: DP(3, 0); break;
+            case 4: DP(4, 0); break;
+            case 5: DP(5, 0); break;
+            default: DP(6, 0); break;
+        }
+#undef DP
+}
+#endif
+
+#ifndef HAVE_DPBF16
 // block_direct with rows and prefetch as constants (prefetch: only the first pass over a block streams it
 // from DRAM; later passes find it in L1/L2).
 static void block_direct_rows(int64_t rows, const uint8_t* block, const float* xf, const float* xsum,
@@ -650,6 +768,7 @@ static void block_direct_rows(int64_t rows, const uint8_t* block, const float* x
         }
 #undef DIRECT
 }
+#endif
 
 #endif
 
@@ -821,17 +940,32 @@ static void block32_rows(int64_t rows, const uint8_t* block, const float* xf, co
 // (same VM, AVX-512). (block, pass) pairs split over torch's OpenMP threads, so 9 blocks of 2 passes still
 // share out evenly.
 // With AVX2 (block 32) any number of rows: a prompt's go up to GEMV_PASS_AVX2 to a pass (block32_many).
+// With AVX512_BF16 block 64 runs on vdpbf16ps (block_dp, the same bits) and takes any number of rows too:
+// on a 2-core AMD EPYC Zen 4 VM the four linears of SmolLM2-135M took 1.7-1.9x less time than torch's
+// kernel at 61 and 128 rows, and 1.4-2.0x less than block_direct at 1-16 rows.
 // Returns -1 (nothing written) for a block width this build does not run (tc_gemv_support), n not a
-// multiple of it, m < 1 or, for block 64, m > GEMV_MAX_ROWS.
+// multiple of it, m < 1 or, for block 64 without GEMV_INT4_BLOCK64_PROMPTS, m > GEMV_MAX_ROWS.
 int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16* scales_and_zeros, bf16* y,
                      int64_t n, int64_t k, int64_t group, int64_t block) {
     const int bit = block == 64 ? GEMV_INT4_BLOCK64 : block == 32 ? GEMV_INT4_BLOCK32 : 0;
-    if (!(tc_gemv_support() & bit) || n % block || k % group || m < 1 || (block == 64 && m > GEMV_MAX_ROWS)) return -1;
+    const int prompts = block == 32 || tc_gemv_support() & GEMV_INT4_BLOCK64_PROMPTS;
+    if (!(tc_gemv_support() & bit) || n % block || k % group || m < 1 || (!prompts && m > GEMV_MAX_ROWS)) return -1;
     const int64_t groups = k / group;
     float* xf = malloc(sizeof(float) * (size_t)(m * (k + groups)));
     if (!xf) return -1;
     float* xsum = xf + m * k;
     for (int64_t i = 0; i < m * k; ++i) xf[i] = bf2f(x[i]);
+#ifdef HAVE_DPBF16
+    uint32_t* xp = NULL;  // block_dp's activation pairs
+    if (block == 64) {
+        xp = malloc(sizeof(uint32_t) * (size_t)(m * k / 2));
+        if (!xp) {
+            free(xf);
+            return -1;
+        }
+        for (int64_t p = 0; p < m * k / 2; ++p) xp[p] = (uint32_t)x[2 * p + 1] | (uint32_t)x[2 * p] << 16;
+    }
+#endif
     for (int64_t r = 0; r < m; ++r)
         for (int64_t g = 0; g < groups; ++g) {
             float s = 0.0f;
@@ -847,9 +981,15 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
         const uint8_t* codes = packed + b * k * (block / 2);
         (void)codes, (void)r0, (void)r1;  // a build with neither instruction set never gets here (tc_gemv_support)
 #ifdef __AVX512F__
+#ifdef HAVE_DPBF16
+        if (block == 64)
+            block_dp_rows(r1 - r0, codes, xp + r0 * k / 2, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k,
+                          group, b, c == 0);
+#else
         if (block == 64)
             block_direct_rows(r1 - r0, codes, xf + r0 * k, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k,
                               group, b, c == 0);
+#endif
 #endif
 #ifdef HAVE_AVX2
         if (block == 32 && m > GEMV_CHUNK_AVX2)
@@ -859,6 +999,9 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
                          b, c == 0);
 #endif
     }
+#ifdef HAVE_DPBF16
+    free(xp);
+#endif
     free(xf);
     return 0;
 }

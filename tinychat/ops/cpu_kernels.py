@@ -56,7 +56,7 @@ RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_int4pack_gemv",
                   "tc_gemv_support", "tc_replay"}
 # tc_gemv_support bits: the int4 GEMV on torch's 64-output blocks (its AVX-512 layout), on its 32-output
 # blocks (AVX2), the int8 GEMV
-GEMV_INT4_BLOCK64, GEMV_INT4_BLOCK32, GEMV_INT8 = 1, 2, 4
+GEMV_INT4_BLOCK64, GEMV_INT4_BLOCK32, GEMV_INT8, GEMV_INT4_BLOCK64_PROMPTS = 1, 2, 4, 8
 
 
 def cache_dir() -> Path:
@@ -292,7 +292,8 @@ def silu_mul(gate_up):
 
 
 GEMV_MAX_ROWS = 16  # cpu_kernels.c GEMV_MAX_ROWS: a batched decode step's rows; more (prompts) run torch's kernel,
-# except on torch's AVX2 int4 layout, whose GEMV takes any rows (faster than torch's kernel there for prompts too)
+# except where the int4 GEMV takes any rows (faster than torch's kernel for prompts too): on torch's AVX2
+# layout, and on the AVX-512 one with AVX512_BF16 (GEMV_INT4_BLOCK64_PROMPTS)
 
 
 @functools.cache
@@ -304,13 +305,14 @@ def gemv_support() -> int:
 def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features, block):
     """x [..., in] bf16, contiguous, @ W.T from torch's CPU int4 layout with `block` outputs per block
     (tinychat.quant.pack.int4pack_block_n) -> [..., out] bf16; each row's bits are those of that row alone.
-    Rows: 1..GEMV_MAX_ROWS on the AVX-512 layout (64), any number on the AVX2 one (32). None where the kernel
-    does not run (not built for that layout, out not a multiple of the block, too many rows): then torch's
-    kernel does."""
+    Rows: any number on the AVX2 layout (32) and, with AVX512_BF16, on the AVX-512 one (64); else 1..GEMV_MAX_ROWS
+    there. None where the kernel does not run (not built for that layout, out not a multiple of the block, too
+    many rows): then torch's kernel does."""
     k = x.shape[-1]
     m = x.numel() // k
     bit = GEMV_INT4_BLOCK64 if block == 64 else GEMV_INT4_BLOCK32 if block == 32 else 0
-    if not gemv_support() & bit or out_features % block or m < 1 or (block == 64 and m > GEMV_MAX_ROWS):
+    prompts = block == 32 or gemv_support() & GEMV_INT4_BLOCK64_PROMPTS
+    if not gemv_support() & bit or out_features % block or m < 1 or (not prompts and m > GEMV_MAX_ROWS):
         return None
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     status = _call("tc_int4pack_gemv", x.data_ptr(), m, packed.data_ptr(), scales_and_zeros.data_ptr(),

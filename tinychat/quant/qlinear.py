@@ -77,8 +77,8 @@ class Int4CpuKernel(_Strategy):
         if x.dtype == torch.bfloat16 and x.is_contiguous():  # the model's activations: views around the kernel
             buffers = self._buffers  # not through nn.Module.__getattr__: this runs 120 times per decoded token
             packed, scales_and_zeros = buffers["packed"], buffers["scales_and_zeros"]
-            # decode, one row per sequence: the prefetching GEMV (each row's bits as if decoded alone); on
-            # the AVX2 layout prompts too (it declines them on the AVX-512 one, where torch's kernel is faster)
+            # decode, one row per sequence: the prefetching GEMV (each row's bits as if decoded alone); prompts
+            # too where it is faster than torch's kernel (cpu_kernels.int4pack_gemv says where)
             y = cpu_kernels.int4pack_gemv(x, packed, scales_and_zeros, self.group_size, self.out_features, self.block)
             if y is not None:
                 return y
