@@ -341,7 +341,7 @@ def test_awq_linear_decodes_with_the_gemv_and_prompts_with_the_faster_kernel(mon
 
 
 @pytest.mark.parametrize("n,k", [(4099, 576), (64, 32), (300, 80), (1000, 1536)])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16])
 def test_int8_gemv_matches_the_reference_and_torch_with_batch_invariant_rows(m, n, k):
     """The int8 head's GEMV against its reference (the dequantized table @ x in fp64, then one bf16 rounding)
     and torch's _weight_int8pack_mm; each row of a batch gets the bits it gets alone."""
@@ -484,6 +484,21 @@ def test_int4_gemv_on_vdpbf16ps_gives_the_fma_kernels_bits(m, k, g):
     x = (torch.randn(m, k) * torch.exp2(torch.randint(-20, 21, (m, k)).float())).to(BF16)
     assert torch.equal(int4_call(cpu_kernels.library(), x, codes, scales_and_zeros, g, 64),
                        int4_call(fma, x, codes, scales_and_zeros, g, 64))
+
+
+@pytest.mark.parametrize("m", [1, 5, 8, 13])
+def test_int8_gemv_on_vdpbf16ps_matches_the_fma_kernel(m):
+    """With AVX512_BF16 the int8 head multiplies on vdpbf16ps (32 inputs an instruction, two partial sums per
+    row): equal to the FMA kernel (a build without AVX512_BF16) up to fp32 rounding, then bf16."""
+    from tinychat.quant.int8 import quantize_rows_int8
+
+    if not cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64_PROMPTS:
+        pytest.skip("no AVX512_BF16 here: the FMA kernel is the one that runs")
+    fma = cpu_kernels.build_variant("-mno-avx512bf16")
+    q, scales = quantize_rows_int8(torch.randn(1003, 576))
+    scales = scales.to(BF16)
+    x = torch.randn(m, 576).to(BF16)
+    assert rel(int8_call(cpu_kernels.library(), x, q, scales), int8_call(fma, x, q, scales)) < 4e-3
 
 
 def test_avx2_builds_prompt_rows_are_batch_invariant():
