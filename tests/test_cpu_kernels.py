@@ -112,6 +112,23 @@ def test_decode_attention_rows_are_batch_invariant(window):
             assert torch.equal(got[r:r + 1], alone), f"row {r} (position {p})"
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (8, 8, 128), (4, 1, 80), (16, 2, 64)])
+@pytest.mark.parametrize("starts,t,window", [([0], 61, None), ([0], 700, None), ([0, 40], 17, None),
+                                             ([0], 300, 64), ([9], 1, None), ([100, 0], 50, 30)])
+def test_prompt_attention(hq, hkv, d, starts, t, window):
+    """A prompt's tokens, each over its own positions (causal, windowed with a window), rows at their own
+    offsets (a prompt after a cached prefix), against torch's SDPA in fp32."""
+    b, s = len(starts), 1024
+    q = torch.randn(b, t, hq, d).to(BF16)
+    k_cache, v_cache = (torch.randn(b, hkv, s, d) * 2).to(BF16), torch.randn(b, hkv, s, d).to(BF16)
+    positions = torch.stack([torch.arange(p, p + t) for p in starts])
+    got = cpu_kernels.prompt_attention(q, k_cache, v_cache, positions, window)
+    want = reference.attention(q.float(), k_cache.float(), v_cache.float(), positions, window)
+    assert got.shape == q.shape and got.dtype == BF16 and rel(got, want) < 5e-3  # one bf16 rounding
+    if b == 1:  # [1, T] positions, as a forward without a cache passes them, for every row
+        assert torch.equal(cpu_kernels.prompt_attention(q, k_cache, v_cache, positions[0][None], window), got)
+
+
 def test_silu_mul():
     gate_up = (torch.randn(3, 2 * 1536) * 4).to(BF16)
     got, want = cpu_kernels.silu_mul(gate_up), reference.silu_mul(gate_up)
@@ -120,7 +137,7 @@ def test_silu_mul():
 
 def test_ops_dispatch_to_the_kernels_only_for_bf16_cpu_tensors(monkeypatch):
     calls = []
-    for name in ("add_rmsnorm", "rope_kv_write", "decode_attention", "silu_mul"):
+    for name in ("add_rmsnorm", "rope_kv_write", "decode_attention", "silu_mul", "prompt_attention"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or
                             _real(*a, **kw))
@@ -132,7 +149,9 @@ def test_ops_dispatch_to_the_kernels_only_for_bf16_cpu_tensors(monkeypatch):
     ops.add_rmsnorm(x.to(BF16), torch.ones(64, dtype=BF16), 1e-5, x.to(BF16))
     q, cache = torch.randn(1, 4, 64).to(BF16), torch.randn(1, 2, 8, 64).to(BF16)
     ops.decode_attention(q, cache, cache, torch.tensor([3]))
-    assert calls == ["silu_mul", "add_rmsnorm", "decode_attention"]
+    ops.attention(q.float()[:, None], cache.float(), cache.float(), torch.tensor([[3]]))
+    ops.attention(q[:, None], cache, cache, torch.tensor([[3]]))
+    assert calls == ["silu_mul", "add_rmsnorm", "decode_attention", "prompt_attention"]
 
 
 def test_the_model_decodes_the_same_with_and_without_the_kernels(monkeypatch):

@@ -165,6 +165,18 @@ def test_cpu_decode_attention_int8_matches_dequantize_then_attend(hq, hkv, d, po
 
 
 @needs_kernels
+@pytest.mark.parametrize("starts,t,window", [([0], 61, None), ([0, 30], 300, None), ([0], 200, 64)])
+def test_cpu_prompt_attention_int8_matches_dequantize_then_attend(starts, t, window):
+    b, hq, hkv, d, s = len(starts), 9, 3, 64, 512
+    q = torch.randn(b, t, hq, d).to(BF16)
+    (kc, ks), (vc, vs) = q8_cache(b, hkv, s, d, magnitude=2.0), q8_cache(b, hkv, s, d)
+    positions = torch.stack([torch.arange(p, p + t) for p in starts])
+    got = cpu_kernels.prompt_attention(q, kc, vc, positions, window, ks, vs)
+    want = reference.attention(q.float(), kc, vc, positions, window, k_scale=ks.float(), v_scale=vs.float())
+    assert got.dtype == BF16 and rel(got, want) < 5e-3  # one bf16 rounding of the output
+
+
+@needs_kernels
 def test_ops_dispatch_int8_caches_to_the_cpu_kernels(monkeypatch):
     calls = []
     for name in ("rope_kv_write", "decode_attention"):

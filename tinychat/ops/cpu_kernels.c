@@ -394,19 +394,19 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
 
 #define SPLIT_KEYS 256  // keys per split: long contexts split so both threads stream the cache
 
-// One new token per sequence: q [b, hq, d] attends over its row's cache [hkv, max_seq, d] positions
-// start .. pos[r] (start = pos - window + 1 with a sliding window, else 0); query head h reads kv head
-// h / (hq / hkv). The caches are bf16, or int8 codes with scales k_scale, v_scale [b, hkv, max_seq] (bf16;
-// NULL for bf16 caches) applied inside the dot products. Scores, softmax and the weighted sum in fp32; each
-// key and value row is read once per kv head for all its query heads. The keys are split into ranges
-// computed in parallel (on torch's OpenMP threads) and merged by their softmax statistics; how a row's keys
-// split depends on its own position only, so a sequence gets the same bits in any batch. Returns 0, or -1
-// for shapes it does not take.
-int tc_decode_attention(const bf16* q, const void* k_cache, const void* v_cache, const bf16* k_scale,
-                        const bf16* v_scale, const int64_t* pos, bf16* out, int64_t b, int64_t hq, int64_t hkv,
-                        int64_t d, int64_t max_seq, int64_t window) {
+// Queries q [b, hq, d], `per_row` to a cache row (query r reads row r / per_row), attend over their row's
+// cache [hkv, max_seq, d] positions start .. pos[r] (start = pos - window + 1 with a sliding window, else
+// 0); query head h reads kv head h / (hq / hkv). The caches are bf16, or int8 codes with scales k_scale,
+// v_scale [rows, hkv, max_seq] (bf16; NULL for bf16 caches) applied inside the dot products. Scores,
+// softmax and the weighted sum in fp32; each key and value row is read once per kv head for all its query
+// heads. The keys are split into ranges computed in parallel (on torch's OpenMP threads) and merged by
+// their softmax statistics; how a query's keys split depends on its own position only, so a sequence gets
+// the same bits in any batch. Returns 0, OUT_OF_CACHE, or -1 for shapes it does not take.
+static int attention_queries(const bf16* q, const void* k_cache, const void* v_cache, const bf16* k_scale,
+                             const bf16* v_scale, const int64_t* pos, bf16* out, int64_t b, int64_t per_row,
+                             int64_t hq, int64_t hkv, int64_t d, int64_t max_seq, int64_t window) {
     const int64_t group = hq / hkv;
-    if (group > MAX_GROUP || d > MAX_DIM) return -1;
+    if (group > MAX_GROUP || d > MAX_DIM || per_row < 1) return -1;
     for (int64_t r = 0; r < b; ++r)
         if (pos[r] < 0 || pos[r] >= max_seq) return OUT_OF_CACHE;
     const int q8 = k_scale != NULL;
@@ -454,7 +454,7 @@ int tc_decode_attention(const bf16* q, const void* k_cache, const void* v_cache,
         const int64_t h0 = r * hq + kv * group;
         for (int64_t g = 0; g < group; ++g)
             for (int64_t i = 0; i < d; ++i) qf[g][i] = bf2f(q[(h0 + g) * d + i]) * scale;
-        const size_t rows = (size_t)((r * hkv + kv) * max_seq);  // this (sequence, kv head)'s first cache row
+        const size_t rows = (size_t)((r / per_row * hkv + kv) * max_seq);  // this (sequence, kv head)'s first row
         const size_t bytes = rows * (size_t)d * (q8 ? 1 : 2);
         const void* kb = (const char*)k_cache + bytes;
         const void* vb = (const char*)v_cache + bytes;
@@ -478,6 +478,7 @@ int tc_decode_attention(const bf16* q, const void* k_cache, const void* v_cache,
         free(scores);
     }
     if (!failed)
+#pragma omp parallel for schedule(static) if (b >= PARALLEL_ROWS)
         for (int64_t r = 0; r < b; ++r)
             for (int64_t kv = 0; kv < hkv; ++kv)
                 for (int64_t g = 0; g < group; ++g) {
@@ -503,6 +504,21 @@ int tc_decode_attention(const bf16* q, const void* k_cache, const void* v_cache,
     free(first);
     free(part);
     return failed ? -1 : 0;
+}
+
+// One new token per sequence (a decode step): q [b, hq, d], the cache's row r for query r.
+int tc_decode_attention(const bf16* q, const void* k_cache, const void* v_cache, const bf16* k_scale,
+                        const bf16* v_scale, const int64_t* pos, bf16* out, int64_t b, int64_t hq, int64_t hkv,
+                        int64_t d, int64_t max_seq, int64_t window) {
+    return attention_queries(q, k_cache, v_cache, k_scale, v_scale, pos, out, b, 1, hq, hkv, d, max_seq, window);
+}
+
+// A prompt's t tokens per sequence (their keys and values already written): q [b, t, hq, d] at positions
+// pos [b, t], each token over its own positions as in the decode step (causal; windowed with a window).
+int tc_prompt_attention(const bf16* q, const void* k_cache, const void* v_cache, const bf16* k_scale,
+                        const bf16* v_scale, const int64_t* pos, bf16* out, int64_t b, int64_t t, int64_t hq,
+                        int64_t hkv, int64_t d, int64_t max_seq, int64_t window) {
+    return attention_queries(q, k_cache, v_cache, k_scale, v_scale, pos, out, b * t, t, hq, hkv, d, max_seq, window);
 }
 
 // silu(gate) * up for gate_up [rows, 2 * n] = [gate | up]: silu rounded to bf16, then the product (torch's

@@ -39,6 +39,7 @@ SIGNATURES = {
     "tc_add_rmsnorm": (_p, _p, _p, _p, _p, _i64, _i64, _f32),
     "tc_rope_kv_write": (_p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
     "tc_decode_attention": (_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64),
+    "tc_prompt_attention": (_p, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _i64),
     "tc_silu_mul": (_p, _p, _i64, _i64),
     "tc_int4pack_gemv": (_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64),
     "tc_int8_gemv": (_p, _i64, _p, _p, _p, _i64, _i64),
@@ -52,8 +53,8 @@ SIGNATURES = {
 
 
 # int results (0 / -1, flags); the rest return nothing, tc_replay_ops a string
-RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_int4pack_gemv", "tc_int8_gemv", "tc_take_rows",
-                  "tc_gemv_support", "tc_replay"}
+RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_prompt_attention", "tc_int4pack_gemv",
+                  "tc_int8_gemv", "tc_take_rows", "tc_gemv_support", "tc_replay"}
 # tc_gemv_support bits: the int4 GEMV on torch's 64-output blocks (its AVX-512 layout), on its 32-output
 # blocks (AVX2), the int8 GEMV
 GEMV_INT4_BLOCK64, GEMV_INT4_BLOCK32, GEMV_INT8, GEMV_INT4_BLOCK64_PROMPTS = 1, 2, 4, 8
@@ -248,6 +249,19 @@ def decode_attention(q, k_cache, v_cache, positions, window, k_scale=None, v_sca
     out = torch.empty_like(q)
     status = _call("tc_decode_attention", q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale),
                    _ptr(v_scale), positions.data_ptr(), out.data_ptr(), b, n_heads,
+                   k_cache.shape[1], head_dim, k_cache.shape[2], window or 0)
+    _check_positions(status, positions, k_cache.shape[2])
+    return out if status == 0 else None
+
+
+def prompt_attention(q, k_cache, v_cache, positions, window, k_scale=None, v_scale=None):
+    """A prompt's attention, q [B, T, Hq, D] at positions [B or 1, T], over caches that hold its keys and
+    values (as decode_attention takes them); None for shapes it does not take."""
+    b, t, n_heads, head_dim = q.shape
+    q, positions = q.contiguous(), positions.expand(b, t).contiguous()
+    out = torch.empty_like(q)
+    status = _call("tc_prompt_attention", q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale),
+                   _ptr(v_scale), positions.data_ptr(), out.data_ptr(), b, t, n_heads,
                    k_cache.shape[1], head_dim, k_cache.shape[2], window or 0)
     _check_positions(status, positions, k_cache.shape[2])
     return out if status == 0 else None

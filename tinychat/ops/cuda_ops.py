@@ -353,6 +353,28 @@ def _check_attention(head_dim: int, group: int, device, q8: bool = False) -> flo
     return worst
 
 
+# The CPU kernel runs each token of a prompt as a decode step runs its one (fp32 inside): for a 61-token prompt
+# of SmolLM2-135M 2.4x faster than torch's bf16 SDPA, for 512 1.6x, for 1024 1.1x (2-core Zen 4 VM); from
+# ~1500 tokens SDPA, which tiles the queries while the kernel reads the keys once per token, is faster.
+PROMPT_ATTENTION_MAX_TOKENS = 1024
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+              window: int | None = None, *, k_scale: torch.Tensor | None = None,
+              v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A prompt's attention, q [B, T, Hq, D] at positions [B or 1, T] (see reference.attention): the CPU
+    kernel in bf16 for up to PROMPT_ATTENTION_MAX_TOKENS tokens, torch's SDPA elsewhere."""
+    b, t, n_heads, _ = q.shape
+    if (t <= PROMPT_ATTENTION_MAX_TOKENS and n_heads % k_cache.shape[1] == 0 and positions.dtype == torch.int64
+            and positions.shape[-1] == t
+            and positions.shape[0] in (1, b) and cpu_kernels.applies(q)
+            and _kv_layout(q.dtype, k_cache, v_cache, k_scale, v_scale)):
+        out = cpu_kernels.prompt_attention(q, k_cache, v_cache, positions, window, k_scale, v_scale)
+        if out is not None:
+            return out
+    return reference.attention(q, k_cache, v_cache, positions, window, k_scale=k_scale, v_scale=v_scale)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      window: int | None = None, n_splits: int | None = None, *, k_scale: torch.Tensor | None = None,
                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
