@@ -345,6 +345,7 @@ class BatchScheduler:
             target = min(idle, key=lambda row: (len(self.row_tokens[row]) > 0, self.row_used[row]))
         donor = max(range(self.slots), key=shared.__getitem__)
         longest = shared[donor]
+        del self.row_tokens[target][shared[target]:]  # overwritten from there on: only the rest moves
         self._swap_rows(target, n)
         donor = {n: target, target: n}.get(donor, donor)  # where the donor's tokens are after the swap
         if donor != n and longest > shared[target]:
@@ -352,7 +353,6 @@ class BatchScheduler:
                 tensor[n, :, :longest] = tensor[donor, :, :longest]
             self.row_tokens[n] = self.row_tokens[donor][:longest]
             return longest
-        del self.row_tokens[n][shared[target]:]
         return shared[target]
 
     def _swap_rows(self, a: int, b: int) -> None:
