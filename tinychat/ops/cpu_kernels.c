@@ -606,6 +606,35 @@ static inline __attribute__((always_inline)) void group_scales(const bf16* scale
     }
 }
 
+// One group's part of each row's outputs: total += s * (sum of codes x inputs) + (offset - 8 s) * (sum of inputs).
+static inline __attribute__((always_inline)) void add_group(const int rows, __m512 total[][4], __m512 acc[][4],
+                                                            const __m512 s[4], const __m512 off8[4],
+                                                            const float* xsum, int64_t groups, int64_t g) {
+    for (int r = 0; r < rows; ++r) {
+        const __m512 xs = _mm512_set1_ps(xsum[r * groups + g]);
+        for (int c = 0; c < 4; ++c) {
+            total[r][c] = _mm512_fmadd_ps(s[c], acc[r][c], total[r][c]);
+            total[r][c] = _mm512_fmadd_ps(off8[c], xs, total[r][c]);
+        }
+    }
+}
+
+// Which output of the block lane l of block_dp's vector c holds (decode_pair's order): byte j = 8 (l / 4) +
+// l % 4 of an input (+ 4 in the unpackhi vectors), its high nibble 32 outputs on.
+static inline int dp_output(int c, int l) { return (c >= 2 ? 32 : 0) + 8 * (l / 4) + (c % 2 ? 4 : 0) + l % 4; }
+
+// The rows' block of 64 outputs to y as bf16: vector c's lane l is output 16 c + l, or with `paired`
+// dp_output(c, l).
+static inline __attribute__((always_inline)) void store_block(const int rows, __m512 total[][4], bf16* y, int64_t n,
+                                                              int64_t b, const int paired) {
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < 4; ++c) {
+            float o[16];
+            _mm512_storeu_ps(o, total[r][c]);
+            for (int l = 0; l < 16; ++l) y[r * n + b * 64 + (paired ? dp_output(c, l) : 16 * c + l)] = f2bf(o[l]);
+        }
+}
+
 // Block b (64 outputs) for `rows` (1..GEMV_CHUNK, a constant after inlining, so the accumulators stay in
 // registers) rows of xf [rows, k], each input's codes decoded once for all of them. Per row this is the very
 // sequence of fp32 operations of rows = 1, whatever `rows` is: a row's bits do not depend on its batch.
@@ -631,20 +660,9 @@ static inline __attribute__((always_inline)) void block_direct(const int rows, c
         }
         __m512 s[4], off8[4];
         group_scales(scales_and_zeros, n, b, g, s, off8);
-        for (int r = 0; r < rows; ++r) {
-            const __m512 xs = _mm512_set1_ps(xsum[r * (k / group) + g]);
-            for (int c = 0; c < 4; ++c) {
-                total[r][c] = _mm512_fmadd_ps(s[c], acc[r][c], total[r][c]);
-                total[r][c] = _mm512_fmadd_ps(off8[c], xs, total[r][c]);
-            }
-        }
+        add_group(rows, total, acc, s, off8, xsum, k / group, g);
     }
-    for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < 4; ++c) {
-            float o[16];
-            _mm512_storeu_ps(o, total[r][c]);
-            for (int j = 0; j < 16; ++j) y[r * n + b * 64 + c * 16 + j] = f2bf(o[j]);
-        }
+    store_block(rows, total, y, n, b, 0);
 }
 
 #ifdef HAVE_DPBF16
@@ -676,9 +694,6 @@ static inline __attribute__((always_inline)) void decode_pair(const uint8_t* p, 
     w[3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), table);
 }
 
-// Which output of the block lane l of decode_pair's vector c holds: byte j = 8 (l / 4) + l % 4 (+ 4 in the
-// unpackhi vectors), its high nibble 32 outputs on.
-static inline int dp_output(int c, int l) { return (c >= 2 ? 32 : 0) + 8 * (l / 4) + (c % 2 ? 4 : 0) + l % 4; }
 
 // block_direct on vdpbf16ps: xp [rows, k/2] holds each row's activations as pairs (x[2p+1] | x[2p] << 16).
 static inline __attribute__((always_inline)) void block_dp(const int rows, const uint8_t* block, const uint32_t* xp,
@@ -715,76 +730,43 @@ static inline __attribute__((always_inline)) void block_dp(const int rows, const
             s[c] = _mm512_permutex2var_ps(s4[half], order[c], s4[half + 1]);
             off8[c] = _mm512_permutex2var_ps(off4[half], order[c], off4[half + 1]);
         }
-        for (int r = 0; r < rows; ++r) {
-            const __m512 xs = _mm512_set1_ps(xsum[r * (k / group) + g]);
-            for (int c = 0; c < 4; ++c) {
-                total[r][c] = _mm512_fmadd_ps(s[c], acc[r][c], total[r][c]);
-                total[r][c] = _mm512_fmadd_ps(off8[c], xs, total[r][c]);
-            }
-        }
+        add_group(rows, total, acc, s, off8, xsum, k / group, g);
     }
-    for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < 4; ++c) {
-            float o[16];
-            _mm512_storeu_ps(o, total[r][c]);
-            for (int l = 0; l < 16; ++l) y[r * n + b * 64 + dp_output(c, l)] = f2bf(o[l]);
-        }
-}
-
-static void block_dp_rows(int64_t rows, const uint8_t* block, const uint32_t* xp, const float* xsum,
-                          const bf16* scales_and_zeros, bf16* y, int64_t n, int64_t k, int64_t group, int64_t b,
-                          int prefetch) {
-#define DP(R, P) block_dp(R, block, xp, xsum, scales_and_zeros, y, n, k, group, b, P)
-    if (prefetch)
-        switch (rows) {
-            case 1: DP(1, 1); break;
-            case 2: DP(2, 1); break;
-            case 3: DP(3, 1); break;
-            case 4: DP(4, 1); break;
-            case 5: DP(5, 1); break;
-            default: DP(6, 1); break;
-        }
-    else
-        switch (rows) {
-            case 1: DP(1, 0); break;
-            case 2: DP(2, 0); break;
-            case 3: DP(3, 0); break;
-            case 4: DP(4, 0); break;
-            case 5: DP(5, 0); break;
-            default: DP(6, 0); break;
-        }
-#undef DP
+    store_block(rows, total, y, n, b, 1);
 }
 #endif
 
-#ifndef HAVE_DPBF16
-// block_direct with rows and prefetch as constants (prefetch: only the first pass over a block streams it
-// from DRAM; later passes find it in L1/L2).
-static void block_direct_rows(int64_t rows, const uint8_t* block, const float* xf, const float* xsum,
-                              const bf16* scales_and_zeros, bf16* y, int64_t n, int64_t k, int64_t group, int64_t b,
-                              int prefetch) {
-#define DIRECT(R, P) block_direct(R, block, xf, xsum, scales_and_zeros, y, n, k, group, b, P)
+// Block b for 1..GEMV_CHUNK rows, rows and prefetch as constants (prefetch: only the first pass over a block
+// streams it from DRAM; later passes find it in L1/L2): block_dp on the activations' bf16 pairs where the
+// CPU has AVX512_BF16, else block_direct on their floats.
+static void block64_rows(int64_t rows, const uint8_t* block, const void* x, const float* xsum,
+                         const bf16* scales_and_zeros, bf16* y, int64_t n, int64_t k, int64_t group, int64_t b,
+                         int prefetch) {
+#ifdef HAVE_DPBF16
+#define BLOCK64(R, P) block_dp(R, block, (const uint32_t*)x, xsum, scales_and_zeros, y, n, k, group, b, P)
+#else
+#define BLOCK64(R, P) block_direct(R, block, (const float*)x, xsum, scales_and_zeros, y, n, k, group, b, P)
+#endif
     if (prefetch)
         switch (rows) {
-            case 1: DIRECT(1, 1); break;
-            case 2: DIRECT(2, 1); break;
-            case 3: DIRECT(3, 1); break;
-            case 4: DIRECT(4, 1); break;
-            case 5: DIRECT(5, 1); break;
-            default: DIRECT(6, 1); break;
+            case 1: BLOCK64(1, 1); break;
+            case 2: BLOCK64(2, 1); break;
+            case 3: BLOCK64(3, 1); break;
+            case 4: BLOCK64(4, 1); break;
+            case 5: BLOCK64(5, 1); break;
+            default: BLOCK64(6, 1); break;
         }
     else
         switch (rows) {
-            case 1: DIRECT(1, 0); break;
-            case 2: DIRECT(2, 0); break;
-            case 3: DIRECT(3, 0); break;
-            case 4: DIRECT(4, 0); break;
-            case 5: DIRECT(5, 0); break;
-            default: DIRECT(6, 0); break;
+            case 1: BLOCK64(1, 0); break;
+            case 2: BLOCK64(2, 0); break;
+            case 3: BLOCK64(3, 0); break;
+            case 4: BLOCK64(4, 0); break;
+            case 5: BLOCK64(5, 0); break;
+            default: BLOCK64(6, 0); break;
         }
-#undef DIRECT
+#undef BLOCK64
 }
-#endif
 
 #endif
 
@@ -998,14 +980,12 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
         (void)codes, (void)r0, (void)r1;  // a build with neither instruction set never gets here (tc_gemv_support)
 #ifdef __AVX512F__
 #ifdef HAVE_DPBF16
-        if (block == 64)
-            block_dp_rows(r1 - r0, codes, xp + r0 * k / 2, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k,
-                          group, b, c == 0);
+        const void* xr = xp + r0 * k / 2;
 #else
-        if (block == 64)
-            block_direct_rows(r1 - r0, codes, xf + r0 * k, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k,
-                              group, b, c == 0);
+        const void* xr = xf + r0 * k;
 #endif
+        if (block == 64)
+            block64_rows(r1 - r0, codes, xr, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k, group, b, c == 0);
 #endif
 #ifdef HAVE_AVX2
         if (block == 32 && m > GEMV_CHUNK_AVX2)
