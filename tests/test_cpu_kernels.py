@@ -405,6 +405,20 @@ def test_positions_outside_the_cache_are_refused_not_written():
         cpu_kernels.rope_kv_write(qkv, cos, sin, torch.tensor([[8]]), cache, cache.clone(), 4, 2, 64)
 
 
+def test_an_avx512f_only_build_runs_the_attention():
+    """AVX-512 without VL/BW (Xeon Phi): the attention's AVX-512 path must build there and agree with this
+    CPU's own build (so the whole file, every op, stays available on such CPUs)."""
+    if not cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64:
+        pytest.skip("no AVX-512 here")
+    f_only = cpu_kernels.build_variant("-mno-avx512vl", "-mno-avx512bw")
+    b, hq, hkv, d, s = 2, 9, 3, 64, 400
+    q = torch.randn(b, hq, d).to(BF16)
+    k_cache, v_cache = torch.randn(b, hkv, s, d).to(BF16), torch.randn(b, hkv, s, d).to(BF16)
+    pos = torch.tensor([13, 389])  # partial last blocks of 8 keys
+    assert torch.equal(attention_call(f_only, q, k_cache, v_cache, pos),
+                       attention_call(cpu_kernels.library(), q, k_cache, v_cache, pos))
+
+
 def test_kernels_build_without_the_vector_instruction_sets():
     """A CPU with neither AVX2 nor AVX-512 (or a build told so) still gets the row-wise ops; its GEMVs refuse
     (torch's kernels run instead). Catches code of one instruction set's paths leaking into common code."""

@@ -250,6 +250,12 @@ def test_model_with_int8_kv_stays_close_to_bf16_kv(variant):
 
 @needs_kernels
 def test_model_int8_kv_decodes_the_same_through_the_kernels_and_the_reference(monkeypatch):
+    """The decode step's kernels against the torch ops, both on an int8 cache. The prompt's attention runs
+    torch's SDPA on both sides: the kernel's fp32 one is closer to exact than torch's bf16 SDPA (1.6e-3 vs
+    1.7e-3 relative), which moves 3-4% of the second layer's codes (tested on its own above)."""
+    from tinychat.ops import cuda_ops
+
+    monkeypatch.setattr(cuda_ops, "PROMPT_ATTENTION_MAX_TOKENS", 0)
     config = small_config(hidden_size=256, num_hidden_layers=2)
     model = random_model(config, dtype=BF16)
     prompt = torch.randint(0, config.vocab_size, (1, 20))

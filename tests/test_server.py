@@ -114,14 +114,14 @@ def test_chat_streaming_equals_non_streaming(server, model_id):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == response.usage.completion_tokens
 
 
-def test_stream_sends_its_first_token_at_once_and_holds_the_rest_between_chunks(server, model_id):
-    """The default --stream-interval (50 ms): the first text is one token alone; every token after it comes
-    in some chunk, in order (how many to a chunk depends on this machine's speed)."""
+def test_a_paced_stream_carries_every_token_in_order(server, model_id):
+    """The default --stream-interval (50 ms) holds tokens between chunks: every token still comes, in order,
+    with its logprob (how many to a chunk depends on this machine's speed; tests/test_stream_relay.py holds
+    the pacing itself to its rules)."""
     client = server.client()
     whole = ask(client, model_id, QUESTIONS[4], max_tokens=24, logprobs=True)
     chunks = [c for c in ask(client, model_id, QUESTIONS[4], max_tokens=24, logprobs=True, stream=True)
               if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content]
-    assert len(chunks[0].choices[0].logprobs.content) == 1
     streamed = [e.token for c in chunks for e in c.choices[0].logprobs.content]
     assert streamed == [e.token for e in whole.choices[0].logprobs.content]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content

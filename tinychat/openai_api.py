@@ -241,6 +241,7 @@ class Reply:
         self.object = "chat.completion" if request.chat else "text_completion"
         self.text: list[str] = []
         self.logprobs: list[dict] = []  # chat-style entries: token, logprob, bytes, top_logprobs
+        self.token_chars = 0  # the length of those entries' tokens: the next one's text_offset
         self.done: DoneEvent | None = None
 
     # -- pieces --------------------------------------------------------------------------------------------
@@ -280,6 +281,7 @@ class Reply:
             self.text.append(event.text)
             if self.request.logprobs is not None:
                 self.logprobs.append(self._logprob_entry(event))
+                self.token_chars += len(self.logprobs[-1]["token"])
         else:
             self.done = event
 
@@ -318,7 +320,7 @@ class Reply:
         logprobs in order; none when no token shows text or carries logprobs), then, after a DoneEvent, the
         finishing chunk and the usage chunk."""
         tokens = [e for e in events if isinstance(e, TokenEvent)]
-        offset = sum(len(e["token"]) for e in self.logprobs)  # text_offset of a completion's first token here
+        offset = self.token_chars  # text_offset of a completion's first token here
         for event in tokens:
             self.add(event)
         chunks = []

@@ -113,7 +113,7 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             while reply.done is None:
-                events = await relay.next_events()
+                events = await relay.next_events(until_end=True)  # one wake-up per request, not per token
                 if events is None:
                     return JSONResponse(error_body("client closed the request"), status_code=499)
                 for event in events:
@@ -134,7 +134,10 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
                 if events is None:
                     return
                 failed = events[-1] if getattr(events[-1], "finish_reason", None) == "error" else None
-                chunks = reply.chunks([e for e in events if e is not failed])
+                events = [e for e in events if e is not failed]
+                # a chunk per token with no interval (tokens the loop found waiting together included)
+                runs = [[e] for e in events] if stream_interval == 0 else [events]
+                chunks = [chunk for run in runs for chunk in reply.chunks(run)]
                 if failed is not None:
                     reply.done = failed
                     chunks.append(error_body(failed.error or "generation failed", "server_error"))
@@ -218,10 +221,13 @@ class EventRelay:
             with self._lock:
                 self._wake_on = None
 
-    async def next_events(self, not_before: float | None = None) -> list | None:
-        """The events since the last call (at least one), not before the loop time `not_before` unless the
-        job ends sooner; None once the client has gone (the job is then cancelled)."""
-        if not_before is not None and not_before > self.loop.time() and not self.gone:
+    async def next_events(self, not_before: float | None = None, until_end: bool = False) -> list | None:
+        """The events since the last call (at least one), not before the loop time `not_before` (or, with
+        `until_end`, the job's last event) unless the job ends sooner; None once the client has gone (the
+        job is then cancelled)."""
+        if until_end and not self.gone:
+            await self._wait("end")
+        elif not_before is not None and not_before > self.loop.time() and not self.gone:
             await self._wait("end", timeout=not_before - self.loop.time())
         while not self.gone:
             with self._lock:

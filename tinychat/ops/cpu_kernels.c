@@ -23,7 +23,7 @@
 #define HAVE_AVX2 1  // the AVX2 paths (AMD Zen 2/3, Intel before AVX-512): torch packs int4 for them too
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define HAVE_DPBF16 1  // the AVX-512 int4 GEMV on vdpbf16ps (block_dp)
+#define HAVE_DPBF16 1  // the AVX-512 int4 and int8 GEMVs on vdpbf16ps (block_dp, int8_output_dp)
 #endif
 #include <stdint.h>
 #include <stdlib.h>
@@ -273,12 +273,15 @@ static inline __attribute__((always_inline)) void scores_avx512(const int G, con
                     const __m512 k = row16(kr + j * row_bytes, i, q8);
                     for (int g = 0; g < G; ++g) dot[g][j] = _mm512_fmadd_ps(_mm512_loadu_ps(qf[g] + i), k, dot[g][j]);
                 }
-        const __mmask8 valid = (__mmask8)((1u << cnt) - 1);
-        const __m256 scale = q8 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                                      _mm_maskz_loadu_epi16(valid, ks + t0 + t)), 16))
-                                : _mm256_set1_ps(1.0f);
-        for (int g = 0; g < G; ++g)
-            _mm256_mask_storeu_ps(scores + g * len + t, valid, _mm256_mul_ps(scale, sum16x8(dot[g])));
+        // the last block's keys past len are neither read nor written (through small buffers: masked loads
+        // and stores of 8 lanes would need AVX512VL/BW, which some AVX-512 CPUs lack)
+        float scale[8] = {1, 1, 1, 1, 1, 1, 1, 1}, out[8];
+        if (q8)
+            for (int j = 0; j < cnt; ++j) scale[j] = bf2f(ks[t0 + t + j]);
+        for (int g = 0; g < G; ++g) {
+            _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_loadu_ps(scale), sum16x8(dot[g])));
+            memcpy(scores + g * len + t, out, sizeof(float) * (size_t)cnt);
+        }
     }
 }
 
@@ -430,8 +433,11 @@ static int attention_queries(const bf16* q, const void* k_cache, const void* v_c
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) if (tasks > 1)
     for (int64_t task = 0; task < tasks; ++task) {
-        int64_t r = 0;
-        while (first[r + 1] <= task) ++r;
+        int64_t r = 0, hi = b - 1;  // the query whose tasks hold this one: first[r] <= task < first[r + 1]
+        while (r < hi) {
+            const int64_t mid = (r + hi + 1) / 2;
+            if (first[mid] <= task) r = mid; else hi = mid - 1;
+        }
         const int64_t kv = (task - first[r]) / splits[r], sp = (task - first[r]) % splits[r];
         const int64_t last = pos[r];
         const int64_t start = window > 0 && last + 1 > window ? last + 1 - window : 0;
@@ -683,7 +689,7 @@ static const uint16_t CODE_BF16[32] __attribute__((aligned(64))) = {
 
 // Inputs i and i + 1 of a block (64 bytes) as four vectors of 16 lanes, each lane one output's two codes as
 // bf16 (i in the odd half): 10 instructions for two inputs where decode_codes takes 16. The unpacks pair
-// byte j of both inputs within 128-bit lanes, so vector c holds outputs DP_OUTPUT[c][0..15], not 16c..16c+15.
+// byte j of both inputs within 128-bit lanes, so vector c holds outputs dp_output(c, 0..15), not 16c..16c+15.
 static inline __attribute__((always_inline)) void decode_pair(const uint8_t* p, __m512i table, __m512bh w[4]) {
     const __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));  // input i, a byte per word
     const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(p + 32)));  // input i + 1
@@ -948,6 +954,9 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
     const int bit = block == 64 ? GEMV_INT4_BLOCK64 : block == 32 ? GEMV_INT4_BLOCK32 : 0;
     const int prompts = block == 32 || tc_gemv_support() & GEMV_INT4_BLOCK64_PROMPTS;
     if (!(tc_gemv_support() & bit) || n % block || k % group || m < 1 || (!prompts && m > GEMV_MAX_ROWS)) return -1;
+#ifdef HAVE_DPBF16
+    if (block == 64 && group % 2) return -1;  // block_dp takes inputs in pairs within a group
+#endif
     const int64_t groups = k / group;
     float* xf = malloc(sizeof(float) * (size_t)(m * (k + groups)));
     if (!xf) return -1;
