@@ -129,6 +129,22 @@ def test_prompt_attention(hq, hkv, d, starts, t, window):
         assert torch.equal(cpu_kernels.prompt_attention(q, k_cache, v_cache, positions[0][None], window), got)
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("n", [1, 7, 64, 65, 49152])
+def test_argmax_matches_torch(dtype, n):
+    """Greedy decoding's argmax: the first of tied maxima, the first NaN, -inf rows, as torch.argmax."""
+    rows = [torch.randn(n), torch.full((n,), -float("inf")), torch.randn(n).round()]  # rounded: many ties
+    if n > 3:
+        rows.append(torch.randn(n))
+        rows[-1][n // 3], rows[-1][2 * n // 3] = float("nan"), float("nan")
+        rows.append(torch.randn(n))
+        rows[-1][n - 1] = 1e4  # the maximum in the last span
+    x = torch.stack(rows).to(dtype)
+    assert torch.equal(cpu_kernels.argmax(x), torch.argmax(x, dim=-1))
+    assert torch.equal(ops.argmax(x), torch.argmax(x, dim=-1))
+    assert torch.equal(ops.argmax(x[:, None]), torch.argmax(x[:, None], dim=-1))  # 3-D: torch's
+
+
 def test_silu_mul():
     gate_up = (torch.randn(3, 2 * 1536) * 4).to(BF16)
     got, want = cpu_kernels.silu_mul(gate_up), reference.silu_mul(gate_up)

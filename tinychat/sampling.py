@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import ops
 from .errors import TinychatError
 
 Sampler = Callable[[Tensor], Tensor]
@@ -154,7 +155,7 @@ def apply_frequency_presence(logits: Tensor, token_ids: Tensor, frequency: float
 
 def greedy(logits: Tensor) -> Tensor:
     """The most likely token per row (lowest id on ties)."""
-    return torch.argmax(logits, dim=-1)
+    return ops.argmax(logits)
 
 
 def categorical(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -167,7 +168,7 @@ def categorical(logits: Tensor, generator: torch.Generator | None = None) -> Ten
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     # An exact 0 from the noise would give 0/0 = NaN for a removed token, and argmax picks NaN.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    return torch.argmax(probs / noise, dim=-1)
+    return ops.argmax(probs / noise)
 
 
 def make_sampler(params: SamplingParams) -> Sampler:

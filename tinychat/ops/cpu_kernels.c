@@ -1229,6 +1229,51 @@ int tc_take_rows(const void* table, const bf16* scales, const int64_t* ids, bf16
     return 0;
 }
 
+#define ARGMAX_SPAN 64  // values per vectorised look for the maximum's first index
+
+static inline float value_at(const void* x, int64_t i, int is_bf16) {
+    return is_bf16 ? bf2f(((const bf16*)x)[i]) : ((const float*)x)[i];
+}
+
+// out[r] = the index of the largest of row r of x [rows, n] (bf16 if is_bf16, else fp32), the first one on
+// ties, or of the row's first NaN if it has one: torch.argmax's answer. Greedy decoding's sampler: torch's
+// argmax took ~200 us for one 49152-logit bf16 row on a 2-core Zen 4 VM (~90 us in fp32), as long as 4% of
+// a decode step; this takes a few. Rows split over torch's OpenMP threads from PARALLEL_ROWS rows on.
+void tc_argmax(const void* x, int64_t rows, int64_t n, int64_t is_bf16, int64_t* out) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
+    for (int64_t r = 0; r < rows; ++r) {
+        const void* row = is_bf16 ? (const void*)((const bf16*)x + r * n) : (const void*)((const float*)x + r * n);
+        float mx = -INFINITY;
+        int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = value_at(row, i, (int)is_bf16);
+            mx = v > mx ? v : mx;
+            nan |= v != v;
+        }
+        int64_t found = 0;  // n > 0 and no NaN: some value equals mx (-inf included)
+        for (int64_t i0 = 0; i0 < n; i0 += ARGMAX_SPAN) {
+            const int64_t i1 = i0 + ARGMAX_SPAN < n ? i0 + ARGMAX_SPAN : n;
+            int hit = 0;
+#pragma omp simd reduction(| : hit)
+            for (int64_t i = i0; i < i1; ++i) {
+                const float v = value_at(row, i, (int)is_bf16);
+                hit |= nan ? v != v : v == mx;
+            }
+            if (!hit) continue;
+            for (int64_t i = i0; i < i1; ++i) {
+                const float v = value_at(row, i, (int)is_bf16);
+                if (nan ? v != v : v == mx) {
+                    found = i;
+                    break;
+                }
+            }
+            break;
+        }
+        out[r] = found;
+    }
+}
+
 // out = a + b, n bf16 values, b repeating every nb values (nb = n: same shapes; a row: a bias added to
 // every row): the sum in fp32 rounded once, as torch's bf16 add.
 void tc_add(const bf16* a, const bf16* b, bf16* out, int64_t n, int64_t nb) {

@@ -45,6 +45,7 @@ SIGNATURES = {
     "tc_int8_gemv": (_p, _i64, _p, _p, _p, _i64, _i64),
     "tc_take_rows": (_p, _p, _p, _p, _i64, _i64, _i64),
     "tc_add": (_p, _p, _p, _i64, _i64),
+    "tc_argmax": (_p, _i64, _i64, _i64, _p),
     "tc_qk_rmsnorm": (_p, _p, _p, _p, _i64, _i64, _i64, _i64, _f32),
     "tc_gemv_support": (),
     "tc_replay": (_p, _i64),
@@ -277,6 +278,13 @@ def take_rows(table, ids, scales=None):
                    table.shape[0])
     if status == OUT_OF_CACHE:
         raise IndexError(f"row ids {ids.flatten().tolist()[:16]} outside the table's {table.shape[0]} rows")
+    return out
+
+
+def argmax(x):
+    """x [rows, n] (bf16 or fp32, contiguous) -> the index of each row's largest value, as torch.argmax."""
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _call("tc_argmax", x.data_ptr(), x.shape[0], x.shape[1], int(x.dtype == torch.bfloat16), out.data_ptr())
     return out
 
 

@@ -122,6 +122,15 @@ def take_rows(table: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor | Non
     return reference.take_rows(table, ids, scales)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """The index of the largest value of each row of x [rows, n] (the first on ties, or the first NaN), as
+    torch.argmax(x, dim=-1): the CPU kernel for bf16 and fp32 on the CPU, torch elsewhere."""
+    if (x.device.type == "cpu" and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float32) and x.shape[1] > 0
+            and x.is_contiguous() and cpu_kernels.library() is not None):
+        return cpu_kernels.argmax(x)
+    return torch.argmax(x, dim=-1)
+
+
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a + b: the same shape, or b a row added to every row of a (a bias)."""
     if (cpu_kernels.applies(a) and b.dtype == a.dtype and b.device == a.device
