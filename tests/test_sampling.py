@@ -416,3 +416,27 @@ def test_frequency_presence_processor_counts_the_reply_only():
 def test_frequency_presence_ranges(name, value):
     with pytest.raises(TinychatError, match=name.replace("_", "-")):
         SamplingParams(**{name: value}).validate()
+
+
+# ------------------------------------------------------------- the CPU kernels behind the filters
+
+@pytest.mark.parametrize("scale,p", [(5.0, 0.9), (2.0, 0.95), (1.0, 0.5), (8.0, 0.999), (0.1, 0.3)])
+def test_the_cpu_top_p_kernel_keeps_what_the_full_sort_keeps(monkeypatch, scale, p):
+    """ops.top_p sorts only the head of the ranking (the CPU kernel); torch's full stable sort is the rule.
+    A model-sized vocabulary, peaked to flat, with ties."""
+    from tinychat import ops
+
+    logits = torch.randn(3, 49152) * scale
+    logits[1, 100:140] = logits[1].max()  # tied maxima
+    logits[2, ::7] = -math.inf
+    fast = apply_top_p(logits, p)
+    monkeypatch.setattr(ops, "top_p", lambda *a: None)
+    assert torch.equal(fast, apply_top_p(logits, p))
+
+
+@pytest.mark.parametrize("k", [1, 40, 1000])
+def test_top_k_without_a_full_sort_keeps_the_lowest_tied_ids(k):
+    logits = torch.randn(2, 49152).round()  # thousands of ties at every value
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # the rule: a stable full sort
+    want = torch.full_like(logits, -math.inf).scatter_(-1, order[:, :k], logits.gather(-1, order[:, :k]))
+    assert torch.equal(apply_top_k(logits, k), want)

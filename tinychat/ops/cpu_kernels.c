@@ -1229,6 +1229,63 @@ int tc_take_rows(const void* table, const bf16* scales, const int64_t* ids, bf16
     return 0;
 }
 
+typedef struct { float value; int32_t id; } ranked_logit;
+
+static int by_rank(const void* a, const void* b) {  // logit descending, then token id ascending
+    const ranked_logit *x = a, *y = b;
+    if (x->value != y->value) return x->value > y->value ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+// Top-p (nucleus) filtering of rows of fp32 logits [rows, n] into out: in rank order (logit descending,
+// lower id first on ties) a token is kept while the probability of the tokens ranked above it is below
+// p - tol (the first always), the rest get -inf: tinychat.sampling.apply_top_p's rule. Only the head of
+// the ranking is sorted: the tokens of probability >= eps, eps shrinking 100-fold until they hold p - tol
+// of the mass (they are a prefix of the ranking, so the walk through them is the walk through all); torch's
+// full stable sort of 49152 logits took ~5 ms a token. Returns -1 for a row whose candidates did not fit
+// in memory (nothing of it written), else 0.
+int tc_top_p(const float* logits, int64_t rows, int64_t n, double p, double tol, float* out) {
+    int failed = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* l = logits + r * n;
+        float* o = out + r * n;
+        float mx = -INFINITY;
+        for (int64_t i = 0; i < n; ++i) mx = l[i] > mx ? l[i] : mx;
+        float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+        for (int64_t i = 0; i < n; ++i) z += vexp(l[i] - mx) * (l[i] != -INFINITY);
+        ranked_logit* head = malloc(sizeof(ranked_logit) * (size_t)n);
+        if (!head || mx == -INFINITY || !(z > 0.0f)) {  // no candidates: leave the row to torch
+            free(head);
+            failed = 1;
+            continue;
+        }
+        for (double eps = 1e-4;; eps *= 0.01) {
+            const float floor = mx + logf((float)eps * z);  // probability >= eps <=> logit >= floor
+            int64_t count = 0;
+            float mass = 0.0f;
+            for (int64_t i = 0; i < n; ++i)
+                if (l[i] >= floor && l[i] != -INFINITY) {
+                    head[count].value = l[i], head[count].id = (int32_t)i;
+                    mass += vexp(l[i] - mx) / z;
+                    ++count;
+                }
+            if (mass < p - tol && eps > 1e-30) continue;
+            qsort(head, (size_t)count, sizeof(ranked_logit), by_rank);
+            for (int64_t i = 0; i < n; ++i) o[i] = -INFINITY;
+            float above = 0.0f;
+            for (int64_t j = 0; j < count; ++j) {
+                if (j > 0 && above >= p - tol) break;
+                o[head[j].id] = head[j].value;
+                above += vexp(head[j].value - mx) / z;
+            }
+            break;
+        }
+        free(head);
+    }
+    return failed ? -1 : 0;
+}
+
 #define ARGMAX_SPAN 64  // values per vectorised look for the maximum's first index
 
 static inline float value_at(const void* x, int64_t i, int is_bf16) {

@@ -46,6 +46,7 @@ SIGNATURES = {
     "tc_take_rows": (_p, _p, _p, _p, _i64, _i64, _i64),
     "tc_add": (_p, _p, _p, _i64, _i64),
     "tc_argmax": (_p, _i64, _i64, _i64, _p),
+    "tc_top_p": (_p, _i64, _i64, ctypes.c_double, ctypes.c_double, _p),
     "tc_qk_rmsnorm": (_p, _p, _p, _p, _i64, _i64, _i64, _i64, _f32),
     "tc_gemv_support": (),
     "tc_replay": (_p, _i64),
@@ -54,7 +55,7 @@ SIGNATURES = {
 
 
 # int results (0 / -1, flags); the rest return nothing, tc_replay_ops a string
-RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_prompt_attention", "tc_int4pack_gemv",
+RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_prompt_attention", "tc_int4pack_gemv", "tc_top_p",
                   "tc_int8_gemv", "tc_take_rows", "tc_gemv_support", "tc_replay"}
 # tc_gemv_support bits: the int4 GEMV on torch's 64-output blocks (its AVX-512 layout), on its 32-output
 # blocks (AVX2), the int8 GEMV
@@ -286,6 +287,14 @@ def argmax(x):
     out = torch.empty(x.shape[0], dtype=torch.int64)
     _call("tc_argmax", x.data_ptr(), x.shape[0], x.shape[1], int(x.dtype == torch.bfloat16), out.data_ptr())
     return out
+
+
+def top_p(logits, p, tol):
+    """Top-p filtering of fp32 logits [rows, n] (contiguous) as sampling.apply_top_p does it; None if a row
+    could not be done (torch then does it)."""
+    out = torch.empty_like(logits)
+    status = _call("tc_top_p", logits.data_ptr(), logits.shape[0], logits.shape[1], p, tol, out.data_ptr())
+    return out if status == 0 else None
 
 
 def add(a, b):

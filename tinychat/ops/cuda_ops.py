@@ -131,6 +131,15 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return torch.argmax(x, dim=-1)
 
 
+def top_p(logits: torch.Tensor, p: float, tol: float) -> torch.Tensor | None:
+    """Top-p filtering of fp32 logits [rows, n] on the CPU kernel (tinychat.sampling.apply_top_p's rule); None
+    where it does not run (other devices, dtypes or shapes): the caller's torch code does it."""
+    if (logits.device.type == "cpu" and logits.dim() == 2 and logits.dtype == torch.float32 and logits.shape[1] > 0
+            and logits.is_contiguous() and cpu_kernels.library() is not None):
+        return cpu_kernels.top_p(logits, p, tol)
+    return None
+
+
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a + b: the same shape, or b a row added to every row of a (a bias)."""
     if (cpu_kernels.applies(a) and b.dtype == a.dtype and b.device == a.device
