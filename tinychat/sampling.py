@@ -175,9 +175,14 @@ def categorical(logits: Tensor, generator: torch.Generator | None = None) -> Ten
     """
     probs = torch.softmax(logits.float(), dim=-1)
     cumulative = torch.cumsum(probs, dim=-1)
+    total = cumulative[..., -1:]
     u = torch.rand((*probs.shape[:-1], 1), generator=generator, device=probs.device, dtype=probs.dtype)
-    token = torch.searchsorted(cumulative, u * cumulative[..., -1:], right=True)
-    return token.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total
+    token = torch.searchsorted(cumulative, target, right=True).clamp_(max=probs.shape[-1] - 1)
+    # a parallel scan's rounding can leave a removed token a sliver of the sum: never draw one (a grammar's
+    # mask must hold); the most likely token instead, in that one-in-millions case
+    fallback = ops.argmax(probs.reshape(-1, probs.shape[-1])).view(token.shape)
+    return torch.where(probs.gather(-1, token) > 0, token, fallback).squeeze(-1)
 
 
 def make_sampler(params: SamplingParams) -> Sampler:

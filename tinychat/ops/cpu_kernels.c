@@ -1242,8 +1242,8 @@ static int by_rank(const void* a, const void* b) {  // logit descending, then to
 // p - tol (the first always), the rest get -inf: tinychat.sampling.apply_top_p's rule. Only the head of
 // the ranking is sorted: the tokens of probability >= eps, eps shrinking 100-fold until they hold p - tol
 // of the mass (they are a prefix of the ranking, so the walk through them is the walk through all); torch's
-// full stable sort of 49152 logits took ~5 ms a token. Returns -1 for a row whose candidates did not fit
-// in memory (nothing of it written), else 0.
+// full stable sort of 49152 logits took ~5 ms a token. The probabilities are summed in fp64. Returns -1
+// when a row cannot be done here (no memory, no finite logit, a NaN): the caller's torch code does them all.
 int tc_top_p(const float* logits, int64_t rows, int64_t n, double p, double tol, float* out) {
     int failed = 0;
     for (int64_t r = 0; r < rows; ++r) {
@@ -1251,19 +1251,19 @@ int tc_top_p(const float* logits, int64_t rows, int64_t n, double p, double tol,
         float* o = out + r * n;
         float mx = -INFINITY;
         for (int64_t i = 0; i < n; ++i) mx = l[i] > mx ? l[i] : mx;
-        float z = 0.0f;
+        double z = 0.0;  // sums in fp64: thousands of kept tokens' fp32 rounding would move the boundary
 #pragma omp simd reduction(+ : z)
-        for (int64_t i = 0; i < n; ++i) z += vexp(l[i] - mx) * (l[i] != -INFINITY);
+        for (int64_t i = 0; i < n; ++i) z += (double)(vexp(l[i] - mx) * (l[i] != -INFINITY));
         ranked_logit* head = malloc(sizeof(ranked_logit) * (size_t)n);
-        if (!head || mx == -INFINITY || !(z > 0.0f)) {  // no candidates: leave the row to torch
+        if (!head || mx == -INFINITY || !(z > 0.0)) {  // no candidates: leave the row to torch
             free(head);
             failed = 1;
             continue;
         }
         for (double eps = 1e-4;; eps *= 0.01) {
-            const float floor = mx + logf((float)eps * z);  // probability >= eps <=> logit >= floor
+            const float floor = mx + (float)log(eps * z);  // probability >= eps <=> logit >= floor
             int64_t count = 0;
-            float mass = 0.0f;
+            double mass = 0.0;
             for (int64_t i = 0; i < n; ++i)
                 if (l[i] >= floor && l[i] != -INFINITY) {
                     head[count].value = l[i], head[count].id = (int32_t)i;
@@ -1273,7 +1273,7 @@ int tc_top_p(const float* logits, int64_t rows, int64_t n, double p, double tol,
             if (mass < p - tol && eps > 1e-30) continue;
             qsort(head, (size_t)count, sizeof(ranked_logit), by_rank);
             for (int64_t i = 0; i < n; ++i) o[i] = -INFINITY;
-            float above = 0.0f;
+            double above = 0.0;
             for (int64_t j = 0; j < count; ++j) {
                 if (j > 0 && above >= p - tol) break;
                 o[head[j].id] = head[j].value;
@@ -1288,8 +1288,45 @@ int tc_top_p(const float* logits, int64_t rows, int64_t n, double p, double tol,
 
 #define ARGMAX_SPAN 64  // values per vectorised look for the maximum's first index
 
-static inline float value_at(const void* x, int64_t i, int is_bf16) {
+static inline __attribute__((always_inline)) float value_at(const void* x, int64_t i, const int is_bf16) {
     return is_bf16 ? bf2f(((const bf16*)x)[i]) : ((const float*)x)[i];
+}
+
+// The first index in [from, n) of row [n] (bf16 or fp32) holding `target`, or a NaN when nan_too; n if none.
+static inline __attribute__((always_inline)) int64_t first_match(const void* row, int64_t from, int64_t n,
+                                                               float target, const int nan_too, const int is_bf16) {
+    for (int64_t i0 = from; i0 < n; i0 += ARGMAX_SPAN) {
+        const int64_t i1 = i0 + ARGMAX_SPAN < n ? i0 + ARGMAX_SPAN : n;
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t i = i0; i < i1; ++i) {
+            const float v = value_at(row, i, is_bf16);
+            hit |= v == target || (nan_too && v != v);
+        }
+        if (hit)
+            for (int64_t i = i0; i < i1; ++i) {
+                const float v = value_at(row, i, is_bf16);
+                if (v == target || (nan_too && v != v)) return i;
+            }
+    }
+    return n;
+}
+
+// The first index of the largest value of row [n] (bf16 or fp32, a constant after inlining), or of its
+// first NaN: the maximum of the non-NaN values, the first index holding it or a NaN, and if that was not a
+// NaN, a NaN after it (a vectorised look, as a row rarely has one).
+static inline __attribute__((always_inline)) int64_t argmax_row(const void* row, int64_t n, const int is_bf16) {
+    float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 0; i < n; ++i) {
+        const float v = value_at(row, i, is_bf16);
+        mx = v > mx ? v : mx;
+    }
+    const int64_t first = first_match(row, 0, n, mx, 1, is_bf16);
+    if (first >= n) return 0;  // n > 0 and no NaN: some value equals mx (-inf too); not reached
+    if (value_at(row, first, is_bf16) != value_at(row, first, is_bf16)) return first;
+    const int64_t nan = first_match(row, first + 1, n, NAN, 1, is_bf16);  // NaN never equals the target
+    return nan < n ? nan : first;
 }
 
 // out[r] = the index of the largest of row r of x [rows, n] (bf16 if is_bf16, else fp32), the first one on
@@ -1298,37 +1335,8 @@ static inline float value_at(const void* x, int64_t i, int is_bf16) {
 // a decode step; this takes a few. Rows split over torch's OpenMP threads from PARALLEL_ROWS rows on.
 void tc_argmax(const void* x, int64_t rows, int64_t n, int64_t is_bf16, int64_t* out) {
 #pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
-    for (int64_t r = 0; r < rows; ++r) {
-        const void* row = is_bf16 ? (const void*)((const bf16*)x + r * n) : (const void*)((const float*)x + r * n);
-        float mx = -INFINITY;
-        int nan = 0;
-#pragma omp simd reduction(max : mx) reduction(| : nan)
-        for (int64_t i = 0; i < n; ++i) {
-            const float v = value_at(row, i, (int)is_bf16);
-            mx = v > mx ? v : mx;
-            nan |= v != v;
-        }
-        int64_t found = 0;  // n > 0 and no NaN: some value equals mx (-inf included)
-        for (int64_t i0 = 0; i0 < n; i0 += ARGMAX_SPAN) {
-            const int64_t i1 = i0 + ARGMAX_SPAN < n ? i0 + ARGMAX_SPAN : n;
-            int hit = 0;
-#pragma omp simd reduction(| : hit)
-            for (int64_t i = i0; i < i1; ++i) {
-                const float v = value_at(row, i, (int)is_bf16);
-                hit |= nan ? v != v : v == mx;
-            }
-            if (!hit) continue;
-            for (int64_t i = i0; i < i1; ++i) {
-                const float v = value_at(row, i, (int)is_bf16);
-                if (nan ? v != v : v == mx) {
-                    found = i;
-                    break;
-                }
-            }
-            break;
-        }
-        out[r] = found;
-    }
+    for (int64_t r = 0; r < rows; ++r)
+        out[r] = is_bf16 ? argmax_row((const bf16*)x + r * n, n, 1) : argmax_row((const float*)x + r * n, n, 0);
 }
 
 // out = a + b, n bf16 values, b repeating every nb values (nb = n: same shapes; a row: a bias added to
