@@ -314,6 +314,79 @@ static inline __attribute__((always_inline)) void values_avx512(const int G, con
 }
 #endif
 
+#if defined(HAVE_AVX2) && !defined(__AVX512F__)
+#define ATTN_HEADS_AVX2 3  // query heads per pass over the keys: 3 heads x 4 keys = 12 sums in registers
+#define ATTN_DIMS_AVX2 32  // dims per pass over the values: 2 heads x 4 vectors = 8 sums in registers
+#define ATTN_VALUE_HEADS_AVX2 2
+
+// Eight floats of one key or value row from offset i: bf16 bits widened, or int8 codes converted.
+static inline __attribute__((always_inline)) __m256 row8(const char* row, int64_t i, const int q8) {
+    return q8 ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(row + i))))
+              : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(row + 2 * i))), 16));
+}
+
+// The 8-lane sums of v[0..3] as lanes 0..3, in one fixed tree (pairs, then quads, then the two halves).
+static inline __attribute__((always_inline)) __m128 sum8x4(const __m256 v[4]) {
+    const __m256 quads = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(quads), _mm256_extractf128_ps(quads, 1));
+}
+
+// scores_avx512 with 8-lane vectors: 4 keys at a time, their 4 sums in one tree (sum8x4).
+static inline __attribute__((always_inline)) void scores_avx2(const int G, const float (*qf)[MAX_DIM], const void* kb,
+                                                              const bf16* ks, const int q8, int64_t t0, int64_t len,
+                                                              const int64_t d, float* scores) {
+    const int64_t row_bytes = q8 ? d : 2 * d, ahead = ATTN_PREFETCH_ROWS * 2 * d;
+    for (int64_t t = 0; t < len; t += 4) {
+        const int cnt = len - t < 4 ? (int)(len - t) : 4;
+        const char* kr = (const char*)kb + (t0 + t) * row_bytes;
+        for (int64_t c = 0; c < 4 * row_bytes; c += 64) _mm_prefetch(kr + ahead + c, _MM_HINT_T0);
+        __m256 dot[ATTN_HEADS_AVX2][4];
+        for (int g = 0; g < G; ++g)
+            for (int j = 0; j < 4; ++j) dot[g][j] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8)
+            for (int j = 0; j < 4; ++j)
+                if (j < cnt) {
+                    const __m256 k = row8(kr + j * row_bytes, i, q8);
+                    for (int g = 0; g < G; ++g) dot[g][j] = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + i), k, dot[g][j]);
+                }
+        float scale[4] = {1, 1, 1, 1}, out[4];
+        if (q8)
+            for (int j = 0; j < cnt; ++j) scale[j] = bf2f(ks[t0 + t + j]);
+        for (int g = 0; g < G; ++g) {
+            _mm_storeu_ps(out, _mm_mul_ps(_mm_loadu_ps(scale), sum8x4(dot[g])));
+            memcpy(scores + g * len + t, out, sizeof(float) * (size_t)cnt);
+        }
+    }
+}
+
+// values_avx512 with 8-lane vectors: the sums of ATTN_DIMS_AVX2 dims of up to 2 heads in registers.
+static inline __attribute__((always_inline)) void values_avx2(const int G, const float* weights, const void* vb,
+                                                              const bf16* vs, const int q8, int64_t t0, int64_t len,
+                                                              const int64_t d, float* acc) {
+    const int64_t row_bytes = q8 ? d : 2 * d, ahead = ATTN_PREFETCH_ROWS * 2 * d;
+    for (int64_t i0 = 0; i0 < d; i0 += ATTN_DIMS_AVX2) {
+        const int64_t dims = d - i0 < ATTN_DIMS_AVX2 ? d - i0 : ATTN_DIMS_AVX2;
+        __m256 sum[ATTN_VALUE_HEADS_AVX2][ATTN_DIMS_AVX2 / 8];
+        for (int g = 0; g < G; ++g)
+            for (int64_t c = 0; c < dims / 8; ++c) sum[g][c] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < len; ++t) {
+            const char* vr = (const char*)vb + (t0 + t) * row_bytes;
+            if (i0 == 0)
+                for (int64_t c = 0; c < row_bytes; c += 64) _mm_prefetch(vr + ahead + c, _MM_HINT_T0);
+            const float scale = q8 ? bf2f(vs[t0 + t]) : 1.0f;
+            __m256 p[ATTN_VALUE_HEADS_AVX2];
+            for (int g = 0; g < G; ++g) p[g] = _mm256_set1_ps(weights[g * len + t] * scale);
+            for (int64_t c = 0; c < dims / 8; ++c) {
+                const __m256 v = row8(vr, i0 + 8 * c, q8);
+                for (int g = 0; g < G; ++g) sum[g][c] = _mm256_fmadd_ps(p[g], v, sum[g][c]);
+            }
+        }
+        for (int g = 0; g < G; ++g)
+            for (int64_t c = 0; c < dims / 8; ++c) _mm256_storeu_ps(acc + g * d + i0 + 8 * c, sum[g][c]);
+    }
+}
+#endif
+
 // Partial attention of one kv head's query heads over keys [t0, t1) of keys/values [len, d]: for each query
 // head g, the running max m[g], the sum of exp(score - m) l[g] and the unnormalised output acc[g] (fp32).
 // Keys/values are bf16, or (q8) int8 codes with one scale per row in ks/vs: a key's scale multiplies its
@@ -346,27 +419,21 @@ static inline __attribute__((always_inline)) void attend_part(const float (*qf)[
         return;
     }
 #elif defined(HAVE_AVX2)
-    if (d % 16 == 0) {  // the same with 8-float vectors, two FMA chains per query head (the rows are 8 deep)
-        for (int64_t t = 0; t < len; ++t) {
-            const char* kr = (const char*)kb + (t0 + t) * row_bytes;
-            for (int64_t c = 0; c < row_bytes; c += 64) _mm_prefetch(kr + ahead + c, _MM_HINT_T0);
-            __m256 k[MAX_DIM / 8];
-            for (int64_t c = 0; c < d / 8; ++c)
-                k[c] = q8 ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(kr + 8 * c))))
-                          : _mm256_castsi256_ps(_mm256_slli_epi32(
-                                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(kr + 16 * c))), 16));
-            const float scale = q8 ? bf2f(ks[t0 + t]) : 1.0f;
-            for (int64_t g = 0; g < group; ++g) {
-                __m256 even = _mm256_mul_ps(_mm256_loadu_ps(qf[g]), k[0]);
-                __m256 odd = _mm256_mul_ps(_mm256_loadu_ps(qf[g] + 8), k[1]);
-                for (int64_t c = 2; c < d / 8; c += 2) {
-                    even = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + 8 * c), k[c], even);
-                    odd = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + 8 * c + 8), k[c + 1], odd);
-                }
-                scores[g * len + t] = scale * sum8(_mm256_add_ps(even, odd));
+    if (d % 16 == 0) {  // the same with 8-float vectors: 4 keys at a time, value sums in registers
+        for (int64_t g0 = 0; g0 < group; g0 += ATTN_HEADS_AVX2)
+            switch (group - g0 < ATTN_HEADS_AVX2 ? group - g0 : ATTN_HEADS_AVX2) {
+                case 1: scores_avx2(1, qf + g0, kb, ks, q8, t0, len, d, scores + g0 * len); break;
+                case 2: scores_avx2(2, qf + g0, kb, ks, q8, t0, len, d, scores + g0 * len); break;
+                default: scores_avx2(3, qf + g0, kb, ks, q8, t0, len, d, scores + g0 * len); break;
             }
-        }
-    } else
+        softmax_parts(scores, len, group, m, l);
+        for (int64_t g0 = 0; g0 < group; g0 += ATTN_VALUE_HEADS_AVX2)
+            if (group - g0 < ATTN_VALUE_HEADS_AVX2)
+                values_avx2(1, scores + g0 * len, vb, vs, q8, t0, len, d, acc + g0 * d);
+            else
+                values_avx2(2, scores + g0 * len, vb, vs, q8, t0, len, d, acc + g0 * d);
+        return;
+    }
 #endif
     for (int64_t t = 0; t < len; ++t) {
         load_row(kb, t0 + t, d, q8, row);
