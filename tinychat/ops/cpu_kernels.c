@@ -1380,18 +1380,20 @@ static inline __attribute__((always_inline)) int64_t first_match(const void* row
 }
 
 // The first index of the largest value of row [n] (bf16 or fp32, a constant after inlining), or of its
-// first NaN: the maximum of the non-NaN values, the first index holding it or a NaN, and if that was not a
-// NaN, a NaN after it (a vectorised look, as a row rarely has one).
+// first NaN: the maximum of the non-NaN values and the first index holding it or a NaN; a NaN after that one
+// is looked for only when the row's sum (computed with the maximum) is NaN, which a row without NaN, and
+// without both infinities, never gives.
 static inline __attribute__((always_inline)) int64_t argmax_row(const void* row, int64_t n, const int is_bf16) {
-    float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
+    float mx = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : mx) reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) {
         const float v = value_at(row, i, is_bf16);
         mx = v > mx ? v : mx;
+        sum += v;
     }
     const int64_t first = first_match(row, 0, n, mx, 1, is_bf16);
     if (first >= n) return 0;  // n > 0 and no NaN: some value equals mx (-inf too); not reached
-    if (value_at(row, first, is_bf16) != value_at(row, first, is_bf16)) return first;
+    if (value_at(row, first, is_bf16) != value_at(row, first, is_bf16) || sum == sum) return first;
     const int64_t nan = first_match(row, first + 1, n, NAN, 1, is_bf16);  // NaN never equals the target
     return nan < n ? nan : first;
 }
