@@ -13,6 +13,10 @@
    started together; total tok/s is every completion token over the wall time from the first request sent
    to the last stream finished.
 
+3. The decode step alone for each client count's batch size (replayed as the server replays it, all rows at
+   the prompt's length plus half the reply): n x step(1) / step(n) is the most n clients can gain before
+   prefill, sampling and HTTP take their share, so it tells the model's arithmetic from the server's overhead.
+
 Each round runs the in-process generation, then (with the server process idle until then, never computing
 at the same time) each client count; rounds alternate so that this machine's drift hits both sides alike.
 Medians over rounds. The server gets --threads torch threads (OMP_NUM_THREADS), as does this process.
@@ -90,6 +94,39 @@ def record(sent: float, first: float | None, last: float, done: float, n_first: 
     return {"ttft_s": first - sent, "decode_tps": after / decode if after > 0 and decode > 0 else 0.0,
             "total_s": done - sent, "completion_tokens": tokens, "prompt_tokens": prompt, "cached_tokens": cached,
             "finish_reason": finish, "sent": sent, "done": done}
+
+
+def step_ms(engine, sizes: list[int], position: int, repeats: int = 30, timings: int = 9) -> dict[int, float]:
+    """The decode step alone for each batch size (ms; median of `timings` timings of `repeats` steps, the sizes
+    taking turns so that this machine's drift hits them alike): every row at `position` after random prompt
+    tokens, replayed as the server replays it (a captured step where the model allows, else eager).
+    n x step(1) / step(n) bounds the n-client speedup before any prefill, sampling or HTTP: the server cannot
+    beat its own decode step."""
+    from tinychat.cache import CacheRows
+    from tinychat.cuda_graph import step_class
+
+    model, steps = engine.model, {}
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n in sizes:
+            rows = CacheRows(model.make_cache(position + 2, batch=n), 0, n)
+            prompt = torch.randint(100, engine.tokenizer.vocab_size, (n, position), generator=g)
+            model.run(prompt, torch.arange(position).expand(n, position).contiguous(), rows, last_only=True)
+            tokens = torch.randint(100, engine.tokenizer.vocab_size, (n,), generator=g)
+            positions = torch.full((n,), position, dtype=torch.long)
+            kind = step_class(model, rows)
+            captured = kind(model, rows, positions, tokens) if kind is not None else None
+            steps[n] = (lambda c=captured, t=tokens, p=positions: c.replay(t, p)) if captured else (
+                lambda t=tokens, p=positions, r=rows: model.decode_step(t, p, r))
+            steps[n]()
+        times = {n: [] for n in sizes}
+        for _ in range(timings):
+            for n, step in steps.items():
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    step()
+                times[n].append((time.perf_counter() - t0) / repeats * 1000)
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -321,6 +358,13 @@ def print_table(s: dict, args) -> None:
     for c, row in s["clients"].items():
         print(f"{c:8d}{row['total_tps']:13.1f}{row.get('vs_1', float('nan')):6.2f}x{row['wall_s']:8.2f}"
               f"{row['ttft_s_median'] * 1e3:9.0f}/{row['ttft_s_max'] * 1e3:<7.0f}{row['per_stream_decode_tps']:18.1f}")
+    steps = s.get("decode_step_ms", {})
+    if steps:
+        one = steps.get(1)
+        print(f"\ndecode step alone, rows at position {s['decode_step_position']} (n x step(1) / step(n): the most n "
+              "clients could gain):")
+        for n, ms in steps.items():
+            print(f"{n:8d} rows {ms:7.2f} ms" + (f"  {n * one / ms:5.2f}x" if one else ""))
 
 
 def clean(run: dict) -> dict:
@@ -427,6 +471,11 @@ def main() -> int:
         print(f"note: {len(discarded)} rounds discarded and rerun: other processes used more than "
               f"{args.max_other_cores} cores during them", file=sys.stderr)
     s = summarize(rounds, counts)
+    # the rows' positions in the measured streams: the prompt and about half the reply
+    position = int(statistics.median(x["prompt_tokens"] for r in rounds for x in [r["in_process"]])) \
+        + args.max_tokens // 2
+    s["decode_step_ms"] = step_ms(engine, counts, position)
+    s["decode_step_position"] = position
     print_table(s, args)
 
     report = {
