@@ -112,6 +112,55 @@ def test_running_rows_share_their_prefix_with_a_new_request(engine, scheduler):
     slow.result()
 
 
+def test_a_long_prompt_is_prefilled_a_chunk_per_decode_step(engine):
+    """prefill_chunk 8: a prompt arriving while another request decodes is prefilled 8 tokens a turn, each turn
+    followed by a decode step, so the running request's tokens keep coming while it is prefilled (all at once,
+    they would stop until its first token); both texts equal each request run alone, and a request cancelled
+    halfway through its prefill leaves its row's keys and values as a prefix cache for the next."""
+    s = BatchScheduler(engine.model, engine.tokenizer, slots=2, max_seq=256, prefill_chunk=8).start()
+    log = []  # (request, event), in the order the scheduler emitted them
+
+    def recorded(name):
+        collector = Collector()
+
+        def emit(event):
+            log.append((name, type(event).__name__))
+            collector(event)
+        return collector, emit
+
+    story = chat_ids(engine, "Write a long story about a dragon.")
+    long = chat_ids(engine, QUESTIONS[1], system="You are a poet. You answer every question with a short poem "
+                                                 "about the sea, the wind and the stars.")
+    try:
+        first, emit = recorded("story")
+        s.submit(Job(story, greedy(60), emit))
+        while ("story", "TokenEvent") not in log:
+            threading.Event().wait(0.01)
+        second, emit = recorded("long")
+        mark = len(log)
+        s.submit(Job(long, greedy(8), emit))
+        _, long_text, done = second.result()
+        _, story_text, _ = first.result()
+        chunks = -(-(len(long) - done.cached_tokens) // 8)
+        assert chunks >= 5
+        between = log[mark:log.index(("long", "TokenEvent"))]
+        assert between.count(("story", "TokenEvent")) >= chunks - 1
+        assert long_text == alone(engine, long, greedy(8))
+        assert story_text == alone(engine, story, greedy(60))
+
+        gone = Job(chat_ids(engine, QUESTIONS[2], system="Request seven. " * 6), greedy(4), Collector())
+        s.submit(Job(story, greedy(40), Collector()))  # decoding: the next prompt is prefilled in turns
+        s.submit(gone)
+        while s.row_tokens[1][:16] != gone.prompt_ids[:16] and not gone.emit.events.qsize():  # 16 prefilled
+            threading.Event().wait(0.001)
+        gone.cancel()
+        assert gone.emit.result()[2].finish_reason in ("cancelled", "length", "stop")
+        _, _, again = submit(s, gone.prompt_ids, greedy(2)).result()
+        assert again.cached_tokens >= 16
+    finally:
+        s.close()
+
+
 def test_cancel_ends_a_job_within_a_step_and_frees_its_row(engine, scheduler):
     long = Collector()
     job = Job(chat_ids(engine, "Write a long story about a dragon."), greedy(200), long)

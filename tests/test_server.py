@@ -365,6 +365,7 @@ def test_full_queue_answers_429_with_retry_after(small_server):
     (["--max-queue", "-1"], "--max-queue >= 0"),
     (["--max-context", "0"], "--max-context must be a positive"),
     (["--stream-interval", "-1"], "--stream-interval must be 0..10 seconds"),
+    (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1 token"),
 ])
 def test_bad_serve_flags_are_one_line_errors(flags, message):
     r = subprocess.run([sys.executable, "-m", "tinychat", "serve", *flags], capture_output=True, text=True,

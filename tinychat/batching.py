@@ -9,6 +9,11 @@ the longest prefix with its prompt (the least recently used row when none does),
 prefills only the tokens after the shared prefix, samples its first token and joins the next step. A
 finished or cancelled request swaps places with the last running row and leaves; its row stays cached.
 
+Prefill and decode take turns: each turn prefills at most `prefill_chunk` prompt tokens (whole prompts
+while they fit, else one chunk of a long one, which goes on at the next turn in the row after the running
+ones), then runs one decode step. A long prompt arriving while others decode so delays their next token by
+one chunk's prefill, not by its whole prompt's.
+
 Callers (the server, benchmarks, tests) `submit` a Job and receive its events through `job.emit`, called on
 the scheduler's thread (`run` on the caller's, or `start` for a background one): one TokenEvent per
 sampled token, then one DoneEvent.
@@ -75,6 +80,13 @@ class Job:
         self.cancelled.set()
 
 
+@dataclass
+class _Prefill:
+    """A job whose prompt is being prefilled, a chunk per turn, in the row after the running ones."""
+    job: Job
+    cached: int  # prompt tokens its row held from the prefix cache
+
+
 class _Running:
     """A job in its row: the sampler and processors of its parameters, and the text and token counts so far."""
 
@@ -100,22 +112,26 @@ class BatchScheduler:
     """Runs jobs on `model` in a background thread; at most `slots` decode together, `max_queue` wait."""
 
     def __init__(self, model, tokenizer, slots: int = 8, max_seq: int | None = None, max_queue: int = 64,
-                 capture: bool = True):
+                 capture: bool = True, prefill_chunk: int = PREFILL_CHUNK):
         """capture: replay each batch size's decode step captured (tinychat.cuda_graph.step_class: a CUDA
-        graph, or the CPU's recorded kernel calls) where the model allows; False: always eager."""
+        graph, or the CPU's recorded kernel calls) where the model allows; False: always eager.
+        prefill_chunk: prompt tokens prefilled between two decode steps."""
         if slots < 1:
             raise TinychatError(f"--slots must be at least 1, got {slots}")
         if max_queue < 0:
             raise TinychatError(f"--max-queue must be >= 0, got {max_queue}")
+        if prefill_chunk < 1:
+            raise TinychatError(f"--prefill-chunk must be at least 1 token, got {prefill_chunk}")
         self.model = model
         self.tokenizer = tokenizer
         self.eos = eos_ids(model, tokenizer)
         self.cache = model.make_cache(max_seq, batch=slots)
-        self.slots, self.max_queue = slots, max_queue
+        self.slots, self.max_queue, self.prefill_chunk = slots, max_queue, prefill_chunk
         self.row_tokens: list[list[int]] = [[] for _ in range(slots)]  # tokens whose keys/values each row holds
         self.row_used = [0] * slots  # when each row last served a request (least recently used goes first)
         self._clock = 0
         self.running: list[_Running] = []  # running[i] lives in row i
+        self._prefilling: _Prefill | None = None  # a prompt begun, in row len(self.running)
         self._pending: collections.deque[Job] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -147,6 +163,11 @@ class BatchScheduler:
         return sorted(n for n, step in self._captured.items() if step is not None)
 
     @property
+    def active(self) -> int:
+        """Requests decoding or being prefilled."""
+        return len(self.running) + (self._prefilling is not None)
+
+    @property
     def waiting(self) -> int:
         return sum(not job.cancelled.is_set() for job in self._pending)
 
@@ -159,7 +180,7 @@ class BatchScheduler:
             if self._closed:
                 raise TinychatError("the scheduler is closed")
             waiting = self.waiting
-            if waiting >= self.max_queue + max(0, self.slots - len(self.running)):
+            if waiting >= self.max_queue + max(0, self.slots - self.active):
                 raise QueueFull(f"{waiting} requests are waiting for a slot (--max-queue {self.max_queue}); "
                                 "retry shortly")
             self._pending.append(job)
@@ -178,31 +199,72 @@ class BatchScheduler:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._pending and not self.running and not self._closed:
+                    while not (self._pending or self.active or self._closed):
                         self._wake.wait(timeout=0.5)
                     if self._closed:
                         break
                     gone = [job for job in self._pending if job.cancelled.is_set()]  # left before their turn
                     self._pending = collections.deque(job for job in self._pending if not job.cancelled.is_set())
-                    admitted = []
-                    while self._pending and len(self.running) + len(admitted) < self.slots:
-                        admitted.append(self._pending.popleft())
                 for job in gone:
                     job.emit(DoneEvent("cancelled", len(job.prompt_ids)))
-                for job in admitted:
-                    self._admit(job)
+                self._prefill()
                 if self.running:
                     self._step_all()
-        for job in [r.job for r in self.running] + list(self._pending):
+        begun = [self._prefilling.job] if self._prefilling is not None else []
+        for job in [r.job for r in self.running] + begun + list(self._pending):
             job.emit(DoneEvent("cancelled", len(job.prompt_ids)))
 
-    def _admit(self, job: Job) -> None:
+    def _prefill(self) -> None:
+        """This turn's prefill: up to prefill_chunk tokens of the prompt begun earlier, then of new jobs while
+        rows are free."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self._prefilling is None:
+                with self._wake:
+                    if not self._pending or len(self.running) >= self.slots:
+                        return
+                    job = self._pending.popleft()
+                if job.cancelled.is_set():
+                    job.emit(DoneEvent("cancelled", len(job.prompt_ids)))
+                    continue
+                self._prefilling = self._begin(job)
+            budget -= self._prefill_part(budget)
+
+    def _begin(self, job: Job) -> _Prefill:
+        """Give a job row n (after the running ones) holding the longest cached prefix of its prompt."""
+        n = len(self.running)
+        common = self._claim_row(job.prompt_ids, n)
+        self._clock += 1
+        self.row_used[n] = self._clock
+        return _Prefill(job, common)
+
+    def _prefill_part(self, budget: int) -> int:
+        """Prefill the next (at most budget) tokens of the prompt begun; at its end sample its first token and
+        let it join the running rows. Returns the tokens it took."""
+        state, n = self._prefilling, len(self.running)
+        job, tokens = state.job, self.row_tokens[n]
+        if job.cancelled.is_set():  # the keys and values computed so far stay cached in the row
+            self._prefilling = None
+            job.emit(DoneEvent("cancelled", len(job.prompt_ids), cached_tokens=state.cached))
+            return 0
+        chunk = job.prompt_ids[len(tokens):len(tokens) + min(budget, PREFILL_CHUNK)]
         try:
-            self._start(job)
+            device = self.model.device
+            ids = torch.tensor([chunk], dtype=torch.long, device=device)
+            positions = torch.arange(len(tokens), len(tokens) + len(chunk), device=device).unsqueeze(0)
+            logits = self.model.run(ids, positions, self._rows(n, n + 1), last_only=True)[:, -1]
         except Exception as e:  # noqa: BLE001 - a server must outlive one failed request
-            # the row it was prefilled into may hold half-written keys/values: forget them
-            self.row_tokens[len(self.running)] = []
+            self.row_tokens[n] = []  # the row may hold half-written keys/values: forget them
+            self._prefilling = None
             job.emit(DoneEvent("error", len(job.prompt_ids), error=_failure(e)))
+            return len(chunk)
+        tokens.extend(chunk)
+        if len(tokens) == len(job.prompt_ids):
+            self._prefilling = None
+            running = _Running(job, ReplyText(self.tokenizer, self.eos, job.stop), state.cached)
+            if self._sample(running, n, logits) is None:
+                self.running.append(running)
+        return len(chunk)
 
     def _step_all(self) -> None:
         try:
@@ -211,30 +273,9 @@ class BatchScheduler:
             for row, running in enumerate(self.running):
                 running.job.emit(running.done("error", _failure(e)))
                 self.row_tokens[row] = []
+            if self._prefilling is not None:  # its row follows the running ones
+                self._swap_rows(len(self.running), 0)
             self.running = []
-
-    def _start(self, job: Job) -> None:
-        """Prefill a job into row n (after the prefix its best row already holds) and sample its first token."""
-        if job.cancelled.is_set():
-            job.emit(DoneEvent("cancelled", len(job.prompt_ids)))
-            return
-        n = len(self.running)
-        common = self._claim_row(job.prompt_ids, n)
-        tokens = self.row_tokens[n]
-        self._clock += 1
-        self.row_used[n] = self._clock
-        new = job.prompt_ids[common:]
-        device = self.model.device
-        logits = None
-        for i in range(0, len(new), PREFILL_CHUNK):
-            chunk = new[i:i + PREFILL_CHUNK]
-            ids = torch.tensor([chunk], dtype=torch.long, device=device)
-            positions = torch.arange(len(tokens), len(tokens) + len(chunk), device=device).unsqueeze(0)
-            logits = self.model.run(ids, positions, self._rows(n, n + 1), last_only=True)[:, -1]
-            tokens.extend(chunk)
-        running = _Running(job, ReplyText(self.tokenizer, self.eos, job.stop), common)
-        if self._sample(running, n, logits) is None:
-            self.running.append(running)
 
     def _step(self) -> None:
         """One decode step for every running row, after letting cancelled jobs go."""
@@ -376,6 +417,8 @@ class BatchScheduler:
         self._swap_rows(row, last)
         self.running[row] = self.running[last]
         self.running.pop()
+        if self._prefilling is not None:  # its row follows the running ones
+            self._swap_rows(last + 1, last)
 
 
 def _failure(e: Exception) -> str:

@@ -19,6 +19,7 @@ import time
 
 from .batching import Job, QueueFull, TokenEvent
 from .errors import TinychatError
+from .generate import PREFILL_CHUNK
 from .openai_api import APIError, Reply, RequestContext, error_body, models_list, parse_request
 
 DISCONNECT_POLL_SECONDS = 0.1  # how often a handler checks that its client is still there
@@ -77,7 +78,7 @@ def create_app(scheduler, engine, model_ids: list[str], api_key: str | None = No
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": len(scheduler.running), "waiting": scheduler.waiting}
+        return {"status": "ok", "running": scheduler.active, "waiting": scheduler.waiting}
 
     @app.get("/v1/models")
     async def models():
@@ -273,6 +274,9 @@ def register(subparsers) -> None:
     p.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL, metavar="SECONDS",
                    help="a stream sends its first text at once, then at most one chunk per SECONDS with every "
                         "token sampled meanwhile (default %(default)s; 0: a chunk per token)")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="TOKENS",
+                   help="prompt tokens prefilled between two decode steps: a long prompt delays the other "
+                        "streams' next token by this many tokens' prefill at a time (default %(default)s)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -290,11 +294,14 @@ def run(args) -> int:
         raise TinychatError(f"--slots must be >= 1 and --max-queue >= 0, got {args.slots} and {args.max_queue}")
     if not 0 <= args.stream_interval <= 10:
         raise TinychatError(f"--stream-interval must be 0..10 seconds, got {args.stream_interval}")
+    if args.prefill_chunk < 1:
+        raise TinychatError(f"--prefill-chunk must be at least 1 token, got {args.prefill_chunk}")
     check_port_free(args.host, args.port)
     engine = load_engine_from_args(args)
     max_seq = min(args.max_context, engine.model.config.max_position_embeddings)
     scheduler = BatchScheduler(engine.model, engine.tokenizer, args.slots, max_seq, args.max_queue,
-                               capture=not isinstance(engine.decoder, EagerDecoder))
+                               capture=not isinstance(engine.decoder, EagerDecoder),
+                               prefill_chunk=args.prefill_chunk)
     model_ids = served_names(args.model, engine.path)
     app = create_app(scheduler, engine, model_ids, args.api_key, args.stream_interval)
     kv_gb = scheduler.cache.nbytes / 1e9
