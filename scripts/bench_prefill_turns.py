@@ -14,7 +14,6 @@ the chunk values taking turns.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_serve import git_commit  # noqa: E402
+from bench_serve import git_commit, write_report  # noqa: E402
 from tinychat.bench import cpu_model  # noqa: E402
 
 DOC = ROOT.parent / "shared" / "data" / "eval" / "wikitext2-valid.txt"
@@ -131,9 +130,7 @@ def main() -> int:
         "summary": summary,
         "trials": trials,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 
