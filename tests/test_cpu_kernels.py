@@ -8,6 +8,7 @@ exp differs (then by at most a bf16 ulp here and there); attention accumulates i
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -518,9 +519,10 @@ def test_avx2_build_gives_the_avx512_builds_gemv_bits(m):
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 8, 13, 16])  # every pass shape: 1-6 rows, several passes
 @pytest.mark.parametrize("k,g", [(576, 64), (256, 32), (1536, 128)])
 def test_int4_gemv_on_vdpbf16ps_gives_the_fma_kernels_bits(m, k, g):
-    """With AVX512_BF16 the AVX-512 int4 GEMV multiplies on vdpbf16ps, pairs of inputs at a time, with its
-    outputs in another order within a block: every output must still get the bits of the FMA kernel (a build
-    without AVX512_BF16), on this CPU's own instruction."""
+    """With AVX512_BF16 the AVX-512 int4 GEMV multiplies on vdpbf16ps, pairs of inputs at a time: every output
+    must still get the bits of the FMA kernel (a build without AVX512_BF16), on this CPU's own instruction;
+    so must the build without AVX512_VBMI (Intel Cooper Lake), which pairs the codes with unpacks and keeps
+    its outputs in another order within a block."""
     if not cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64_PROMPTS:
         pytest.skip("no AVX512_BF16 here: the FMA kernel is the one that runs")
     fma = cpu_kernels.build_variant("-mno-avx512bf16")
@@ -531,8 +533,11 @@ def test_int4_gemv_on_vdpbf16ps_gives_the_fma_kernels_bits(m, k, g):
                                    dim=-1).to(BF16).contiguous()
     # magnitudes over 2^-20..2^20: the sums round (with a narrow range fp32 holds them exactly in any order)
     x = (torch.randn(m, k) * torch.exp2(torch.randint(-20, 21, (m, k)).float())).to(BF16)
-    assert torch.equal(int4_call(cpu_kernels.library(), x, codes, scales_and_zeros, g, 64),
-                       int4_call(fma, x, codes, scales_and_zeros, g, 64))
+    want = int4_call(fma, x, codes, scales_and_zeros, g, 64)
+    assert torch.equal(int4_call(cpu_kernels.library(), x, codes, scales_and_zeros, g, 64), want)
+    if "avx512vbmi" in Path("/proc/cpuinfo").read_text():  # else the native build is the unpacking one
+        unpacking = cpu_kernels.build_variant("-mno-avx512vbmi")
+        assert torch.equal(int4_call(unpacking, x, codes, scales_and_zeros, g, 64), want)
 
 
 @pytest.mark.parametrize("m", [1, 5, 8, 13])
