@@ -61,8 +61,22 @@ void tc_add_rmsnorm(const bf16* x, const bf16* delta, const bf16* weight, bf16* 
     for (int64_t r = 0; r < rows; ++r) {
         const bf16* xr = x + r * n;
         const bf16* hr = delta ? h_out + r * n : xr;  // h, in bf16 (exact: it was rounded there)
+        // sum[j] adds the squares of inputs j, j + 8, j + 16, ... in order; eight at a time, so the compiler
+        // keeps the eight sums in one vector (one input at a time, sum[i & 7], it did not vectorise: a 576-wide
+        // row took 1.5 us, as long as the rest of the norm)
         float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t i = 0; i < n; ++i) {
+        int64_t i = 0;
+        if (delta)
+            for (; i + 8 <= n; i += 8)
+                for (int j = 0; j < 8; ++j) {
+                    const float v = round_bf(bf2f(xr[i + j]) + bf2f(delta[r * n + i + j]));
+                    h_out[r * n + i + j] = f2bf(v);
+                    sum[j] += v * v;
+                }
+        else
+            for (; i + 8 <= n; i += 8)
+                for (int j = 0; j < 8; ++j) sum[j] += bf2f(xr[i + j]) * bf2f(xr[i + j]);
+        for (; i < n; ++i) {  // the last n mod 8
             float v = bf2f(xr[i]);
             if (delta) {
                 v = round_bf(v + bf2f(delta[r * n + i]));
@@ -594,15 +608,62 @@ int tc_prompt_attention(const bf16* q, const void* k_cache, const void* v_cache,
     return attention_queries(q, k_cache, v_cache, k_scale, v_scale, pos, out, b * t, t, hq, hkv, d, max_seq, window);
 }
 
+#ifdef __AVX512F__
+static inline __m512 bf16x16_to_ps(const bf16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// f2bf on 16 lanes (round to nearest even, NaN made quiet), as 16-bit values in 32-bit lanes.
+static inline __m512i f2bf16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_blend_epi32(nan, rounded, quiet);
+}
+
+// vexp on 16 lanes: the same operations in the same order (no fused multiply-adds: the C code has none).
+static inline __m512 vexp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));  // NaN stays NaN
+    const __m512 big = _mm512_set1_ps(12582912.0f);
+    const __m512 k = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), big), big);
+    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(k, _mm512_set1_ps(0.693359375f))),
+                                   _mm512_mul_ps(k, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
+    const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(k), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(scale));
+}
+#endif
+
 // silu(gate) * up for gate_up [rows, 2 * n] = [gate | up]: silu rounded to bf16, then the product (torch's
-// two bf16 ops); out [rows, n].
+// two bf16 ops); out [rows, n]. With AVX-512 sixteen at a time in intrinsics, the same bits: what the
+// compiler made of the scalar loop took ~2 ns an element.
 void tc_silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t n) {
 #pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; ++r) {
         const bf16* g = gate_up + r * 2 * n;
         const bf16* u = g + n;
         bf16* o = out + r * n;
-        for (int64_t i = 0; i < n; ++i) {
+        int64_t i = 0;
+#ifdef __AVX512F__
+        for (; i + 16 <= n; i += 16) {
+            const __m512 x = bf16x16_to_ps(g + i);
+            const __m512 e = vexp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+            const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(f2bf16(silu), 16));
+            const __m512i y = f2bf16(_mm512_mul_ps(rounded, bf16x16_to_ps(u + i)));
+            _mm256_storeu_si256((__m256i*)(o + i), _mm512_cvtepi32_epi16(y));
+        }
+#endif
+        for (; i < n; ++i) {
             const float x = bf2f(g[i]);
             o[i] = f2bf(round_bf(x / (1.0f + vexp(-x))) * bf2f(u[i]));
         }
@@ -630,9 +691,6 @@ int tc_gemv_support(void) {
 }
 
 #ifdef __AVX512F__
-static inline __m512 bf16x16_to_ps(const bf16* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 
 static inline __m512 u8x16_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
 #endif
