@@ -1136,27 +1136,40 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
     if (block == 64 && group % 2) return -1;  // block_dp takes inputs in pairs within a group
 #endif
     const int64_t groups = k / group;
-    float* xf = malloc(sizeof(float) * (size_t)(m * (k + groups)));
-    if (!xf) return -1;
-    float* xsum = xf + m * k;
-    for (int64_t i = 0; i < m * k; ++i) xf[i] = bf2f(x[i]);
+    // The inputs as the kernels take them, worked out here on one thread before the others start: a
+    // decode step's rows fit a buffer on the stack (a malloc and free of theirs cost page faults per call).
+    // block_dp takes bf16 pairs and needs no floats; the group sums are four chains side by side.
 #ifdef HAVE_DPBF16
-    uint32_t* xp = NULL;  // block_dp's activation pairs
-    if (block == 64) {
-        xp = malloc(sizeof(uint32_t) * (size_t)(m * k / 2));
-        if (!xp) {
-            free(xf);
-            return -1;
-        }
-        for (int64_t p = 0; p < m * k / 2; ++p) xp[p] = (uint32_t)x[2 * p + 1] | (uint32_t)x[2 * p] << 16;
-    }
+    const int pairs = block == 64;
+#else
+    const int pairs = 0;
 #endif
-    for (int64_t r = 0; r < m; ++r)
-        for (int64_t g = 0; g < groups; ++g) {
+    const size_t need = sizeof(float) * (size_t)(m * groups + (pairs ? m * k / 2 : m * k));
+    float local[16384];  // 64 KB: 16 rows of 1536 inputs
+    float* buf = need <= sizeof(local) ? local : malloc(need);
+    if (!buf) return -1;
+    float* xsum = buf;
+    float* xf = pairs ? NULL : buf + m * groups;
+    uint32_t* xp = pairs ? (uint32_t*)(buf + m * groups) : NULL;  // block_dp's activation pairs
+    (void)xp;
+    if (xf)
+        for (int64_t i = 0; i < m * k; ++i) xf[i] = bf2f(x[i]);
+    if (xp)
+        for (int64_t p = 0; p < m * k / 2; ++p) xp[p] = (uint32_t)x[2 * p + 1] | (uint32_t)x[2 * p] << 16;
+    for (int64_t r = 0; r < m; ++r) {
+        int64_t g = 0;
+        for (; g + 4 <= groups; g += 4) {  // each sum adds its group's inputs in order, as one chain would
+            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t i = 0; i < group; ++i)
+                for (int j = 0; j < 4; ++j) s[j] += bf2f(x[r * k + (g + j) * group + i]);
+            for (int j = 0; j < 4; ++j) xsum[r * groups + g + j] = s[j];
+        }
+        for (; g < groups; ++g) {
             float s = 0.0f;
-            for (int64_t i = 0; i < group; ++i) s += xf[r * k + g * group + i];
+            for (int64_t i = 0; i < group; ++i) s += bf2f(x[r * k + g * group + i]);
             xsum[r * groups + g] = s;
         }
+    }
     // rows per pass: AVX2 does 3..GEMV_PASS_AVX2 rows in one pass per block (block32_many), more in several
     const int64_t per_pass = block == 64 ? GEMV_CHUNK : m <= GEMV_CHUNK_AVX2 ? GEMV_CHUNK_AVX2 : GEMV_PASS_AVX2;
     const int64_t chunks = (m + per_pass - 1) / per_pass, tasks = n / block * chunks;
@@ -1182,10 +1195,7 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
                          b, c == 0);
 #endif
     }
-#ifdef HAVE_DPBF16
-    free(xp);
-#endif
-    free(xf);
+    if (buf != local) free(buf);
     return 0;
 }
 
