@@ -1136,9 +1136,10 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
     if (block == 64 && group % 2) return -1;  // block_dp takes inputs in pairs within a group
 #endif
     const int64_t groups = k / group;
-    // The inputs as the kernels take them, worked out here on one thread before the others start: a
-    // decode step's rows fit a buffer on the stack (a malloc and free of theirs cost page faults per call).
-    // block_dp takes bf16 pairs and needs no floats; the group sums are four chains side by side.
+    // The inputs as the kernels take them, each row's by one of the threads before the passes start (they
+    // were one thread's work while the others waited: 3% of an 8-row step); a decode step's rows fit a
+    // buffer on the stack (a malloc and free of theirs cost page faults per call). block_dp takes bf16
+    // pairs and needs no floats; the group sums are four chains side by side.
 #ifdef HAVE_DPBF16
     const int pairs = block == 64;
 #else
@@ -1152,48 +1153,55 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
     float* xf = pairs ? NULL : buf + m * groups;
     uint32_t* xp = pairs ? (uint32_t*)(buf + m * groups) : NULL;  // block_dp's activation pairs
     (void)xp;
-    if (xf)
-        for (int64_t i = 0; i < m * k; ++i) xf[i] = bf2f(x[i]);
-    if (xp)
-        for (int64_t p = 0; p < m * k / 2; ++p) xp[p] = (uint32_t)x[2 * p + 1] | (uint32_t)x[2 * p] << 16;
-    for (int64_t r = 0; r < m; ++r) {
-        int64_t g = 0;
-        for (; g + 4 <= groups; g += 4) {  // each sum adds its group's inputs in order, as one chain would
-            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int64_t i = 0; i < group; ++i)
-                for (int j = 0; j < 4; ++j) s[j] += bf2f(x[r * k + (g + j) * group + i]);
-            for (int j = 0; j < 4; ++j) xsum[r * groups + g + j] = s[j];
-        }
-        for (; g < groups; ++g) {
-            float s = 0.0f;
-            for (int64_t i = 0; i < group; ++i) s += bf2f(x[r * k + g * group + i]);
-            xsum[r * groups + g] = s;
-        }
-    }
     // rows per pass: AVX2 does 3..GEMV_PASS_AVX2 rows in one pass per block (block32_many), more in several
     const int64_t per_pass = block == 64 ? GEMV_CHUNK : m <= GEMV_CHUNK_AVX2 ? GEMV_CHUNK_AVX2 : GEMV_PASS_AVX2;
     const int64_t chunks = (m + per_pass - 1) / per_pass, tasks = n / block * chunks;
-#pragma omp parallel for schedule(static) if (m * n * k >= 65536)
-    for (int64_t t = 0; t < tasks; ++t) {  // pass c of block b: rows [r0, r1), chunks as even as they go
-        const int64_t b = t / chunks, c = t % chunks, r0 = c * m / chunks, r1 = (c + 1) * m / chunks;
-        const uint8_t* codes = packed + b * k * (block / 2);
-        (void)codes, (void)r0, (void)r1;  // a build with neither instruction set never gets here (tc_gemv_support)
+#pragma omp parallel if (m * n * k >= 65536)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r) {
+            const bf16* xr = x + r * k;
+            if (xf)
+                for (int64_t i = 0; i < k; ++i) xf[r * k + i] = bf2f(xr[i]);
+            if (xp)
+                for (int64_t p = 0; p < k / 2; ++p) xp[r * k / 2 + p] = (uint32_t)xr[2 * p + 1] | (uint32_t)xr[2 * p] << 16;
+            int64_t g = 0;
+            for (; g + 4 <= groups; g += 4) {  // each sum adds its group's inputs in order, as one chain would
+                float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (int64_t i = 0; i < group; ++i)
+                    for (int j = 0; j < 4; ++j) s[j] += bf2f(xr[(g + j) * group + i]);
+                for (int j = 0; j < 4; ++j) xsum[r * groups + g + j] = s[j];
+            }
+            for (; g < groups; ++g) {
+                float s = 0.0f;
+                for (int64_t i = 0; i < group; ++i) s += bf2f(xr[g * group + i]);
+                xsum[r * groups + g] = s;
+            }
+        }  // (the loop's barrier: every row is ready before any pass reads it)
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; ++t) {  // pass c of block b: rows [r0, r1), chunks as even as they go
+            const int64_t b = t / chunks, c = t % chunks, r0 = c * m / chunks, r1 = (c + 1) * m / chunks;
+            const uint8_t* codes = packed + b * k * (block / 2);
+            (void)codes, (void)r0, (void)r1;  // a build with neither instruction set never gets here (tc_gemv_support)
 #ifdef __AVX512F__
 #ifdef HAVE_DPBF16
-        const void* xr = xp + r0 * k / 2;
+            const void* xr = xp + r0 * k / 2;
 #else
-        const void* xr = xf + r0 * k;
+            const void* xr = xf + r0 * k;
 #endif
-        if (block == 64)
-            block64_rows(r1 - r0, codes, xr, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k, group, b, c == 0);
+            if (block == 64)
+                block64_rows(r1 - r0, codes, xr, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k, group, b,
+                             c == 0);
 #endif
 #ifdef HAVE_AVX2
-        if (block == 32 && m > GEMV_CHUNK_AVX2)
-            block32_many(r1 - r0, codes, xf + r0 * k, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k, group, b);
-        else if (block == 32)
-            block32_rows(r1 - r0, codes, xf + r0 * k, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k, group,
-                         b, c == 0);
+            if (block == 32 && m > GEMV_CHUNK_AVX2)
+                block32_many(r1 - r0, codes, xf + r0 * k, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k,
+                             group, b);
+            else if (block == 32)
+                block32_rows(r1 - r0, codes, xf + r0 * k, xsum + r0 * groups, scales_and_zeros, y + r0 * n, n, k,
+                             group, b, c == 0);
 #endif
+        }
     }
     if (buf != local) free(buf);
     return 0;
