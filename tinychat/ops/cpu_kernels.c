@@ -704,7 +704,6 @@ int tc_gemv_support(void) {
 }
 
 #ifdef __AVX512F__
-
 static inline __m512 u8x16_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
 #endif
 
@@ -1146,7 +1145,7 @@ int tc_int4pack_gemv(const bf16* x, int64_t m, const uint8_t* packed, const bf16
     const int pairs = 0;
 #endif
     const size_t need = sizeof(float) * (size_t)(m * groups + (pairs ? m * k / 2 : m * k));
-    float local[16384];  // 64 KB: 16 rows of 1536 inputs
+    float local[8192];  // 32 KB: 8 rows of 1536 inputs, 16 of 576 (a thread's stack may be small)
     float* buf = need <= sizeof(local) ? local : malloc(need);
     if (!buf) return -1;
     float* xsum = buf;
