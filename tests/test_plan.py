@@ -6,6 +6,7 @@ import json
 import pytest
 
 from tinychat import cli, plan
+from tinychat.ops import cpu_kernels
 from tinychat.errors import TinychatError
 
 GiB = 2**30
@@ -69,14 +70,19 @@ def test_llama2_7b_kv_cache_and_activations_by_hand():
     assert p.fits and p.margin == 24 * GiB - p.total
 
 
-def test_cpu_plan_counts_the_int4_gemvs_fp32_input_rows():
-    """On the CPU a prefill chunk's input rows are copied to fp32 with one sum per group by tinychat's int4
-    GEMV (cpu_kernels.c); no dequantized linear exists there."""
+def test_cpu_plan_counts_the_int4_gemvs_input_rows():
+    """On the CPU a prefill chunk's input rows are copied by tinychat's int4 GEMV (cpu_kernels.c) with one
+    fp32 sum per group: as bf16 pairs where it multiplies on vdpbf16ps, else as fp32; no dequantized linear
+    exists there."""
     p = plan.make_plan(shape("llama-2-7b"), "w4a16", 128, context=4096, batch=2, device="cpu")
     got = items(p)
-    # widest linear input: down_proj's 11008; 2 x 512 rows x (11008 + 86 group sums) x 4 bytes
-    assert got["int4 GEMV input rows (fp32)"] == 2 * 512 * (11008 + 86) * 4
+    per_input = plan.gemv_input_bytes()
+    assert per_input == (2 if cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64_PROMPTS else 4)
+    # widest linear input: down_proj's 11008; 2 x 512 rows x (11008 inputs + 86 group sums x 4 bytes)
+    assert got["int4 GEMV input rows"] == 2 * 512 * (11008 * per_input + 86 * 4)
     assert "dequantized linear (fp16)" not in got
+    fp32 = plan.activation_items(shape("llama-2-7b"), "w4a16", 4096, 2, cpu=True, group_size=128)  # 4 bytes
+    assert {i.name: i.bytes for i in fp32}["int4 GEMV input rows"] == 2 * 512 * (11008 + 86) * 4
 
 
 def test_kv_cache_scales_with_context_and_batch():

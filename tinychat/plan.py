@@ -64,6 +64,7 @@ class Device:
     cuda_context: int = GiB // 2  # CUDA context, loaded kernels, cuBLAS workspace
     host_items: tuple[tuple[str, int, str], ...] = ()  # unified memory only: what the host side takes
     cpu: bool = False  # the model runs on the CPU, in host memory (tinychat's CPU path)
+    gemv_input_bytes: int = 4  # CPU: bytes per input of the int4 GEMV's copy of its prompt rows (see below)
 
 
 DEVICES = {
@@ -90,9 +91,20 @@ def host_memory() -> int:
 def cpu_device(memory: int | None = None) -> Device:
     """This machine's CPU and host memory (or `memory` bytes of it)."""
     memory = host_memory() if memory is None else memory
-    return Device("cpu", memory, cuda_context=0, cpu=True, host_items=(
+    return Device("cpu", memory, cuda_context=0, cpu=True, gemv_input_bytes=gemv_input_bytes(), host_items=(
         ("host process", HOST_PROCESS_CPU, "Python, torch and the tokenizer before the load (measured "
                                            "0.14-0.16 GiB of anonymous memory; docs/memory.md)"),))
+
+
+def gemv_input_bytes() -> int:
+    """Bytes per input of the copy the CPU int4 GEMV makes of its rows on this machine: bf16 pairs (2) where
+    it multiplies on vdpbf16ps (AVX512_BF16), fp32 (4) elsewhere (and, as an upper bound, without our
+    kernels, when torch's kernel runs)."""
+    from .ops import cpu_kernels
+
+    if cpu_kernels.unavailable_reason() is None and cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64_PROMPTS:
+        return 2
+    return 4
 
 
 HOST_PROCESS_CPU = int(0.16 * GiB)
@@ -257,10 +269,12 @@ def kv_cache_bytes(config: ModelConfig, context: int, batch: int, kv_cache: str 
 
 
 def activation_items(config: ModelConfig, precision: str, context: int, batch: int,
-                     chunk: int = PREFILL_CHUNK, cpu: bool = False, group_size: int | None = None) -> list[Item]:
+                     chunk: int = PREFILL_CHUNK, cpu: bool = False, group_size: int | None = None,
+                     gemv_input_bytes: int = 4) -> list[Item]:
     """Transient memory of one forward: a prefill chunk of min(context, chunk) tokens per sequence. On the
     CPU the int4 kernel reads the packed weights: no dequantized copy of a linear, but tinychat's GEMV
-    (which takes prompts on CPUs without AVX-512) copies its input rows to fp32 with their group sums."""
+    (which takes prompts on CPUs without AVX-512 and on those with AVX512_BF16) copies its input rows,
+    `gemv_input_bytes` an input (4: fp32, 2: bf16 pairs), with their group sums in fp32."""
     c, b = min(context, chunk), batch
     h, ffn, V = config.hidden_size, config.intermediate_size, config.vocab_size
     heads = config.num_attention_heads
@@ -281,8 +295,9 @@ def activation_items(config: ModelConfig, precision: str, context: int, batch: i
     if precision == "w4a16" and cpu:
         inp = max(i for i, _ in fused_linear_shapes(config).values())
         sums = inp // group_size if group_size else 0
-        items.append(Item("activations", "int4 GEMV input rows (fp32)", b * c * (inp + sums) * FP32,
-                          f"batch {b} x chunk {c} x (widest linear input {inp} + {sums} group sums) x 4 bytes"))
+        items.append(Item("activations", "int4 GEMV input rows", b * c * (inp * gemv_input_bytes + sums * FP32),
+                          f"batch {b} x chunk {c} x (widest linear input {inp} x {gemv_input_bytes} bytes + "
+                          f"{sums} group sums x 4 bytes)"))
     if precision == "w4a16" and not cpu:
         name, (inp, out) = max(fused_linear_shapes(config).items(), key=lambda kv_: kv_[1][0] * kv_[1][1])
         items.append(Item("activations", "dequantized linear (fp16)", inp * out * FP16,
@@ -406,7 +421,8 @@ def make_plan(config: ModelConfig, precision: str = "w4a16", group_size: int | N
     items.append(Item("kv cache", f"KV cache ({kv_cache})", kv,
                       f"2 x {config.num_hidden_layers} layers x {config.num_key_value_heads} kv heads x "
                       f"{per_head} x context {context} x batch {batch}"))
-    items += activation_items(config, precision, context, batch, cpu=device.cpu, group_size=group_size)
+    items += activation_items(config, precision, context, batch, cpu=device.cpu, group_size=group_size,
+                              gemv_input_bytes=device.gemv_input_bytes)
     items += overhead_items(device, sum(i.bytes for i in items))
     items += load_items(config, precision, group_size, device, weights, int8_head)
     return Plan(model, precision, group_size, context, batch, device, items, notes)
