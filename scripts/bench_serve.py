@@ -301,8 +301,10 @@ def median(xs) -> float:
 
 
 def write_report(path: Path, report: dict) -> None:
+    from tinychat.atomic import write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text(path, json.dumps(report, indent=2) + "\n", "--out")  # whole or not at all
     print(f"wrote {path}")
 
 

@@ -228,7 +228,7 @@ def compare(model: str, measured: dict) -> dict:
     context = PROMPT + GEN + 1
     p = plan.plan_model(model, context=context, device="cpu")
     activations = sum(i.bytes for i in plan.activation_items(p_config(model), "w4a16", context, 1, chunk=PROMPT,
-                                                             cpu=True, gemv_input_bytes=plan.gemv_input_bytes()))
+                                                             cpu=True, gemv_input_bytes=plan.cpu_gemv_input_bytes()))
     predicted = {"weights": p.weights, "kv": p.section("kv cache"), "load peak": p.load_peak,
                  "run peak": p.weights + p.section("kv cache") + activations, "activations": activations}
     got = {"weights": measured["rss_model_bytes"], "kv": measured["kv_cache_rss_bytes"],

@@ -76,7 +76,7 @@ def test_cpu_plan_counts_the_int4_gemvs_input_rows():
     exists there."""
     p = plan.make_plan(shape("llama-2-7b"), "w4a16", 128, context=4096, batch=2, device="cpu")
     got = items(p)
-    per_input = plan.gemv_input_bytes()
+    per_input = plan.cpu_gemv_input_bytes()
     assert per_input == (2 if cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64_PROMPTS else 4)
     # widest linear input: down_proj's 11008; 2 x 512 rows x (11008 inputs + 86 group sums x 4 bytes)
     assert got["int4 GEMV input rows"] == 2 * 512 * (11008 * per_input + 86 * 4)

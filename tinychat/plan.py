@@ -91,12 +91,12 @@ def host_memory() -> int:
 def cpu_device(memory: int | None = None) -> Device:
     """This machine's CPU and host memory (or `memory` bytes of it)."""
     memory = host_memory() if memory is None else memory
-    return Device("cpu", memory, cuda_context=0, cpu=True, gemv_input_bytes=gemv_input_bytes(), host_items=(
+    return Device("cpu", memory, cuda_context=0, cpu=True, gemv_input_bytes=cpu_gemv_input_bytes(), host_items=(
         ("host process", HOST_PROCESS_CPU, "Python, torch and the tokenizer before the load (measured "
                                            "0.14-0.16 GiB of anonymous memory; docs/memory.md)"),))
 
 
-def gemv_input_bytes() -> int:
+def cpu_gemv_input_bytes() -> int:
     """Bytes per input of the copy the CPU int4 GEMV makes of its rows on this machine: bf16 pairs (2) where
     it multiplies on vdpbf16ps (AVX512_BF16), fp32 (4) elsewhere (and, as an upper bound, without our
     kernels, when torch's kernel runs)."""
