@@ -79,6 +79,60 @@ def test_batched_requests_equal_each_alone(engine, scheduler):
     assert not scheduler.running
 
 
+@pytest.fixture
+def prefill_shapes(engine, monkeypatch):
+    """The [batch, tokens] of every prompt forward (more than one token a row) the model runs."""
+    shapes, run = [], engine.model.run
+
+    def spy(ids, positions, *args, **kwargs):
+        if ids.shape[1] > 1:
+            shapes.append(tuple(ids.shape))
+        return run(ids, positions, *args, **kwargs)
+    monkeypatch.setattr(engine.model, "run", spy)
+    return shapes
+
+
+def waiting_together(engine, prompts, params) -> list[tuple]:
+    """Submit every prompt before the scheduler starts (as concurrent clients' requests wait for a turn)."""
+    s = BatchScheduler(engine.model, engine.tokenizer, slots=4, max_seq=256)
+    runs = [submit(s, ids, params) for ids in prompts]
+    s.start()
+    try:
+        return [run.result() for run in runs]
+    finally:
+        s.close()
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_forward(engine, prefill_shapes):
+    """Three prompts of different lengths waiting together: one forward padded to the longest, each row's
+    first token from its own last prompt token; each text equals the prompt's alone."""
+    prompts = [chat_ids(engine, q, system=f"Request {i}.") for i, q in enumerate(QUESTIONS[:3])]
+    assert len(set(map(len, prompts))) > 1
+    results = waiting_together(engine, prompts, greedy())
+    assert prefill_shapes == [(3, max(map(len, prompts)))]
+    for ids, (_, text, done) in zip(prompts, results):
+        assert text == alone(engine, ids, greedy()) and done.cached_tokens == 0
+
+
+def test_prompts_that_would_pad_much_or_share_a_prefix_are_prefilled_apart(engine, prefill_shapes):
+    """A prompt twice as long as another would make half the forward padding: two forwards. A prompt that
+    shares a long prefix with one in the batch waits for it and copies that prefix from its row."""
+    short = chat_ids(engine, QUESTIONS[3], system="Brief.")
+    long = chat_ids(engine, QUESTIONS[1], system="You are a poet. " * 12)
+    assert len(long) > 2 * len(short)
+    _, (_, _, done) = waiting_together(engine, [short, long], greedy(2))
+    assert done.cached_tokens < 5  # the template's first tokens, from the short prompt's row
+    assert prefill_shapes == [(1, len(short)), (1, len(long) - done.cached_tokens)]
+
+    prefill_shapes.clear()
+    system = "You are a careful assistant who answers questions about geography, history and science."
+    first, second = (chat_ids(engine, q, system=system) for q in QUESTIONS[:2])
+    (_, text, _), (_, _, done) = waiting_together(engine, [first, second], greedy(4))
+    assert done.cached_tokens >= 15
+    assert prefill_shapes == [(1, len(first)), (1, len(second) - done.cached_tokens)]
+    assert text == alone(engine, first, greedy(4))
+
+
 def test_prefix_cache_reuses_a_finished_conversation(engine, scheduler):
     ids = chat_ids(engine, QUESTIONS[0])
     first_tokens, first_text, first = submit(scheduler, ids, greedy(8)).result()

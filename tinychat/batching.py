@@ -10,8 +10,8 @@ prefills only the tokens after the shared prefix, samples its first token and jo
 finished or cancelled request swaps places with the last running row and leaves; its row stays cached.
 
 Prefill and decode take turns: each turn prefills at most `prefill_chunk` prompt tokens (whole prompts
-while they fit, else one chunk of a long one, which goes on at the next turn in the row after the running
-ones), then runs one decode step. A long prompt arriving while others decode so delays their next token by
+while they fit, those waiting together in one forward, else one chunk of a long one, which goes on at the
+next turn in the row after the running ones), then runs one decode step. A long prompt arriving while others decode so delays their next token by
 one chunk's prefill, not by its whole prompt's.
 
 Callers (the server, benchmarks, tests) `submit` a Job and receive its events through `job.emit`, called on
@@ -35,7 +35,7 @@ from .cpu_graph import Uncapturable
 from .cuda_graph import step_class
 from .errors import TinychatError
 from .generate import PREFILL_CHUNK, ReplyText, eos_ids
-from .sampling import SamplingParams, make_logits_processors, make_sampler
+from .sampling import SamplingParams, greedy, make_logits_processors, make_sampler
 from .static_step import CapturedStep
 
 
@@ -215,28 +215,85 @@ class BatchScheduler:
             job.emit(DoneEvent("cancelled", len(job.prompt_ids)))
 
     def _prefill(self) -> None:
-        """This turn's prefill: up to prefill_chunk tokens of the prompt begun earlier, then of new jobs while
-        rows are free."""
+        """This turn's prefill, at most prefill_chunk tokens: the rest of a long prompt begun earlier, then
+        waiting jobs' whole prompts (together, _prefill_together) while they fit, else the first chunk of
+        the next one."""
         budget = self.prefill_chunk
         while budget > 0:
             if self._prefilling is None:
+                taken = self._prefill_together(budget)
+                if taken:
+                    budget -= taken
+                    continue
                 with self._wake:
                     if not self._pending or len(self.running) >= self.slots:
                         return
                     job = self._pending.popleft()
-                if job.cancelled.is_set():
-                    job.emit(DoneEvent("cancelled", len(job.prompt_ids)))
-                    continue
-                self._prefilling = self._begin(job)
+                self._prefilling = self._begin(job, len(self.running))
             budget -= self._prefill_part(budget)
 
-    def _begin(self, job: Job) -> _Prefill:
-        """Give a job row n (after the running ones) holding the longest cached prefix of its prompt."""
-        n = len(self.running)
-        common = self._claim_row(job.prompt_ids, n)
+    def _begin(self, job: Job, row: int) -> _Prefill:
+        """Give a job `row` (a free one, after the running ones) holding the longest cached prefix of its
+        prompt."""
+        common = self._claim_row(job.prompt_ids, row)
         self._clock += 1
-        self.row_used[n] = self._clock
+        self.row_used[row] = self._clock
         return _Prefill(job, common)
+
+    def _prefill_together(self, budget: int) -> int:
+        """Prefill the whole prompts of the next waiting jobs, as many as fit the budget and the free rows,
+        in one forward (padded to the longest: _fits), each in its row after the running ones; then each
+        samples its first token and joins. Prompts that arrive together (concurrent clients) so share each
+        pass over the weights: 8 prompts of ~60 tokens took 14% less time than one after another (2-core
+        CPU). Returns the tokens computed, padding included; 0 when the next job's prompt does not fit
+        whole (it is prefilled a chunk per turn)."""
+        n = len(self.running)
+        batch: list[tuple[Job, int]] = []  # (job, the prompt tokens its row holds from the prefix cache)
+        while n + len(batch) < self.slots:
+            with self._wake:
+                if not self._pending:
+                    break
+                job = self._pending[0]
+                cancelled = job.cancelled.is_set()
+                if not cancelled and not self._fits(job, batch, min(budget, PREFILL_CHUNK)):
+                    break
+                self._pending.popleft()
+            if cancelled:
+                job.emit(DoneEvent("cancelled", len(job.prompt_ids)))
+                continue
+            batch.append((job, self._begin(job, n + len(batch)).cached))
+        if not batch:
+            return 0
+        chunks = [job.prompt_ids[cached:] for job, cached in batch]
+        computed = len(batch) * max(map(len, chunks))
+        try:
+            logits = self._forward(n, chunks, [cached for _, cached in batch])
+        except Exception as e:  # noqa: BLE001 - a server must outlive one failed request
+            for i, (job, _) in enumerate(batch):
+                self._fail(job, n + i, e)
+            return computed
+        for i, chunk in enumerate(chunks):
+            self.row_tokens[n + i].extend(chunk)
+        for i, (job, cached) in enumerate(batch):  # job i is in row n + i until its turn here
+            self._join(job, n + i, cached, logits[i:i + 1])
+        return computed
+
+    def _fits(self, job: Job, batch: list[tuple[Job, int]], limit: int) -> bool:
+        """Whether job's prompt joins `batch` in one forward: at most `limit` tokens padded, at most a quarter
+        of them padding, every row's padded positions inside the context, and no long prefix shared with a
+        prompt of the batch beyond what the cache holds (prefilled after it, the job copies that prefix)."""
+        limit_prefix = len(job.prompt_ids) - 1
+        cached = max(common_prefix(tokens, job.prompt_ids, limit_prefix) for tokens in self.row_tokens)
+        rest = len(job.prompt_ids) - cached
+        rests = [len(other.prompt_ids) - start for other, start in batch] + [rest]
+        width = max(rests)
+        padded = width * len(rests)
+        if padded > limit or 4 * (padded - sum(rests)) > padded:
+            return False
+        if max([start for _, start in batch] + [cached]) + width > self.max_seq:
+            return False
+        return all(common_prefix(other.prompt_ids, job.prompt_ids, limit_prefix) - cached <= rest // 4
+                   for other, _ in batch)
 
     def _prefill_part(self, budget: int) -> int:
         """Prefill the next (at most budget) tokens of the prompt begun; at its end sample its first token and
@@ -249,22 +306,41 @@ class BatchScheduler:
             return 0
         chunk = job.prompt_ids[len(tokens):len(tokens) + min(budget, PREFILL_CHUNK)]
         try:
-            device = self.model.device
-            ids = torch.tensor([chunk], dtype=torch.long, device=device)
-            positions = torch.arange(len(tokens), len(tokens) + len(chunk), device=device).unsqueeze(0)
-            logits = self.model.run(ids, positions, self._rows(n, n + 1), last_only=True)[:, -1]
+            logits = self._forward(n, [chunk], [len(tokens)])
         except Exception as e:  # noqa: BLE001 - a server must outlive one failed request
-            self.row_tokens[n] = []  # the row may hold half-written keys/values: forget them
             self._prefilling = None
-            job.emit(DoneEvent("error", len(job.prompt_ids), error=_failure(e)))
+            self._fail(job, n, e)
             return len(chunk)
         tokens.extend(chunk)
         if len(tokens) == len(job.prompt_ids):
             self._prefilling = None
-            running = _Running(job, ReplyText(self.tokenizer, self.eos, job.stop), state.cached)
-            if self._sample(running, n, logits) is None:
-                self.running.append(running)
+            self._join(job, n, state.cached, logits)
         return len(chunk)
+
+    def _forward(self, n: int, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Prompt tokens chunks[i] into row n + i from position starts[i], in one forward padded to the longest
+        chunk: the logits [len(chunks), vocab] after each chunk's last token."""
+        device, width = self.model.device, max(map(len, chunks))
+        ids = torch.zeros((len(chunks), width), dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            ids[i, :len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+        positions = torch.tensor(starts, dtype=torch.long).unsqueeze(1) + torch.arange(width)
+        last = torch.tensor([len(chunk) - 1 for chunk in chunks], dtype=torch.long, device=device)
+        return self.model.run(ids.to(device), positions.to(device), self._rows(n, n + len(chunks)),
+                              last_only=True, last=last)[:, 0]
+
+    def _fail(self, job: Job, row: int, e: Exception) -> None:
+        self.row_tokens[row] = []  # the row may hold half-written keys/values: forget them
+        job.emit(DoneEvent("error", len(job.prompt_ids), error=_failure(e)))
+
+    def _join(self, job: Job, row: int, cached: int, logits: torch.Tensor) -> None:
+        """Sample the first token of a job whose prompt `row` holds; unless that ends it, it joins the running
+        rows (its row moving up past the rows of jobs prefilled with it that ended at once)."""
+        target = len(self.running)
+        self._swap_rows(row, target)
+        running = _Running(job, ReplyText(self.tokenizer, self.eos, job.stop), cached)
+        if self._sample(running, target, logits) is None:
+            self.running.append(running)
 
     def _step_all(self) -> None:
         try:
@@ -293,8 +369,12 @@ class BatchScheduler:
         logits = self._decode(tokens, positions, n)
         for row, running in enumerate(self.running):
             self.row_tokens[row].append(running.next_token)
+        plain = [running.sampler is greedy and not running.processors for running in self.running]
+        # the greedy rows' tokens from one argmax over the batch (8 calls of ~30 us each were 3% of a step)
+        picks = greedy(logits).tolist() if sum(plain) > 1 else [None] * n
         finished = [row for row, running in enumerate(self.running)
-                    if self._sample(running, row, logits[row:row + 1]) is not None]
+                    if self._sample(running, row, logits[row:row + 1], picks[row] if plain[row] else None)
+                    is not None]
         for row in reversed(finished):
             self._retire(row)
 
@@ -318,9 +398,9 @@ class BatchScheduler:
             return self.model.decode_step(tokens, positions, rows)
         return captured.replay(tokens, positions)
 
-    def _sample(self, running: _Running, row: int, logits: torch.Tensor) -> str | None:
-        """Sample the next token of a running job from its logits [1, vocab], send it, and end the job
-        (returning why) when it is finished."""
+    def _sample(self, running: _Running, row: int, logits: torch.Tensor, picked: int | None = None) -> str | None:
+        """Sample the next token of a running job from its logits [1, vocab] (or take `picked`, its greedy
+        token already chosen), send it, and end the job (returning why) when it is finished."""
         job = running.job
         raw = logits
         try:
@@ -328,7 +408,7 @@ class BatchScheduler:
                 history = torch.tensor([running.history], dtype=torch.long, device=logits.device)
                 for process in running.processors:
                     logits = process(history, logits)
-            token = int(running.sampler(logits)[0])
+            token = picked if picked is not None else int(running.sampler(logits)[0])
         except Exception as e:  # noqa: BLE001 - e.g. a grammar that rejects; only this job fails
             job.emit(running.done("error", _failure(e)))
             return "error"

@@ -254,18 +254,21 @@ class LlamaForCausalLM(nn.Module):
         self.kv_cache: str | None = None  # make_cache's storage (--kv-cache): None = the compute dtype
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVStorage | None = None,
-            last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
+            last_only: bool = False, return_hidden: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
         """The model's math: input_ids [B, T] at positions [B or 1, T] (int64, on the model's device) ->
         logits [B, T or 1, vocab] (or the final hidden states). Keys/values are written into `cache` at
         those positions (without a cache, positions must be 0..T-1); the cache's bookkeeping (offset,
-        token ids) is the caller's, so this can be captured as a CUDA graph."""
+        token ids) is the caller's, so this can be captured as a CUDA graph. With last_only, each row's
+        logits at index last[b] of T instead of the final one (prompts of several lengths padded to one:
+        a padded row's tokens after its last one only write keys/values that nothing reads before the
+        row's next tokens overwrite them)."""
         n_positions = cache.keys[0].shape[2] if cache is not None else input_ids.shape[1]
         step = Step(positions, self.rotary(positions, self.dtype, n_positions), cache)
         h = self.embed(input_ids)
         for layer in self.model.layers:
             h = layer(h, step)
         if last_only:
-            h = h[:, -1:]
+            h = h[:, -1:] if last is None else h[torch.arange(h.shape[0], device=h.device), last].unsqueeze(1)
         h = self.model.norm(h)
         return h if return_hidden else self.lm_head(h)
 
