@@ -34,6 +34,25 @@ def test_take_rows_bf16_and_int8_with_scales_match_torch():
         cpu_kernels.take_rows(table, torch.tensor([4, 300]))
 
 
+def test_take_rows_from_a_blocked_int8_table_match_the_row_table():
+    """The tied int8 embedding read from the head's blocked table (tinychat.quant.pack.block_int8_rows): the
+    kernel and the reference give the rows the row-layout table gives."""
+    from tinychat.quant.pack import block_int8_rows
+
+    codes = torch.randint(-127, 128, (320, 48), dtype=torch.int8)
+    scales = (torch.rand(320) * 0.05 + 0.001).to(BF16)
+    ids = torch.randint(0, 320, (3, 5))
+    want = reference.take_rows(codes, ids, scales)
+    blocked = block_int8_rows(codes.clone())
+    assert not torch.equal(blocked, codes)
+    assert torch.equal(cpu_kernels.take_rows(blocked, ids, scales, blocked=True), want)
+    assert torch.equal(reference.take_rows(blocked, ids, scales, blocked=True), want)
+    with pytest.raises(IndexError):
+        cpu_kernels.take_rows(blocked, torch.tensor([4, 320]), scales, blocked=True)
+    with pytest.raises(ValueError):
+        cpu_kernels.take_rows(blocked[:300], ids, scales, blocked=True)  # not whole blocks
+
+
 def test_add_matches_torch_bit_for_bit():
     a, b = (torch.randn(3, 577) * 8).to(BF16), torch.randn(3, 577).to(BF16)
     assert torch.equal(cpu_kernels.add(a, b), a + b)

@@ -397,19 +397,48 @@ def test_int8_gemv_matches_the_reference_and_torch_with_batch_invariant_rows(m, 
     assert torch.equal(got, alone)
 
 
-def test_int8_head_uses_the_gemv_for_decode_rows_and_torch_for_prompts(monkeypatch):
+@pytest.mark.parametrize("out", [320, 321])
+def test_int8_head_uses_the_gemv_for_decode_rows_and_torch_for_prompts(monkeypatch, out):
+    """A row-layout table (321 outputs: not blocks of 32, or a CPU without AVX512_BF16): our GEMV for decode
+    rows, torch's kernel for a prompt's. A blocked one: the blocked GEMV for any rows."""
     from tinychat.quant.int8 import Int8Linear
 
-    head = Int8Linear(torch.randn(320, 64), BF16)
+    head = Int8Linear(torch.randn(out, 64), BF16)
+    blocked = bool(cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT8_BLOCKED) and out % 32 == 0
+    assert head.blocked == blocked
     calls = []
     real = cpu_kernels.int8_gemv
     monkeypatch.setattr(cpu_kernels, "int8_gemv", lambda *a: calls.append(tuple(a[0].shape)) or real(*a))
     for shape in ((1, 1, 64), (4, 1, 64), (1, 17, 64)):
         x = torch.randn(shape).to(BF16)
         y = head(x)
-        want = x.double() @ (head.qweight.double() * head.scales.double()[:, None]).T
-        assert y.shape == (*shape[:-1], 320) and rel(y, want) < 4e-3
-    assert calls == [(1, 64), (4, 64)]  # the 17-token prompt went to torch's kernel
+        want = x.double() @ (head.codes().double() * head.scales.double()[:, None]).T
+        assert y.shape == (*shape[:-1], out) and rel(y, want) < 4e-3
+    # the row layout's 17-token prompt went to torch's kernel
+    assert calls == [(1, 64), (4, 64), (17, 64)][:3 if blocked else 2]
+
+
+@pytest.mark.parametrize("n,k", [(4096, 576), (64, 32), (320, 80), (1024, 1536), (96, 18)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 13, 17, 40])
+def test_blocked_int8_gemv_matches_the_reference_with_batch_invariant_rows(m, n, k):
+    """The int8 head on its blocked table (AVX512_BF16): against the dequantized table @ x in fp64 (then one
+    bf16 rounding); each row of a batch (8 rows a pass, tiles of 4, 2 or 1 blocks by the rows) gets the bits
+    it gets alone."""
+    from tinychat.quant.int8 import quantize_rows_int8
+    from tinychat.quant.pack import block_int8_rows
+
+    if not cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT8_BLOCKED:
+        pytest.skip("the blocked GEMV needs AVX512_BF16")
+    q, scales = quantize_rows_int8(torch.randn(n, k))
+    scales = scales.to(BF16)
+    blocked = block_int8_rows(q.clone())
+    x = torch.randn(m, k).to(BF16)
+    got = cpu_kernels.int8_gemv(x, blocked, scales, blocked=True)
+    assert got.shape == (m, n) and got.dtype == BF16
+    assert rel(got, x.double() @ (q.double() * scales.double()[:, None]).T) < 4e-3
+    alone = torch.cat([cpu_kernels.int8_gemv(x[r:r + 1].contiguous(), blocked, scales, blocked=True)
+                       for r in range(m)])
+    assert torch.equal(got, alone)
 
 
 def test_positions_outside_the_cache_are_refused_not_written():
@@ -543,17 +572,24 @@ def test_int4_gemv_on_vdpbf16ps_gives_the_fma_kernels_bits(m, k, g):
 
 @pytest.mark.parametrize("m", [1, 5, 8, 13])
 def test_int8_gemv_on_vdpbf16ps_matches_the_fma_kernel(m):
-    """With AVX512_BF16 the int8 head multiplies on vdpbf16ps (32 inputs an instruction, two partial sums per
-    row): equal to the FMA kernel (a build without AVX512_BF16) up to fp32 rounding, then bf16."""
+    """With AVX512_BF16 the int8 head multiplies on vdpbf16ps over its blocked table (each output's input pairs
+    summed in one chain): equal to the FMA kernel on the row table (a build without AVX512_BF16) up to fp32
+    rounding, then bf16; that build refuses the blocked table."""
     from tinychat.quant.int8 import quantize_rows_int8
+    from tinychat.quant.pack import block_int8_rows
 
-    if not cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT4_BLOCK64_PROMPTS:
+    if not cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT8_BLOCKED:
         pytest.skip("no AVX512_BF16 here: the FMA kernel is the one that runs")
     fma = cpu_kernels.build_variant("-mno-avx512bf16")
-    q, scales = quantize_rows_int8(torch.randn(1003, 576))
+    assert not fma.tc_gemv_support() & cpu_kernels.GEMV_INT8_BLOCKED
+    q, scales = quantize_rows_int8(torch.randn(1024, 576))
     scales = scales.to(BF16)
     x = torch.randn(m, 576).to(BF16)
-    assert rel(int8_call(cpu_kernels.library(), x, q, scales), int8_call(fma, x, q, scales)) < 4e-3
+    blocked = block_int8_rows(q.clone())
+    y = torch.empty(m, 1024, dtype=BF16)
+    assert fma.tc_int8_gemv_blocked(x.data_ptr(), m, blocked.data_ptr(), scales.data_ptr(), y.data_ptr(), 1024,
+                                    576) == -1
+    assert rel(cpu_kernels.int8_gemv(x, blocked, scales, blocked=True), int8_call(fma, x, q, scales)) < 4e-3
 
 
 def test_avx2_builds_prompt_rows_are_batch_invariant():

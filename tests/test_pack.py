@@ -221,3 +221,22 @@ def test_int4pack_rejects_unsupported_layers(gen):
     qweight, qzeros, scales = random_awq(64, 8, 32, gen)
     with pytest.raises(TinychatError, match="divisible by 16"):
         awq_to_int4pack_cpu(qweight, qzeros, scales, 32)
+
+
+@pytest.mark.parametrize("out,cols", [(32, 2), (64, 576), (4128, 48)])
+def test_int8_blocked_layout_puts_each_code_where_the_docstring_says_and_round_trips(gen, out, cols, monkeypatch):
+    """Byte ((b * in/2 + p) * 32 + j) * 2 + h of the blocked table is output 32 b + j's code for input 2 p + h
+    (4 KB slabs of the in-place reordering: several per table)."""
+    from tinychat.quant import pack
+    from tinychat.quant.pack import INT8_BLOCK, block_int8_rows
+
+    monkeypatch.setattr(pack, "_BLOCK_SLAB", 4096)
+
+    q = torch.randint(-127, 128, (out, cols), dtype=torch.int8, generator=gen)
+    blocked = block_int8_rows(q.clone())
+    flat = blocked.view(-1)
+    for o, i in zip(torch.randint(0, out, (64,), generator=gen).tolist(),
+                    torch.randint(0, cols, (64,), generator=gen).tolist()):
+        b, j, p, h = o // INT8_BLOCK, o % INT8_BLOCK, i // 2, i % 2
+        assert flat[((b * cols // 2 + p) * INT8_BLOCK + j) * 2 + h] == q[o, i]
+    assert torch.equal(block_int8_rows(blocked, inverse=True), q)

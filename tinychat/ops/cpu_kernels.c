@@ -23,7 +23,7 @@
 #define HAVE_AVX2 1  // the AVX2 paths (AMD Zen 2/3, Intel before AVX-512): torch packs int4 for them too
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define HAVE_DPBF16 1  // the AVX-512 int4 and int8 GEMVs on vdpbf16ps (block_dp, int8_output_dp)
+#define HAVE_DPBF16 1  // the AVX-512 int4 and int8 GEMVs on vdpbf16ps (block_dp, int8_blocks)
 #endif
 #include <stdint.h>
 #include <stdlib.h>
@@ -687,6 +687,7 @@ void tc_silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t n) {
 #define GEMV_INT4_BLOCK32 2  // on its AVX2 layout (32-output blocks),
 #define GEMV_INT8 4          // and the int8 GEMV
 #define GEMV_INT4_BLOCK64_PROMPTS 8  // the block-64 one takes any number of rows (vdpbf16ps: faster than torch's)
+#define GEMV_INT8_BLOCKED 16  // the int8 GEMV on the blocked table (tc_int8_gemv_blocked, vdpbf16ps)
 
 // Which GEMVs this build runs (the instruction sets it was compiled for): GEMV_* bits.
 int tc_gemv_support(void) {
@@ -695,7 +696,7 @@ int tc_gemv_support(void) {
     bits |= GEMV_INT4_BLOCK64 | GEMV_INT8;
 #endif
 #ifdef HAVE_DPBF16
-    bits |= GEMV_INT4_BLOCK64_PROMPTS;
+    bits |= GEMV_INT4_BLOCK64_PROMPTS | GEMV_INT8_BLOCKED;
 #endif
 #ifdef HAVE_AVX2
     bits |= GEMV_INT4_BLOCK32 | GEMV_INT8;
@@ -1240,8 +1241,6 @@ static inline __attribute__((always_inline)) void int8_output(const int rows, co
 #endif
 
 #ifdef HAVE_DPBF16
-#define INT8_ROWS_DP 8  // rows per pass of the int8 GEMV on vdpbf16ps: 16 accumulators
-
 // 32 int8 codes as bf16 (exact: every integer of magnitude up to 256 is a bf16 number), in order.
 static inline __m512bh i8x32_to_bf16(const int8_t* p) {
     const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
@@ -1249,80 +1248,6 @@ static inline __m512bh i8x32_to_bf16(const int8_t* p) {
     return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-#define INT8_TILE_DP 8  // outputs whose sums are reduced together (sum16x8)
-
-// int8_output on vdpbf16ps (AVX512_BF16) for k a multiple of 32, up to INT8_ROWS_DP rows of x (bf16 as it
-// is): each 32 codes converted once for all the rows, two partial sums per row, of the even and of the odd
-// 32-input chunks. Leaves each row's 16 lanes to sum in sums[r][c] (c: the output's place in its tile), so
-// that int8_tile_dp sums a tile's outputs in one tree (a horizontal sum per output and row took a third of
-// the time at 8 rows). Products are exact as in int8_output; the sums go in another order (within fp32
-// rounding of it), the same for every row whatever the rows around it.
-static inline __attribute__((always_inline)) void int8_output_dp(const int rows, const int8_t* row, const bf16* x,
-                                                                 __m512 sums[][INT8_TILE_DP], int c, int64_t k) {
-    __m512 acc[INT8_ROWS_DP][2];
-    for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 64 <= k; i += 64)
-        for (int h = 0; h < 2; ++h) {
-            const __m512bh w = i8x32_to_bf16(row + i + 32 * h);
-            for (int r = 0; r < rows; ++r)
-                acc[r][h] = _mm512_dpbf16_ps(acc[r][h], w, (__m512bh)_mm512_loadu_si512((const void*)(x + r * k + i + 32 * h)));
-        }
-    if (i < k) {  // k mod 64 = 32: an even chunk
-        const __m512bh w = i8x32_to_bf16(row + i);
-        for (int r = 0; r < rows; ++r)
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w, (__m512bh)_mm512_loadu_si512((const void*)(x + r * k + i)));
-    }
-    for (int r = 0; r < rows; ++r) sums[r][c] = _mm512_add_ps(acc[r][0], acc[r][1]);
-}
-
-// int8_output_dp for outputs c and c + 1 (its codes k bytes on) at once, from 3 rows on: the even chunks of
-// both, then the odd ones (2 outputs x 8 rows x one partial sum fit the registers where two would not), so
-// that each vector of x loaded serves both outputs: the loads of x bounded the one-output loop at 8 rows
-// (the 49152 x 576 head 2.4-2.7 -> 1.8-2.0 ms at 8 rows, table evicted). Each partial sum takes the same
-// chunks in the same order as there: the same bits.
-static inline __attribute__((always_inline)) void int8_pair_dp(const int rows, const int8_t* row, const bf16* x,
-                                                               __m512 sums[][INT8_TILE_DP], int c, int64_t k) {
-    for (int h = 0; h < 2; ++h) {
-        __m512 acc[INT8_ROWS_DP][2];
-        for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        for (int64_t i = 32 * h; i + 32 <= k; i += 64) {  // with k mod 64 = 32 the last chunk is an even one
-            const __m512bh w0 = i8x32_to_bf16(row + i), w1 = i8x32_to_bf16(row + k + i);
-            for (int r = 0; r < rows; ++r) {
-                const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x + r * k + i));
-                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
-                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
-            }
-        }
-        for (int r = 0; r < rows; ++r)
-            for (int o = 0; o < 2; ++o) sums[r][c + o] = h == 0 ? acc[r][o] : _mm512_add_ps(sums[r][c + o], acc[r][o]);
-    }
-}
-
-// Outputs o .. o + outs - 1 (outs <= INT8_TILE_DP) of the int8 GEMV for `rows` rows of x, a constant after
-// inlining: int8_pair_dp per two outputs (int8_output_dp per output at 1-2 rows) as the table streams (their
-// rows prefetched four outputs ahead), then each row's sums of the tile in one sum16x8.
-static inline __attribute__((always_inline)) void int8_tile_dp(const int rows, const int8_t* q, const bf16* x,
-                                                               const bf16* scales, bf16* y, int64_t n, int64_t k,
-                                                               int64_t o, int64_t outs) {
-    __m512 sums[INT8_ROWS_DP][INT8_TILE_DP];
-    for (int64_t c = outs; c < INT8_TILE_DP; ++c)  // a short last tile: lanes of other outputs stay out of sums
-        for (int r = 0; r < rows; ++r) sums[r][c] = _mm512_setzero_ps();
-    const int64_t step = rows >= 3 ? 2 : 1;  // outputs at a time (at 1-2 rows pairs ran 3-9% slower)
-    for (int64_t c = 0; c < outs; c += step) {
-        const int8_t* row = q + (o + c) * k;
-        for (int64_t i = 0; i < step * k; i += 64) _mm_prefetch((const char*)(row + 4 * k + i), _MM_HINT_T0);
-        if (step == 2 && c + 1 < outs)
-            int8_pair_dp(rows, row, x, sums, (int)c, k);
-        else
-            int8_output_dp(rows, row, x, sums, (int)c, k);
-    }
-    for (int r = 0; r < rows; ++r) {
-        float total[8];
-        _mm256_storeu_ps(total, sum16x8(sums[r]));
-        for (int64_t c = 0; c < outs; ++c) y[r * n + o + c] = f2bf(total[c] * bf2f(scales[o + c]));
-    }
-}
 #endif
 
 #if defined(HAVE_AVX2) && !defined(__AVX512F__)  // the int8 GEMV without AVX-512
@@ -1382,51 +1307,12 @@ static void int8_outputs_avx2(const int8_t* q, const float* xf, const bf16* scal
 // Without AVX-512, AVX2 goes INT8_OUTS_AVX2 outputs to a task, up to 3 rows to a tile (int8_tile: its own
 // order of sums, within fp32 rounding of the AVX-512 one); on a 2-core AMD EPYC Zen 3 VM the 49152 x 576
 // head took 6.7-7.0 ms at 8 rows against 9.9-10.5 one row at a time, about as long at one row (1.5-1.9 ms).
-// With AVX512_BF16 and k a multiple of 32, int8_tile_dp: on a 2-core AMD EPYC Zen 4 VM the head took
-// 2.3-2.7 ms at 8 rows against 5.1 (1.0-1.1 ms at one row either way: the table streams from DRAM), and with
-// a tile's horizontal sums in one tree 2.8 rather than 3.2 ms at 8 rows and 0.80 rather than 1.00 at one
-// (the same bits; A/B of both builds in one process, the table evicted from cache before each call).
+// With AVX512_BF16 the head's table is blocked and tc_int8_gemv_blocked computes it.
 // Returns -1 (nothing written) without AVX-512 or AVX2, for k not a multiple of 16 or m outside
 // [1, GEMV_MAX_ROWS].
 int tc_int8_gemv(const bf16* x, int64_t m, const int8_t* q, const bf16* scales, bf16* y, int64_t n, int64_t k) {
 #if defined(__AVX512F__) || defined(HAVE_AVX2)
     if (k % 16 || m < 1 || m > GEMV_MAX_ROWS) return -1;
-#ifdef HAVE_DPBF16
-    if (k % 32 == 0) {
-        const int64_t tiles = (n + INT8_TILE_DP - 1) / INT8_TILE_DP;
-        if (m <= 2) {  // one row (every single-stream token) or two in a loop of their own: inside the one
-                       // below they ran 4-9% slower once int8_pair_dp was there (code layout; A/B, the same path)
-#pragma omp parallel for schedule(static) if (n * k >= 65536)
-            for (int64_t t = 0; t < tiles; ++t) {
-                const int64_t o = t * INT8_TILE_DP, outs = n - o < INT8_TILE_DP ? n - o : INT8_TILE_DP;
-                if (m == 1)
-                    int8_tile_dp(1, q, x, scales, y, n, k, o, outs);
-                else
-                    int8_tile_dp(2, q, x, scales, y, n, k, o, outs);
-            }
-            return 0;
-        }
-#pragma omp parallel for schedule(static) if (n * k >= 65536)
-        for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t o = t * INT8_TILE_DP, outs = n - o < INT8_TILE_DP ? n - o : INT8_TILE_DP;
-            for (int64_t r0 = 0; r0 < m; r0 += INT8_ROWS_DP) {
-                const bf16* xr = x + r0 * k;
-                bf16* yr = y + r0 * n;
-                switch (m - r0 < INT8_ROWS_DP ? m - r0 : INT8_ROWS_DP) {
-                    case 1: int8_tile_dp(1, q, xr, scales, yr, n, k, o, outs); break;
-                    case 2: int8_tile_dp(2, q, xr, scales, yr, n, k, o, outs); break;
-                    case 3: int8_tile_dp(3, q, xr, scales, yr, n, k, o, outs); break;
-                    case 4: int8_tile_dp(4, q, xr, scales, yr, n, k, o, outs); break;
-                    case 5: int8_tile_dp(5, q, xr, scales, yr, n, k, o, outs); break;
-                    case 6: int8_tile_dp(6, q, xr, scales, yr, n, k, o, outs); break;
-                    case 7: int8_tile_dp(7, q, xr, scales, yr, n, k, o, outs); break;
-                    default: int8_tile_dp(8, q, xr, scales, yr, n, k, o, outs); break;
-                }
-            }
-        }
-        return 0;
-    }
-#endif
     float* xf = malloc(sizeof(float) * (size_t)(m * k));
     if (!xf) return -1;
     for (int64_t i = 0; i < m * k; ++i) xf[i] = bf2f(x[i]);
@@ -1468,20 +1354,126 @@ int tc_int8_gemv(const bf16* x, int64_t m, const int8_t* q, const bf16* scales, 
 #endif
 }
 
+// ---- the int8 GEMV on the blocked table (vdpbf16ps) ------------------------------------------------------
+//
+// The blocked layout (tinychat.quant.pack.block_int8_rows) keeps INT8_BLOCK outputs' codes together, input pair
+// by input pair: byte (b * k/2 + p) * 64 + 2 j + h is output 32 b + j's code for input 2 p + h. One 64-byte
+// line so holds two vectors of 16 lanes, each lane an output's two codes as vdpbf16ps pairs them, and a row
+// of x is broadcast a pair at a time (x's bf16 pairs as they lie in memory): every output sums its input
+// pairs in order in one fp32 chain of its own lane, with no horizontal sums, whatever the rows and outputs
+// computed beside it (a row's bits are its bits alone). The row layout summed each output's 16 lanes of
+// products at the end and loaded a vector of x per 32 inputs and row: 8 rows of the 49152 x 576 head ran at
+// about half of vdpbf16ps's rate.
+#define INT8_BLOCK 32  // outputs per block of the blocked table
+#ifdef HAVE_DPBF16
+#define INT8_BLOCK_PREFETCH 2048  // bytes ahead in each block's stream
+
+// Blocks b0 .. b0 + nb - 1 for `rows` rows of xp ([rows, k/2] bf16 pairs), both constants after inlining:
+// rows x 2 nb accumulators (at most 16) and 2 nb converted vectors stay in registers.
+static inline __attribute__((always_inline)) void int8_blocks(const int rows, const int nb, const int8_t* q,
+                                                              const uint32_t* xp, const bf16* scales, bf16* y,
+                                                              int64_t n, int64_t k, int64_t b0, const int prefetch) {
+    __m512 acc[8][8];
+    for (int r = 0; r < rows; ++r)
+        for (int v = 0; v < 2 * nb; ++v) acc[r][v] = _mm512_setzero_ps();
+    const int64_t pairs = k / 2, stride = INT8_BLOCK * k;
+    const int8_t* first = q + b0 * stride;
+    for (int64_t p = 0; p < pairs; ++p) {
+        __m512bh w[8];
+        for (int c = 0; c < nb; ++c) {
+            const int8_t* line = first + c * stride + p * 64;
+            if (prefetch) _mm_prefetch((const char*)(line + INT8_BLOCK_PREFETCH), _MM_HINT_T0);
+            w[2 * c] = i8x32_to_bf16(line);
+            w[2 * c + 1] = i8x32_to_bf16(line + 32);
+        }
+        for (int r = 0; r < rows; ++r) {
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp[r * pairs + p]);
+            for (int v = 0; v < 2 * nb; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], w[v], xb);
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int v = 0; v < 2 * nb; ++v) {
+            const int64_t o = b0 * INT8_BLOCK + 16 * v;
+            const __m512 scaled = _mm512_mul_ps(acc[r][v], bf16x16_to_ps(scales + o));
+            _mm256_storeu_si256((__m256i*)(y + r * n + o), _mm512_cvtepi32_epi16(f2bf16(scaled)));
+        }
+}
+
+#define INT8_BLOCKS_ROWS(NB, P)                                                       \
+    switch (rows) {                                                                   \
+        case 1: int8_blocks(1, NB, q, xp, scales, y, n, k, b0, P); break;             \
+        case 2: int8_blocks(2, NB, q, xp, scales, y, n, k, b0, P); break;             \
+        case 3: int8_blocks(3, NB, q, xp, scales, y, n, k, b0, P); break;             \
+        case 4: int8_blocks(4, NB, q, xp, scales, y, n, k, b0, P); break;             \
+        case 5: int8_blocks(5, NB, q, xp, scales, y, n, k, b0, P); break;             \
+        case 6: int8_blocks(6, NB, q, xp, scales, y, n, k, b0, P); break;             \
+        case 7: int8_blocks(7, NB, q, xp, scales, y, n, k, b0, P); break;             \
+        default: int8_blocks(8, NB, q, xp, scales, y, n, k, b0, P); break;            \
+    }
+
+// nb blocks from b0 for up to 8 rows: 4 at a time for 1-2 rows (8 or 16 chains hide vdpbf16ps's latency), 2
+// for 3-4, else (and a last tile's few) one at a time.
+static void int8_blocks_rows(int rows, int nb, const int8_t* q, const uint32_t* xp, const bf16* scales, bf16* y,
+                             int64_t n, int64_t k, int64_t b0, int prefetch) {
+    if (nb == 4 && rows <= 2) {
+        if (prefetch) { INT8_BLOCKS_ROWS(4, 1) } else { INT8_BLOCKS_ROWS(4, 0) }
+    } else if (nb == 2 && rows <= 4) {
+        if (prefetch) { INT8_BLOCKS_ROWS(2, 1) } else { INT8_BLOCKS_ROWS(2, 0) }
+    } else {
+        for (int c = 0; c < nb; ++c, ++b0) {
+            if (prefetch) { INT8_BLOCKS_ROWS(1, 1) } else { INT8_BLOCKS_ROWS(1, 0) }
+        }
+    }
+}
+#undef INT8_BLOCKS_ROWS
+#endif
+
+// y [m, n] = x [m, k] @ (codes * scales)^T on the blocked table (any m: 8 rows a pass over a tile of blocks
+// while it is in cache). Returns -1 (nothing written) without AVX512_BF16 (the table is blocked only where
+// tc_gemv_support has GEMV_INT8_BLOCKED), for n not a multiple of INT8_BLOCK, k odd or m < 1.
+int tc_int8_gemv_blocked(const bf16* x, int64_t m, const int8_t* q, const bf16* scales, bf16* y, int64_t n,
+                         int64_t k) {
+#ifdef HAVE_DPBF16
+    if (m < 1 || n % INT8_BLOCK || k % 2) return -1;
+    const int nb = m <= 2 ? 4 : m <= 4 ? 2 : 1;
+    const int64_t blocks = n / INT8_BLOCK, tiles = (blocks + nb - 1) / nb;
+    const uint32_t* xp = (const uint32_t*)x;  // input pair p of a row: x[2p] in the low half, as vdpbf16ps pairs
+#pragma omp parallel for schedule(static) if (n * k >= 65536)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t b0 = t * nb;
+        const int here = blocks - b0 < nb ? (int)(blocks - b0) : nb;
+        for (int64_t r0 = 0; r0 < m; r0 += 8)
+            int8_blocks_rows(m - r0 < 8 ? (int)(m - r0) : 8, here, q, xp + r0 * (k / 2), scales,
+                             y + r0 * n, n, k, b0, r0 == 0);
+    }
+    return 0;
+#else
+    (void)x, (void)m, (void)q, (void)scales, (void)y, (void)n, (void)k;
+    return -1;
+#endif
+}
+
 // out [n, row] = table [rows, row] at rows ids [n]: the token embedding, and the rotary tables at the step's
 // positions. table holds 2-byte values (bf16 or fp16 bits) copied as they are, or with scales (bf16 [rows])
 // int8 codes, each times its row's scale rounded to bf16 (the tied int8 embedding: torch's int8 -> bf16
 // cast is exact, then one bf16 product). Returns OUT_OF_CACHE (rows before the bad id written) for an id
-// outside [0, rows).
+// outside [0, rows). block: 0, or for int8 codes INT8_BLOCK: the table is blocked (tc_int8_gemv_blocked's
+// layout: a row's input pairs 64 bytes apart).
 int tc_take_rows(const void* table, const bf16* scales, const int64_t* ids, bf16* out, int64_t n, int64_t row,
-                 int64_t rows) {
+                 int64_t rows, int64_t block) {
+    if (block && (block != INT8_BLOCK || !scales || rows % block || row % 2)) return -1;
     for (int64_t i = 0; i < n; ++i) {
         const int64_t id = ids[i];
         if (id < 0 || id >= rows) return OUT_OF_CACHE;
         if (scales) {
-            const int8_t* q = (const int8_t*)table + id * row;
             const float s = bf2f(scales[id]);
-            for (int64_t j = 0; j < row; ++j) out[i * row + j] = f2bf((float)q[j] * s);
+            if (block) {
+                const int8_t* q = (const int8_t*)table + id / block * block * row + id % block * 2;
+                for (int64_t j = 0; j < row; ++j) out[i * row + j] = f2bf((float)q[j / 2 * 2 * block + j % 2] * s);
+            } else {
+                const int8_t* q = (const int8_t*)table + id * row;
+                for (int64_t j = 0; j < row; ++j) out[i * row + j] = f2bf((float)q[j] * s);
+            }
         } else {
             memcpy(out + i * row, (const bf16*)table + id * row, sizeof(bf16) * (size_t)row);
         }
@@ -1618,7 +1610,7 @@ void tc_add(const bf16* a, const bf16* b, bf16* out, int64_t n, int64_t nb) {
 
 #define REPLAY_OPS \
     "tc_add_rmsnorm,tc_rope_kv_write,tc_decode_attention,tc_silu_mul,tc_int4pack_gemv,tc_int8_gemv,tc_take_rows," \
-    "tc_add,tc_qk_rmsnorm"
+    "tc_add,tc_qk_rmsnorm,tc_int8_gemv_blocked"
 
 const char* tc_replay_ops(void) { return REPLAY_OPS; }
 
@@ -1634,7 +1626,7 @@ static inline float word_f32(int64_t w) {
 // Runs the program's calls in order; returns 0, or the first nonzero status a call returned (-1 for an
 // unknown op or a wrong argument count: nothing after it ran).
 int tc_replay(const int64_t* prog, int64_t words) {
-    static const int64_t argc_of[] = {8, 15, 13, 4, 9, 7, 7, 5, 9};
+    static const int64_t argc_of[] = {8, 15, 13, 4, 9, 7, 8, 5, 9, 7};
     for (int64_t i = 0; i < words;) {
         const int64_t op = prog[i], argc = prog[i + 1];
         const int64_t* a = prog + i + 2;
@@ -1649,9 +1641,10 @@ int tc_replay(const int64_t* prog, int64_t words) {
             case 3: tc_silu_mul(P(0), P(1), a[2], a[3]); break;
             case 4: status = tc_int4pack_gemv(P(0), a[1], P(2), P(3), P(4), a[5], a[6], a[7], a[8]); break;
             case 5: status = tc_int8_gemv(P(0), a[1], P(2), P(3), P(4), a[5], a[6]); break;
-            case 6: status = tc_take_rows(P(0), P(1), P(2), P(3), a[4], a[5], a[6]); break;
+            case 6: status = tc_take_rows(P(0), P(1), P(2), P(3), a[4], a[5], a[6], a[7]); break;
             case 7: tc_add(P(0), P(1), P(2), a[3], a[4]); break;
             case 8: tc_qk_rmsnorm(P(0), P(1), P(2), P(3), a[4], a[5], a[6], a[7], word_f32(a[8])); break;
+            case 9: status = tc_int8_gemv_blocked(P(0), a[1], P(2), P(3), P(4), a[5], a[6]); break;
         }
         if (status != 0) return status;
         i += 2 + argc;

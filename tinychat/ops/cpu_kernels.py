@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..quant.pack import INT8_BLOCK
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -fopenmp links libgomp.so.1 by soname: torch has loaded its own copy under that name already, so the
 # attention's parallel loop runs on torch's OpenMP threads (no second pool competing for the cores).
@@ -43,7 +45,8 @@ SIGNATURES = {
     "tc_silu_mul": (_p, _p, _i64, _i64),
     "tc_int4pack_gemv": (_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64),
     "tc_int8_gemv": (_p, _i64, _p, _p, _p, _i64, _i64),
-    "tc_take_rows": (_p, _p, _p, _p, _i64, _i64, _i64),
+    "tc_int8_gemv_blocked": (_p, _i64, _p, _p, _p, _i64, _i64),
+    "tc_take_rows": (_p, _p, _p, _p, _i64, _i64, _i64, _i64),
     "tc_add": (_p, _p, _p, _i64, _i64),
     "tc_argmax": (_p, _i64, _i64, _i64, _p),
     "tc_top_p": (_p, _i64, _i64, ctypes.c_double, ctypes.c_double, _p),
@@ -56,10 +59,10 @@ SIGNATURES = {
 
 # int results (0 / -1, flags); the rest return nothing, tc_replay_ops a string
 RETURNS_STATUS = {"tc_rope_kv_write", "tc_decode_attention", "tc_prompt_attention", "tc_int4pack_gemv", "tc_top_p",
-                  "tc_int8_gemv", "tc_take_rows", "tc_gemv_support", "tc_replay"}
+                  "tc_int8_gemv", "tc_int8_gemv_blocked", "tc_take_rows", "tc_gemv_support", "tc_replay"}
 # tc_gemv_support bits: the int4 GEMV on torch's 64-output blocks (its AVX-512 layout), on its 32-output
-# blocks (AVX2), the int8 GEMV
-GEMV_INT4_BLOCK64, GEMV_INT4_BLOCK32, GEMV_INT8, GEMV_INT4_BLOCK64_PROMPTS = 1, 2, 4, 8
+# blocks (AVX2), the int8 GEMV (row layout), the int8 GEMV on the blocked table
+GEMV_INT4_BLOCK64, GEMV_INT4_BLOCK32, GEMV_INT8, GEMV_INT4_BLOCK64_PROMPTS, GEMV_INT8_BLOCKED = 1, 2, 4, 8, 16
 
 
 def cache_dir() -> Path:
@@ -269,16 +272,19 @@ def prompt_attention(q, k_cache, v_cache, positions, window, k_scale=None, v_sca
     return out if status == 0 else None
 
 
-def take_rows(table, ids, scales=None):
+def take_rows(table, ids, scales=None, blocked=False):
     """table [rows, row] at ids (int64, any shape) -> [*ids.shape, row] bf16: bf16 rows as they are, or int8
-    rows times their bf16 scale (scales [rows]); the dispatch checks the dtypes."""
+    rows times their bf16 scale (scales [rows]; blocked: the table in int8_gemv's blocked layout); the
+    dispatch checks the dtypes."""
     row = table.shape[-1]
     ids = ids.contiguous()
     out = torch.empty(*ids.shape, row, dtype=torch.bfloat16)
     status = _call("tc_take_rows", table.data_ptr(), _ptr(scales), ids.data_ptr(), out.data_ptr(), ids.numel(), row,
-                   table.shape[0])
+                   table.shape[0], INT8_BLOCK if blocked else 0)
     if status == OUT_OF_CACHE:
         raise IndexError(f"row ids {ids.flatten().tolist()[:16]} outside the table's {table.shape[0]} rows")
+    if status:
+        raise ValueError(f"a blocked int8 table needs scales, rows a multiple of {INT8_BLOCK} and an even row")
     return out
 
 
@@ -351,14 +357,20 @@ def int4pack_gemv(x, packed, scales_and_zeros, group_size, out_features, block):
     return y if status == 0 else None
 
 
-def int8_gemv(x, qweight, scales):
-    """x [rows, in] bf16, contiguous, 1..GEMV_MAX_ROWS rows, @ (qweight int8 [out, in] * scales bf16 [out]).T ->
-    [rows, out] bf16 (the int8 lm_head); None where the kernel does not run (neither AVX-512 nor AVX2, in not
-    a multiple of 16, too many rows): then torch's _weight_int8pack_mm does."""
+def int8_gemv(x, qweight, scales, blocked=False):
+    """x [rows, in] bf16, contiguous, @ (qweight int8 [out, in] * scales bf16 [out]).T -> [rows, out] bf16 (the
+    int8 lm_head). The row layout: 1..GEMV_MAX_ROWS rows, None where the kernel does not run (neither
+    AVX-512 nor AVX2, in not a multiple of 16, too many rows: then torch's _weight_int8pack_mm does). The
+    blocked layout (where gemv_support() has GEMV_INT8_BLOCKED; tinychat.quant.pack.block_int8_rows): any rows."""
     m, k = x.shape
-    if not gemv_support() & GEMV_INT8 or k % 16 or not 1 <= m <= GEMV_MAX_ROWS or scales.dtype != torch.bfloat16:
+    if scales.dtype != torch.bfloat16 or m < 1:
+        return None
+    if blocked:
+        name = "tc_int8_gemv_blocked"
+    elif gemv_support() & GEMV_INT8 and k % 16 == 0 and m <= GEMV_MAX_ROWS:
+        name = "tc_int8_gemv"
+    else:
         return None
     y = torch.empty(m, qweight.shape[0], dtype=torch.bfloat16)
-    status = _call("tc_int8_gemv", x.data_ptr(), m, qweight.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                   qweight.shape[0], k)
+    status = _call(name, x.data_ptr(), m, qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), qweight.shape[0], k)
     return y if status == 0 else None

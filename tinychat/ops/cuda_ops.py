@@ -112,14 +112,16 @@ def gemv_w4a16(x: torch.Tensor, qweight_t: torch.Tensor, scales_zeros: torch.Ten
 
 # ---- lookups and sums with no kernel of their own on a GPU (torch there; the CPU kernels elsewhere) ------
 
-def take_rows(table: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """table [rows, row] at ids -> [*ids.shape, row]; with scales, int8 codes times each row's scale."""
+def take_rows(table: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor | None = None,
+              blocked: bool = False) -> torch.Tensor:
+    """table [rows, row] at ids -> [*ids.shape, row]; with scales, int8 codes times each row's scale (blocked:
+    the codes in tinychat.quant.pack.block_int8_rows' layout)."""
     if (ids.dtype == torch.long and ids.device.type == "cpu" and table.is_contiguous()
             and (cpu_kernels.applies(table) if scales is None else
                  table.dtype == torch.int8 and table.device.type == "cpu" and cpu_kernels.applies(scales)
                  and scales.is_contiguous())):
-        return cpu_kernels.take_rows(table, ids, scales)
-    return reference.take_rows(table, ids, scales)
+        return cpu_kernels.take_rows(table, ids, scales, blocked)
+    return reference.take_rows(table, ids, scales, blocked)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

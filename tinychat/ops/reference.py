@@ -49,12 +49,15 @@ def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + b
 
 
-def take_rows(table: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+def take_rows(table: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor | None = None,
+              blocked: bool = False) -> torch.Tensor:
     """table [rows, row] at ids -> [*ids.shape, row]: an embedding lookup; with scales [rows], the table holds
-    int8 codes and a row is its codes times its scale, in the scales' dtype."""
+    int8 codes and a row is its codes times its scale, in the scales' dtype (blocked: the codes in
+    tinychat.quant.pack.block_int8_rows' layout)."""
     if scales is None:
         return table[ids]
-    return table[ids].to(scales.dtype) * scales[ids].unsqueeze(-1)
+    codes = pack.blocked_int8_codes(table, ids) if blocked else table[ids]
+    return codes.to(scales.dtype) * scales[ids].unsqueeze(-1)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

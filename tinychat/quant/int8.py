@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import cpu_kernels
+from .pack import INT8_BLOCK, block_int8_rows
 
 
 CHUNK_ELEMENTS = 1 << 21  # weights quantized at a time: an 8 MB fp32 temporary, whatever the table
@@ -50,14 +51,29 @@ def quantize_row_chunks(chunks, shape: tuple[int, int], device) -> tuple[torch.T
     return q, scales
 
 
+def blocks_here(shape: tuple[int, int], device) -> bool:
+    """Whether a table of this shape is kept blocked: on the CPU where the blocked GEMV runs (AVX512_BF16)."""
+    out, cols = shape
+    return (torch.device(device).type == "cpu" and out % INT8_BLOCK == 0 and cols % 2 == 0
+            and bool(cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT8_BLOCKED))
+
+
 class Int8Linear(nn.Module):
+    """Per-row int8 weights and their scales; on a CPU with the blocked GEMV, the codes in its blocked layout
+    (`blocked`, tinychat.quant.pack.block_int8_rows; codes() gives them row by row)."""
+
     def __init__(self, weight: torch.Tensor | None, dtype: torch.dtype, quantized=None):
         """weight [out, in]: quantized here; or weight None and `quantized` = quantize_row_chunks' result."""
         super().__init__()
         q, scales = quantize_rows_int8(weight) if quantized is None else quantized
-        self.register_buffer("qweight", q)
+        self.blocked = blocks_here(q.shape, q.device)
+        self.register_buffer("qweight", block_int8_rows(q) if self.blocked else q)
         self.register_buffer("scales", scales.to(dtype))
         self.out_features, self.in_features = q.shape
+
+    def codes(self) -> torch.Tensor:
+        """The codes [out, in] in row order (a copy when blocked)."""
+        return block_int8_rows(self.qweight.clone(), inverse=True) if self.blocked else self.qweight
 
     @classmethod
     def from_row_chunks(cls, chunks, shape: tuple[int, int], dtype: torch.dtype, device) -> "Int8Linear":
@@ -69,12 +85,12 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1]).to(self.scales.dtype)
         if x2.device.type == "cpu":
             y = None
-            if cpu_kernels.applies(x2) and x2.shape[0] <= cpu_kernels.GEMV_MAX_ROWS:  # decode: our GEMV
-                y = cpu_kernels.int8_gemv(x2.contiguous(), self.qweight, self.scales)
+            if cpu_kernels.applies(x2) and (self.blocked or x2.shape[0] <= cpu_kernels.GEMV_MAX_ROWS):
+                y = cpu_kernels.int8_gemv(x2.contiguous(), self.qweight, self.scales, self.blocked)
             if y is None:
-                y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.codes(), self.scales)
         else:
-            y = F.linear(x2, self.qweight.to(x2.dtype) * self.scales[:, None])
+            y = F.linear(x2, self.codes().to(x2.dtype) * self.scales[:, None])
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
 
@@ -87,7 +103,7 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.table[0]
-        return ops.take_rows(t.qweight, ids, t.scales)
+        return ops.take_rows(t.qweight, ids, t.scales, blocked=t.blocked)
 
 
 def int8_head_modules(chunks, config, dtype: torch.dtype, device) -> dict[str, nn.Module]:

@@ -1,4 +1,5 @@
-"""The one definition of every int4 layout tinychat reads, writes or computes with.
+"""The one definition of every int4 layout tinychat reads, writes or computes with (and of the int8 head's
+blocked layout, at the end).
 
 On disk: the AutoAWQ "GEMM" layout (what transformers, vLLM, SGLang and AutoAWQ read)
 ------------------------------------------------------------------------------------
@@ -387,3 +388,29 @@ def gemv_layout_dequant(
     s = scales_zeros[..., 0].float().unsqueeze(-1)
     z = (scales_zeros[..., 1].float() - GEMV_ZERO_OFFSET).unsqueeze(-1)
     return ((q - z) * s).view(out_features, -1).to(dtype)
+
+
+# -- the int8 head's blocked layout (the CPU's vdpbf16ps GEMV, tc_int8_gemv_blocked) -----------------------
+
+INT8_BLOCK = 32  # outputs per block
+_BLOCK_SLAB = 1 << 21  # bytes reordered at a time (one temporary of that size)
+
+
+def block_int8_rows(q: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """The int8 table q [out, in] (out a multiple of INT8_BLOCK, in even) reordered in place into the blocked
+    layout (or, inverse, back to rows): INT8_BLOCK outputs' codes together, input pair by input pair, so
+    that byte ((b * in/2 + p) * INT8_BLOCK + j) * 2 + h holds output b * INT8_BLOCK + j's code for input
+    2 p + h. The shape stays [out, in]; each block of rows keeps its bytes, so this goes a slab at a time."""
+    out, cols = q.shape
+    step = max(1, _BLOCK_SLAB // max(cols, 1) // INT8_BLOCK) * INT8_BLOCK
+    shape = (-1, cols // 2, INT8_BLOCK, 2) if inverse else (-1, INT8_BLOCK, cols // 2, 2)
+    for r0 in range(0, out, step):
+        slab = q[r0:r0 + step]
+        slab.view(-1).copy_(slab.view(shape).transpose(1, 2).reshape(-1))
+    return q
+
+
+def blocked_int8_codes(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The codes [*ids.shape, in] of rows `ids` of a blocked table."""
+    out, cols = table.shape
+    return table.view(out // INT8_BLOCK, cols // 2, INT8_BLOCK, 2)[ids // INT8_BLOCK, :, ids % INT8_BLOCK].flatten(-2)
