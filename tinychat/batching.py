@@ -11,8 +11,8 @@ finished or cancelled request swaps places with the last running row and leaves;
 
 Prefill and decode take turns: each turn prefills at most `prefill_chunk` prompt tokens (whole prompts
 while they fit, those waiting together in one forward, else one chunk of a long one, which goes on at the
-next turn in the row after the running ones), then runs one decode step. A long prompt arriving while others decode so delays their next token by
-one chunk's prefill, not by its whole prompt's.
+next turn in the row after the running ones), then runs one decode step. A long prompt arriving while
+others decode so delays their next token by one chunk's prefill, not by its whole prompt's.
 
 Callers (the server, benchmarks, tests) `submit` a Job and receive its events through `job.emit`, called on
 the scheduler's thread (`run` on the caller's, or `start` for a background one): one TokenEvent per

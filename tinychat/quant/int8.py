@@ -51,11 +51,12 @@ def quantize_row_chunks(chunks, shape: tuple[int, int], device) -> tuple[torch.T
     return q, scales
 
 
-def blocks_here(shape: tuple[int, int], device) -> bool:
-    """Whether a table of this shape is kept blocked: on the CPU where the blocked GEMV runs (AVX512_BF16)."""
+def blocks_here(shape: tuple[int, int], device, dtype: torch.dtype) -> bool:
+    """Whether a table of this shape is kept blocked: on the CPU where the blocked GEMV runs (AVX512_BF16),
+    for a bf16 model (the kernel's activations and scales)."""
     out, cols = shape
-    return (torch.device(device).type == "cpu" and out % INT8_BLOCK == 0 and cols % 2 == 0
-            and bool(cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT8_BLOCKED))
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and out % INT8_BLOCK == 0
+            and cols % 2 == 0 and bool(cpu_kernels.gemv_support() & cpu_kernels.GEMV_INT8_BLOCKED))
 
 
 class Int8Linear(nn.Module):
@@ -66,7 +67,7 @@ class Int8Linear(nn.Module):
         """weight [out, in]: quantized here; or weight None and `quantized` = quantize_row_chunks' result."""
         super().__init__()
         q, scales = quantize_rows_int8(weight) if quantized is None else quantized
-        self.blocked = blocks_here(q.shape, q.device)
+        self.blocked = blocks_here(q.shape, q.device, dtype)
         self.register_buffer("qweight", block_int8_rows(q) if self.blocked else q)
         self.register_buffer("scales", scales.to(dtype))
         self.out_features, self.in_features = q.shape
