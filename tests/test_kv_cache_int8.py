@@ -14,7 +14,7 @@ import torch
 
 from test_ops_reference import random_model, small_config
 from tinychat import ops
-from tinychat.cache import CacheRows, KVCache, kv_bytes_per_token
+from tinychat.cache import CacheRows, KVCache, KVStorage, kv_bytes_per_token
 from tinychat.static_step import StaticStep
 from tinychat.errors import TinychatError
 from tinychat.ops import cpu_kernels, reference
@@ -431,3 +431,28 @@ def test_the_planner_counts_the_int8_cache_as_the_cache_allocates_it():
     assert int8.fits and int8.margin > fp16.margin + 5 * plan.GiB
     with pytest.raises(TinychatError, match="--kv-cache"):
         plan.plan_model("llama-2-70b", kv_cache="q4_0")
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.int8])
+@pytest.mark.parametrize("replaced", [False, True])
+def test_row_prefixes_move_in_every_layer_and_kind(dtype, replaced):
+    """KVCache.copy_prefix and swap_prefixes (the server's scheduler moving rows): every layer's keys, values and
+    int8 scales move, and nothing else does; on the cache's own stacked tensors, or on other storage taken
+    over (replace), one layer at a time."""
+    config = small_config()
+    cache = KVCache(config, 16, batch=4, dtype=dtype, scale_dtype=BF16)
+    if replaced:
+        other = KVCache(config, 16, batch=4, dtype=dtype, scale_dtype=BF16)
+        cache.replace(KVStorage(*([t.clone() for t in group] for group in
+                                  (other.keys, other.values, other.key_scales, other.value_scales))))
+    for t in cache.tensors():
+        t.copy_(torch.randint(-100, 100, t.shape).to(t.dtype))
+    before = [t.clone() for t in cache.tensors()]
+    cache.swap_prefixes(0, 5, 2, 9)
+    cache.copy_prefix(1, 3, 7)
+    for t, old in zip(cache.tensors(), before):
+        want = old.clone()
+        want[0, :, :9], want[2, :, :5] = old[2, :, :9], old[0, :, :5]
+        want[3, :, :7] = old[1, :, :7]
+        assert torch.equal(t, want)
+    assert len(cache.tensors()) == (4 if dtype == torch.int8 else 2) * config.num_hidden_layers

@@ -470,8 +470,7 @@ class BatchScheduler:
         self._swap_rows(target, n)
         donor = {n: target, target: n}.get(donor, donor)  # where the donor's tokens are after the swap
         if donor != n and longest > shared[target]:
-            for tensor in self.cache.tensors():
-                tensor[n, :, :longest] = tensor[donor, :, :longest]
+            self.cache.copy_prefix(donor, n, longest)
             self.row_tokens[n] = self.row_tokens[donor][:longest]
             return longest
         return shared[target]
@@ -479,15 +478,9 @@ class BatchScheduler:
     def _swap_rows(self, a: int, b: int) -> None:
         if a == b:
             return
-        # only the positions each row holds move; into an empty row (the usual case: a new request takes an
-        # empty row's place and the finished conversation there moves out) one copy per tensor suffices
-        la, lb = len(self.row_tokens[a]), len(self.row_tokens[b])
-        for tensor in self.cache.tensors() if la or lb else ():
-            held = tensor[a, :, :la].clone() if la and lb else tensor[a, :, :la]
-            if lb:
-                tensor[a, :, :lb] = tensor[b, :, :lb]
-            if la:
-                tensor[b, :, :la] = held
+        # only the positions each row holds move (a new request takes an empty row's place, usually, and the
+        # finished conversation there moves out)
+        self.cache.swap_prefixes(a, len(self.row_tokens[a]), b, len(self.row_tokens[b]))
         self.row_tokens[a], self.row_tokens[b] = self.row_tokens[b], self.row_tokens[a]
         self.row_used[a], self.row_used[b] = self.row_used[b], self.row_used[a]
 
