@@ -1465,15 +1465,11 @@ int tc_take_rows(const void* table, const bf16* scales, const int64_t* ids, bf16
     for (int64_t i = 0; i < n; ++i) {
         const int64_t id = ids[i];
         if (id < 0 || id >= rows) return OUT_OF_CACHE;
-        if (scales) {
+        if (scales) {  // the row's input pairs `pair` bytes apart: 2 in the row layout, 2 * block blocked
+            const int64_t pair = block ? 2 * block : 2;
+            const int8_t* q = (const int8_t*)table + (block ? id / block * block * row + id % block * 2 : id * row);
             const float s = bf2f(scales[id]);
-            if (block) {
-                const int8_t* q = (const int8_t*)table + id / block * block * row + id % block * 2;
-                for (int64_t j = 0; j < row; ++j) out[i * row + j] = f2bf((float)q[j / 2 * 2 * block + j % 2] * s);
-            } else {
-                const int8_t* q = (const int8_t*)table + id * row;
-                for (int64_t j = 0; j < row; ++j) out[i * row + j] = f2bf((float)q[j] * s);
-            }
+            for (int64_t j = 0; j < row; ++j) out[i * row + j] = f2bf((float)q[j / 2 * pair + j % 2] * s);
         } else {
             memcpy(out + i * row, (const bf16*)table + id * row, sizeof(bf16) * (size_t)row);
         }
